@@ -1,0 +1,47 @@
+# Two set-up commands for a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test lint format bench ablation clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet -r requirements-test.txt
+	touch $@
+
+$(VENV)/.bench: requirements-bench.txt $(VENV)/.test
+	$(BIN)/pip install --quiet --no-deps -r requirements-bench.txt
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
+	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
+	$(BIN)/python eval.py --config configs/demo.py --workdir $(WORKDIR)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(VENV)/.test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.bench
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs data_cache

@@ -1,0 +1,1 @@
+"""metaembed-jax: MetaEmbed multi-vector multimodal retrieval in JAX / Flax NNX."""
