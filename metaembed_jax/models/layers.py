@@ -12,6 +12,7 @@ Conventions (every backbone follows them, the loader and `sharding.py` rely on t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,8 +46,26 @@ def make_param(
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """Low-rank adapter on a dense layer (PEFT's LoRA): `y += dropout(x) @ A @ B * alpha / rank`.
+
+    `targets` names the dense layers that get one (HF names: q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj). B starts at zero, so an adapted model starts equal to its base.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+
 class Dense(nnx.Module):
-    """`y = x @ kernel + bias`, kernel `[in, out]`, computed in `dtype`."""
+    """`y = x @ kernel + bias`, kernel `[in, out]`, computed in `dtype`; optional LoRA adapter.
+
+    LoRA weights are `nnx.LoRAParam` (not `nnx.Param`), so a LoRA run filters them as the only
+    trainable backbone weights and the base kernel stays bit-identical.
+    """
 
     def __init__(
         self,
@@ -57,6 +76,7 @@ class Dense(nnx.Module):
         use_bias: bool,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        lora: LoRASpec | None = None,
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
@@ -67,11 +87,22 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
+        self.lora_scale = None if lora is None else lora.alpha / lora.rank
+        if lora is not None:
+            a = nnx.initializers.he_uniform()(rngs.params(), (in_features, lora.rank), param_dtype)
+            b = jnp.zeros((lora.rank, out_features), param_dtype)
+            self.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
+            self.lora_b = nnx.LoRAParam(b, out_sharding=(None, axes[1]), eager_sharding=False)
+            self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_scale is not None:
+            low_rank = jnp.dot(self.lora_dropout(x), self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(low_rank, self.lora_b[...].astype(self.dtype)) * self.lora_scale
         return y
 
 
