@@ -109,8 +109,15 @@ class Dense(nnx.Module):
 class RMSNorm(nnx.Module):
     """Qwen2 / Llama RMSNorm: normalise in float32, cast back, then scale (HF's order)."""
 
-    def __init__(self, dim: int, eps: float, *, axis_name: str = "norm",
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        axis_name: str = "norm",
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.eps = eps
         self.scale = make_param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
 
@@ -124,8 +131,15 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with bias, computed in float32 and cast back to the input dtype."""
 
-    def __init__(self, dim: int, eps: float, *, axis_name: str = "norm",
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        axis_name: str = "norm",
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.eps = eps
         self.scale = make_param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
         self.bias = make_param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
@@ -183,8 +197,9 @@ def dot_product_attention(
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
-                 rngs: nnx.Rngs) -> nnx.Module:
+def stack_layers(
+    make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+) -> nnx.Module:
     """`num_layers` copies of `make_layer(rngs)`, parameters stacked on a leading `layers` axis."""
 
     @nnx.split_rngs(splits=num_layers)
@@ -195,8 +210,12 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, carry: Any, apply_layer: Callable[[nnx.Module, Any], Any],
-                remat: str = "none") -> Any:
+def scan_layers(
+    layers: nnx.Module,
+    carry: Any,
+    apply_layer: Callable[[nnx.Module, Any], Any],
+    remat: str = "none",
+) -> Any:
     """Run `carry = apply_layer(layer, carry)` over a stacked module with `nnx.scan`.
 
     Compile time does not grow with depth. `remat` is a key of `REMAT_POLICIES`; anything other
