@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metaembed_jax.models import from_config, load_hf
-from metaembed_jax.models import layers
+from metaembed_jax.models import from_config, layers, load_hf
 
 Side = Literal["query", "candidate"]
 READOUTS = ("meta", "last_token")
