@@ -1,0 +1,182 @@
+"""Device mesh, the one table of logical-axis rules, and multi-process start-up.
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose devices also split the
+parameters and optimizer state along `embed`), `tensor` (Megatron-style split of heads / MLP /
+vocab). The batch is split over `data` x `fsdp`. Parameters carry logical axis names (see
+`models/layers.py`); `LOGICAL_AXIS_RULES` maps each name to a mesh axis. A dimension that the mesh
+axis does not divide, or a mesh axis already used by another dimension of the same array, is
+replicated instead, so one table serves every model size and mesh shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated). Parameters and activations.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("embed", "fsdp"),  # hidden size: FSDP splits weights along it
+    ("mlp", "tensor"),  # MLP intermediate
+    ("heads", "tensor"),  # attention heads (q / o projections)
+    ("kv_heads", "tensor"),  # key/value heads
+    ("head_dim", None),
+    ("vocab", "tensor"),  # embedding table / lm head rows
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_patch", None),
+    ("layers", None),  # stacked-layer axis (scanned, never split)
+    ("norm", None),  # norm scales are tiny
+    ("meta", None),  # meta-token table rows
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A `Mesh` with axes ("data", "fsdp", "tensor") from `{data, fsdp, tensor}` sizes.
+
+    One size may be -1: it takes all the remaining devices. Raises ValueError when the sizes do
+    not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: sizes must be >= 1 or -1"
+        )
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {len(devices)} devices are not "
+                f"divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} "
+            f"devices; {len(devices)} are available"
+        )
+    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+        # Topology-aware ordering on real accelerators (ICI rings on TPU).
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split (product of the `data` and `fsdp` axes)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def logical_to_spec(
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> P:
+    """PartitionSpec for an array of `shape` whose dims have logical names `axes`.
+
+    Unknown names raise ValueError (a typo would silently replicate a huge weight otherwise).
+    """
+    if axes is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used)
+        ways = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or ways == 1 or size % ways:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def _variable_axes(variable: nnx.Variable) -> Sequence[str | None] | None:
+    metadata = variable.get_metadata()
+    axes = metadata.get("out_sharding", metadata.get("sharding_names"))
+    return None if axes is None else tuple(axes)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings with the structure of `state` (an nnx.State, or a pytree containing some).
+
+    Variables are placed from their logical axis names; anything without names is replicated.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value() if hasattr(leaf, "get_value") else leaf[...]
+            spec = logical_to_spec(_variable_axes(leaf), np.shape(value), mesh, rules)
+            return leaf.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """`state` moved onto the mesh following the logical-axis rules."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension split over `data` x `fsdp`, the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
+    """Start `jax.distributed` for a multi-process run; returns whether it did.
+
+    `enabled=None` starts it only when a cluster environment is recognised (a coordinator address
+    in JAX_COORDINATOR_ADDRESS, SLURM with several tasks, Open MPI, or a multi-host TPU slice).
+    On CPU the cross-process collectives use gloo. `kwargs` go to `jax.distributed.initialize`
+    (coordinator_address, num_processes, process_id, local_device_ids).
+    """
+    if enabled is None:
+        env = os.environ
+        enabled = bool(
+            kwargs
+            or env.get("JAX_COORDINATOR_ADDRESS")
+            or int(env.get("SLURM_NTASKS", "1")) > 1
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        )
+    if not enabled:
+        return False
+    # Must be set before the backend starts; harmless on GPU/TPU (only the CPU client reads it).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
