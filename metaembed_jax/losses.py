@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from metaembed_jax.scoring import maxsim
+
 Group = tuple[int, int, float]
 
 # The paper's groups (r_q, r_c, weight): every prefix budget is trained at once.
@@ -63,14 +65,6 @@ def validate_groups(groups: Sequence[Sequence[float]], num_query: int, num_candi
             )
 
 
-def _maxsim(queries: jax.Array, candidates: jax.Array) -> jax.Array:
-    """Late-interaction scores: queries `[Nq, r_q, D]`, candidates `[Nc, r_c, D]` -> `[Nq, Nc]`."""
-    # At least float32 accumulation, whatever the embeddings' dtype (float64 stays float64).
-    accumulate = jnp.promote_types(jnp.result_type(queries, candidates), jnp.float32)
-    sims = jnp.einsum("qid,cjd->qcij", queries, candidates, preferred_element_type=accumulate)
-    return jnp.sum(jnp.max(sims, axis=-1), axis=-1)
-
-
 def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):
     """Per-group sums (over the local queries) of InfoNCE cross-entropy: `[G]` float32.
 
@@ -80,10 +74,11 @@ def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):
     sums = []
     for r_q, r_c, _ in groups:
         q_g = q[:, :r_q]
-        logits = _maxsim(q_g, pos_all[:, :r_c])  # [b, B]
+        logits = maxsim(q_g, pos_all, budget=(r_q, r_c))  # [b, B]
         if neg is not None:
-            neg_scores = jax.vmap(_maxsim)(q_g[:, None], neg[:, :, :r_c])[:, 0]  # [b, n]
-            logits = jnp.concatenate([logits, neg_scores], axis=1)
+            budget = (r_q, r_c)
+            own = jax.vmap(lambda query, negs, b=budget: maxsim(query[None], negs, budget=b)[0])
+            logits = jnp.concatenate([logits, own(q_g, neg)], axis=1)  # [b, B + n]
         logits = logits / temperature
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         picked = jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
