@@ -1,0 +1,568 @@
+"""From (texts, images) to Qwen2-VL model inputs ("features", CONTRACTS.md), as HF's processor does.
+
+Images go through transformers' `Qwen2VLImageProcessorPil` (resize to multiples of
+`patch_size * merge_size` within [min_pixels, max_pixels], normalise, flatten patches).
+`Qwen2_5_VLProcessor` needs torchvision, so the `<|image_pad|>` expansion is done here:
+each image's single placeholder becomes `prod(image_grid_thw[i]) / merge_size**2` tokens.
+
+Prompts (DESIGN.md, reference MetaEmbed templates; prefix "Query: " for queries, "" for
+candidates; one vision block per image, images before the text):
+  text:        <|im_start|>user\\n{prefix}{text}<|im_end|><|endoftext|>
+  image:       <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{prefix}Describe the
+               image.<|im_end|><|endoftext|>
+  interleaved: as image, with {prefix}{text} in place of "Describe the image."
+
+Static shapes: `input_ids` is left-padded to the smallest of `length_buckets` that fits;
+`pixel_values` is padded with zero rows to the smallest of `patch_buckets` that fits;
+`image_grid_thw` is padded with zero rows to `max_images` rows. An input longer than the largest
+bucket (or `max_length`) has its text truncated from the end (`truncation="text"`, the default;
+image and template tokens are never cut) or raises (`truncation="error"`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+
+from metaembed_jax.data.tokenizer import (
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    PAD_TOKEN,
+    VISION_END,
+    VISION_START,
+    load_tokenizer,
+)
+
+DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+QUERY_PREFIX = "Query: "
+CANDIDATE_PREFIX = ""
+IMAGE_INSTRUCTION = "Describe the image."
+SIDES = ("query", "candidate")
+_IMAGE_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+
+
+class BadRecordError(ValueError):
+    """A data row that cannot be turned into model inputs (names the row and the field)."""
+
+
+def _where(row) -> str:
+    return "" if row is None else f"row {row!r}: "
+
+
+def decode_image(data, *, row=None, field: str | None = None) -> Image.Image:
+    """Returns a PIL image from PNG/JPEG bytes, a file path, a numpy HWC array or a PIL image.
+
+    Raises:
+      FileNotFoundError: a path that does not exist (names the row and the file).
+      BadRecordError: bytes that do not decode as an image, or an unsupported type.
+    """
+    where = _where(row) + (f"field {field!r}: " if field else "")
+    if isinstance(data, Image.Image):
+        return data
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data)
+    if isinstance(data, (str, os.PathLike)):
+        if not os.path.exists(data):
+            raise FileNotFoundError(f"{where}image file {os.fspath(data)!r} does not exist")
+        with open(data, "rb") as f:
+            data = f.read()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRecordError(f"{where}expected image bytes, path or PIL image, got {type(data)}")
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()  # decode now so a corrupt file fails here, with the row named
+    except Exception as error:  # PIL raises several types for corrupt data
+        raise BadRecordError(
+            f"{where}image bytes ({len(data)} bytes) cannot be decoded: {error}"
+        ) from error
+    return image
+
+
+def _as_image_list(entry, row) -> list[Image.Image]:
+    if entry is None or (isinstance(entry, (bytes, bytearray)) and len(entry) == 0):
+        return []
+    if isinstance(entry, (list, tuple)):
+        return [decode_image(item, row=row) for item in entry if not _is_empty_image(item)]
+    return [decode_image(entry, row=row)]
+
+
+def _is_empty_image(item) -> bool:
+    return item is None or (isinstance(item, (bytes, bytearray)) and len(item) == 0)
+
+
+def _smallest_fitting(buckets: Sequence[int] | None, size: int) -> int | None:
+    """Smallest bucket >= size; None when no bucket fits (or there are no buckets)."""
+    for bucket in sorted(buckets or ()):
+        if bucket >= size:
+            return bucket
+    return None
+
+
+class QwenVLProcessor:
+    """Texts + images -> left-padded, bucketed Qwen2-VL features (numpy).
+
+    Args:
+      tokenizer: a transformers tokenizer holding the Qwen special tokens.
+      image_processor: a `Qwen2VLImageProcessorPil`; built from `min_pixels`/`max_pixels` if None.
+      min_pixels, max_pixels: image area bounds (pixels) for the resize; None keeps the
+        image processor's values (HF default 56*56 and 28*28*1280).
+      length_buckets: allowed sequence lengths L; None pads to the batch's longest row.
+      max_length: longest allowed row; default max(length_buckets) (None if no buckets: no limit).
+      truncation: "text" (cut the end of the user text of a too-long row) or "error" (raise).
+      patch_buckets: allowed patch counts P for `pixel_values`; None = no padding.
+      max_images: pad `image_grid_thw` to this many rows (and always emit both image arrays,
+        zero-sized/all-zero for text-only batches, so the batch structure is static); None = no
+        padding, and text-only batches omit the image arrays.
+      query_prefix, candidate_prefix, image_instruction: the prompt template pieces.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor: Qwen2VLImageProcessorPil | None = None,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
+        max_length: int | None = None,
+        truncation: str = "text",
+        patch_buckets: Sequence[int] | None = None,
+        max_images: int | None = None,
+        query_prefix: str = QUERY_PREFIX,
+        candidate_prefix: str = CANDIDATE_PREFIX,
+        image_instruction: str = IMAGE_INSTRUCTION,
+    ):
+        if truncation not in ("text", "error"):
+            raise ValueError(f"truncation must be 'text' or 'error', got {truncation!r}")
+        for name, buckets in (("length_buckets", length_buckets), ("patch_buckets", patch_buckets)):
+            if buckets is not None and (not buckets or min(buckets) <= 0):
+                raise ValueError(f"{name} must be None or positive sizes, got {buckets!r}")
+        if max_images is not None and max_images <= 0:
+            raise ValueError(f"max_images must be None or > 0, got {max_images}")
+        if image_processor is None:
+            image_processor = Qwen2VLImageProcessorPil()
+        if min_pixels is not None or max_pixels is not None:
+            image_processor = _with_pixel_bounds(image_processor, min_pixels, max_pixels)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.length_buckets = tuple(sorted(length_buckets)) if length_buckets else None
+        if max_length is None and self.length_buckets:
+            max_length = self.length_buckets[-1]
+        self.max_length = max_length
+        self.truncation = truncation
+        self.patch_buckets = tuple(sorted(patch_buckets)) if patch_buckets else None
+        self.max_images = max_images
+        self.prefixes = {"query": query_prefix, "candidate": candidate_prefix}
+        self.image_instruction = image_instruction
+        self.merge_size = int(image_processor.merge_size)
+        self.patch_dim = 3 * image_processor.temporal_patch_size * image_processor.patch_size**2
+        self.pad_token_id = _single_token_id(tokenizer, PAD_TOKEN)
+        self.image_token_id = _single_token_id(tokenizer, IMAGE_PAD)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, min_pixels=None, max_pixels=None, **options
+    ) -> QwenVLProcessor:
+        """Loads the tokenizer (offline) and the image settings of a checkpoint/tokenizer dir.
+
+        `preprocessor_config.json` (if present) gives patch/merge sizes, mean/std and pixel
+        bounds; `min_pixels`/`max_pixels` override them. Other keyword options go to `__init__`,
+        except `patch_size`, `temporal_patch_size` and `merge_size`, which override the image
+        processor's (for tiny test models).
+
+        Raises:
+          FileNotFoundError: no tokenizer files in `path`.
+        """
+        image_kwargs = _read_image_config(path)
+        for key in _IMAGE_KEYS:
+            if options.get(key) is not None:
+                image_kwargs[key] = options.pop(key)
+            options.pop(key, None)
+        min_pixels = min_pixels if min_pixels is not None else image_kwargs.pop("min_pixels", None)
+        max_pixels = max_pixels if max_pixels is not None else image_kwargs.pop("max_pixels", None)
+        image_kwargs.pop("min_pixels", None)
+        image_kwargs.pop("max_pixels", None)
+        image_processor = Qwen2VLImageProcessorPil(**image_kwargs)
+        return cls(
+            load_tokenizer(path),
+            image_processor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            **options,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes the tokenizer files and an HF-style `preprocessor_config.json` to `path`."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(os.fspath(path))
+        size = self.image_processor.size
+        config = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "min_pixels": int(size.shortest_edge),
+            "max_pixels": int(size.longest_edge),
+            "patch_size": int(self.image_processor.patch_size),
+            "temporal_patch_size": int(self.image_processor.temporal_patch_size),
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_processor.image_mean),
+            "image_std": list(self.image_processor.image_std),
+        }
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    # ----------------------------------------------------------------------------- prompts
+
+    def build_prompt(self, text: str, num_images: int, side: str) -> tuple[str, tuple[int, int]]:
+        """Template for one row: (prompt with one `<|image_pad|>` per image, text char span).
+
+        The span locates `{text}` (not the prefix) in the prompt: truncation only cuts there.
+        """
+        prefix = self.prefixes[side]
+        head = f"{IM_START}user\n" + f"{VISION_START}{IMAGE_PAD}{VISION_END}" * num_images
+        if not text and num_images:
+            text = self.image_instruction
+        start = len(head) + len(prefix)
+        return f"{head}{prefix}{text}{IM_END}{PAD_TOKEN}", (start, start + len(text))
+
+    # ----------------------------------------------------------------------------- main call
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        images: Sequence | None = None,
+        side: str = "query",
+        row_ids: Sequence | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Features for a batch.
+
+        Args:
+          texts: one string per example ("" when the example has only images).
+          images: None, or one entry per example: a list of images (PIL, PNG/JPEG bytes, path or
+            HWC uint8 array; may be empty), a single image, or None / b"".
+          side: "query" (prefix "Query: ") or "candidate" (no prefix).
+          row_ids: optional names of the rows, used in error messages (default: batch index).
+
+        Returns:
+          {"input_ids" int32 [B, L], "attention_mask" int32 [B, L]} plus, when the batch has an
+          image or `max_images` is set, "pixel_values" float32 [P, C*T*ps*ps] and
+          "image_grid_thw" int32 [N, 3].
+
+        Raises:
+          ValueError: unknown side, length mismatch, an example with empty text and no image,
+            too many images/patches for the buckets, a too-long row with truncation="error".
+          BadRecordError / FileNotFoundError: an image that cannot be decoded / found.
+        """
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        if images is not None and len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} image entries")
+        if row_ids is None:
+            row_ids = list(range(len(texts)))
+        if not texts:
+            raise ValueError("empty batch: expected at least one text")
+        per_row = [
+            _as_image_list(None if images is None else images[i], row_ids[i])
+            for i in range(len(texts))
+        ]
+        prompts, spans = [], []
+        for i, text in enumerate(texts):
+            text = "" if text is None else str(text)
+            if not text.strip() and not per_row[i]:
+                raise ValueError(f"row {row_ids[i]!r}: empty text and no image; nothing to embed")
+            prompt, span = self.build_prompt(text.strip() and text, len(per_row[i]), side)
+            prompts.append(prompt)
+            spans.append(span)
+        return self.encode_prompts(prompts, per_row, text_spans=spans, row_ids=row_ids)
+
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        text_spans: Sequence[tuple[int, int]] | None = None,
+        row_ids: Sequence | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Lower level: prompts already templated, one `<|image_pad|>` per image of the row.
+
+        Raises:
+          ValueError: a row whose `<|image_pad|>` count differs from its number of images, or
+            any other disagreement between image tokens and `image_grid_thw`.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        row_ids = list(range(len(prompts))) if row_ids is None else row_ids
+        flat_images = [image for row in images for image in row]
+        pixel_values, grid = self.process_images(flat_images)
+        tokens_per_image = [int(np.prod(g)) // self.merge_size**2 for g in grid]
+        encoded = self.tokenizer(list(prompts), return_offsets_mapping=text_spans is not None)
+        rows, image_index = [], 0
+        for i, ids in enumerate(encoded["input_ids"]):
+            num_images = len(images[i])
+            found = sum(1 for t in ids if t == self.image_token_id)
+            if found != num_images:
+                raise ValueError(
+                    f"row {row_ids[i]!r}: prompt has {found} {IMAGE_PAD} tokens but "
+                    f"{num_images} images were given"
+                )
+            if text_spans is not None:
+                offsets, span = encoded["offset_mapping"][i], text_spans[i]
+            else:
+                offsets, span = None, None
+            counts = tokens_per_image[image_index : image_index + num_images]
+            rows.append(self._fit_row(list(ids), offsets, span, counts, row_ids[i]))
+            image_index += num_images
+        features = self._pad_rows(rows)
+        self._check_image_tokens(features["input_ids"], grid)
+        return {**features, **self._pad_images(pixel_values, grid)}
+
+    # ----------------------------------------------------------------------------- pieces
+
+    def process_images(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """HF image processing of a flat list: (pixel_values [P, D] f32, grid [N, 3] int32)."""
+        if not images:
+            return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int32)
+        out = self.image_processor(images=list(images), return_tensors="np")
+        pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
+        return pixel_values, np.asarray(out["image_grid_thw"], dtype=np.int32)
+
+    def num_image_tokens(self, image_grid_thw: np.ndarray) -> np.ndarray:
+        """`<|image_pad|>` tokens per grid row (0 for zero padding rows)."""
+        return np.prod(np.asarray(image_grid_thw), axis=-1) // self.merge_size**2
+
+    def _fit_row(self, ids, offsets, span, counts, row) -> list[int]:
+        """Truncates the row's text if the expanded row is too long, then expands image pads."""
+        expanded_length = len(ids) + sum(c - 1 for c in counts)
+        excess = 0 if self.max_length is None else expanded_length - self.max_length
+        if excess > 0:
+            if self.truncation == "error" or span is None:
+                raise ValueError(
+                    f"row {row!r}: {expanded_length} tokens exceed max_length={self.max_length} "
+                    "(truncation='error'; raise max_length/length_buckets or shorten the text)"
+                )
+            removable = [
+                k
+                for k, (start, end) in enumerate(offsets)
+                if start >= span[0] and end <= span[1] and ids[k] != self.image_token_id
+            ]
+            if len(removable) < excess:
+                raise ValueError(
+                    f"row {row!r}: {expanded_length} tokens exceed max_length={self.max_length} "
+                    f"and only {len(removable)} text tokens can be cut (image tokens never are)"
+                )
+            drop = set(removable[len(removable) - excess :])
+            ids = [t for k, t in enumerate(ids) if k not in drop]
+        out, image_iter = [], iter(counts)
+        for token in ids:
+            out.extend([token] * next(image_iter) if token == self.image_token_id else [token])
+        return out
+
+    def _pad_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        longest = max(len(r) for r in rows)
+        length = longest
+        if self.length_buckets:
+            length = _smallest_fitting(self.length_buckets, longest)
+            if length is None:  # max_length above the largest bucket: pad to max_length
+                length = longest
+        input_ids = np.full((len(rows), length), self.pad_token_id, np.int32)
+        attention_mask = np.zeros((len(rows), length), np.int32)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, length - len(row) :] = row
+                attention_mask[i, length - len(row) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _pad_images(self, pixel_values: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
+        if len(grid) == 0 and self.max_images is None:
+            return {}
+        if self.max_images is not None:
+            if len(grid) > self.max_images:
+                raise ValueError(
+                    f"batch has {len(grid)} images, more than max_images={self.max_images}"
+                )
+            grid = np.concatenate([grid, np.zeros((self.max_images - len(grid), 3), np.int32)])
+        num_patches = pixel_values.shape[0]
+        if self.patch_buckets:
+            target = _smallest_fitting(self.patch_buckets, num_patches)
+            if target is None:
+                raise ValueError(
+                    f"batch has {num_patches} image patches, more than the largest patch bucket "
+                    f"{self.patch_buckets[-1]}; raise patch_buckets or lower max_pixels"
+                )
+            padding = np.zeros((target - num_patches, pixel_values.shape[1]), np.float32)
+            pixel_values = np.concatenate([pixel_values, padding])
+        return {"pixel_values": pixel_values, "image_grid_thw": grid.astype(np.int32)}
+
+    def _check_image_tokens(self, input_ids: np.ndarray, grid: np.ndarray) -> None:
+        found = int(np.sum(input_ids == self.image_token_id))
+        expected = int(np.sum(self.num_image_tokens(grid))) if len(grid) else 0
+        if found != expected:
+            raise ValueError(
+                f"input_ids hold {found} {IMAGE_PAD} tokens but image_grid_thw {grid.tolist()} "
+                f"needs {expected} (prod(grid) / merge_size**2 per image)"
+            )
+
+    # ----------------------------------------------------------------------------- records
+
+    def process_records(self, records: Sequence[dict], side_key: str) -> dict[str, np.ndarray]:
+        """Features for one side ("query" / "positive" / "negative") of training records.
+
+        Uses `{side_key}_text`, `{side_key}_image` (PNG bytes, b"" when absent) and names rows
+        by `query_id` in errors; "query" is encoded as a query, the others as candidates.
+        """
+        texts, images, ids = [], [], []
+        for i, record in enumerate(records):
+            text, image = _record_side(record, side_key, i)
+            texts.append(text)
+            images.append(image)
+            ids.append(record.get("query_id", i))
+        side = "query" if side_key == "query" else "candidate"
+        return self(texts, images, side=side, row_ids=ids)
+
+
+def check_features(features: dict, image_token_id: int, merge_size: int = 2) -> None:
+    """Validates features against the contract (shapes, dtypes, image tokens vs grid).
+
+    Raises:
+      ValueError: naming the first violated rule.
+    """
+    input_ids, mask = features.get("input_ids"), features.get("attention_mask")
+    if input_ids is None or mask is None:
+        raise ValueError("features need 'input_ids' and 'attention_mask'")
+    if input_ids.ndim != 2 or input_ids.shape != mask.shape:
+        raise ValueError(f"input_ids {input_ids.shape} / attention_mask {mask.shape}: need [B, L]")
+    grid = features.get("image_grid_thw")
+    expected = 0 if grid is None else int(np.sum(np.prod(grid, axis=-1)) // merge_size**2)
+    found = int(np.sum((input_ids == image_token_id) & (mask == 1)))
+    if found != expected:
+        raise ValueError(f"{found} image tokens in input_ids, image_grid_thw needs {expected}")
+    pixel_values = features.get("pixel_values")
+    if grid is not None and pixel_values is not None:
+        patches = int(np.sum(np.prod(grid, axis=-1)))
+        if pixel_values.shape[0] < patches:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw needs {patches}"
+            )
+
+
+RECORD_FIELDS = (
+    "query_text",
+    "query_image",
+    "positive_text",
+    "positive_image",
+    "negative_text",
+    "negative_image",
+    "task",
+    "query_id",
+    "positive_id",
+    "negative_id",
+)
+
+
+def _record_side(record: dict, side_key: str, index) -> tuple[str, list]:
+    row = record.get("query_id") or index  # rows are named by their query id
+    for field in (f"{side_key}_text", f"{side_key}_image"):
+        if field not in record:
+            raise BadRecordError(f"row {row!r}: missing column {field!r}")
+    text, image = record[f"{side_key}_text"], record[f"{side_key}_image"]
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    text = text or ""
+    field = f"{side_key}_image"
+    if record.get(f"{side_key}_id"):
+        field += f" of {record[f'{side_key}_id']!r}"
+    images = [] if _is_empty_image(image) else [decode_image(image, row=row, field=field)]
+    if not text.strip() and not images:
+        raise BadRecordError(f"row {row!r}: {side_key} has empty text and no image")
+    return text, images
+
+
+def check_record(record: dict, *, index=None, require_negative: bool = False) -> None:
+    """Checks a training record: columns present, every side has text or a decodable image.
+
+    Raises:
+      BadRecordError / FileNotFoundError: naming the row (its `query_id`, else `index`) and field.
+    """
+    sides = ("query", "positive")
+    if require_negative or not _side_empty(record, "negative"):
+        sides = ("query", "positive", "negative")
+    for side_key in sides:
+        _record_side(record, side_key, index)
+
+
+def _side_empty(record: dict, side_key: str) -> bool:
+    text, image = record.get(f"{side_key}_text"), record.get(f"{side_key}_image")
+    return not (text or "").strip() and _is_empty_image(image)
+
+
+class RecordChecker:
+    """Filter for bad records: `on_error="raise"` re-raises, `"skip"` counts and returns False.
+
+    `checker(record) -> bool` (True = keep). `num_bad` and `bad_rows` ((row, message) pairs,
+    the first 100) report what was skipped: nothing is dropped silently.
+    """
+
+    def __init__(self, on_error: str = "raise", require_negative: bool = False):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.require_negative = require_negative
+        self.num_seen = 0
+        self.num_bad = 0
+        self.bad_rows: list[tuple[object, str]] = []
+
+    def __call__(self, record: dict) -> bool:
+        index = self.num_seen
+        self.num_seen += 1
+        try:
+            check_record(record, index=index, require_negative=self.require_negative)
+        except (BadRecordError, FileNotFoundError) as error:
+            if self.on_error == "raise":
+                raise
+            self.num_bad += 1
+            if len(self.bad_rows) < 100:
+                self.bad_rows.append((record.get("query_id", index), str(error)))
+            return False
+        return True
+
+
+def _single_token_id(tokenizer, token: str) -> int:
+    encoded = tokenizer.encode(token, add_special_tokens=False)
+    if len(encoded) != 1:
+        raise ValueError(
+            f"tokenizer does not encode {token!r} as one special token (got {encoded}); "
+            "use a Qwen2-VL tokenizer (see metaembed_jax.data.tokenizer)"
+        )
+    return int(encoded[0])
+
+
+def _with_pixel_bounds(image_processor, min_pixels, max_pixels) -> Qwen2VLImageProcessorPil:
+    size = image_processor.size
+    min_pixels = int(size.shortest_edge) if min_pixels is None else int(min_pixels)
+    max_pixels = int(size.longest_edge) if max_pixels is None else int(max_pixels)
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    kwargs = {key: getattr(image_processor, key) for key in _IMAGE_KEYS}
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **kwargs)
+
+
+def _read_image_config(path) -> dict:
+    """Image settings from `preprocessor_config.json` (either HF spelling of the pixel bounds)."""
+    config_path = os.path.join(os.fspath(path), "preprocessor_config.json")
+    if not os.path.exists(config_path):
+        return {}
+    with open(config_path) as f:
+        config = json.load(f)
+    out = {key: config[key] for key in _IMAGE_KEYS if key in config}
+    size = config.get("size") or {}
+    min_pixels = config.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+    max_pixels = config.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+    if min_pixels is not None:
+        out["min_pixels"] = int(min_pixels)
+    if max_pixels is not None:
+        out["max_pixels"] = int(max_pixels)
+    return out
