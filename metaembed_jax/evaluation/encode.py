@@ -1,0 +1,314 @@
+"""Encoding for evaluation: items -> multi-vector embeddings, once, cached on disk.
+
+An *item* is one query or candidate: `{"text": str, "image": bytes | str | PIL.Image | None}`
+(PNG bytes as stored by the data builders, or a file path). The protocols only need an
+`encode(items, side) -> [N, R, D]` callable; `ModelEncoder` is that callable for a MetaEmbed
+model, and `EmbeddingCache` wraps any such callable so that a re-run (or another budget) reads
+the embeddings back instead of encoding again: candidate embeddings are stored as a
+`MultiVectorIndex`, query embeddings as a `.npy` file, both keyed by a fingerprint of the model
+and of the items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Item = dict[str, Any]
+Encode = Callable[[list[Item], str], np.ndarray]
+SIDES = ("query", "candidate")
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def check_budgets(
+    budgets: Sequence[Sequence[int]], num_query_tokens: int, num_candidate_tokens: int
+) -> list[tuple[int, int]]:
+    """Validates `(r_q, r_c)` budgets against the trained sizes; returns them as int tuples.
+
+    Raises ValueError naming the budget and the allowed range when a budget is malformed,
+    below 1, or beyond the number of meta tokens the model was trained with (prefixes past
+    R_q / R_c do not exist: the model has no such vectors).
+    """
+    checked = []
+    for budget in budgets:
+        if len(budget) != 2 or not all(isinstance(r, int | np.integer) for r in budget):
+            raise ValueError(f"a budget is a pair of integers (r_q, r_c), got {budget!r}")
+        r_q, r_c = int(budget[0]), int(budget[1])
+        if not (1 <= r_q <= num_query_tokens and 1 <= r_c <= num_candidate_tokens):
+            raise ValueError(
+                f"budget ({r_q}, {r_c}) is beyond the trained sizes: this model has "
+                f"R_q={num_query_tokens} query and R_c={num_candidate_tokens} candidate vectors, "
+                f"so r_q must be in [1, {num_query_tokens}] and r_c in "
+                f"[1, {num_candidate_tokens}]"
+            )
+        checked.append((r_q, r_c))
+    if not checked:
+        raise ValueError("no budget to evaluate: config.eval.budgets is empty")
+    return checked
+
+
+def budget_key(budget: Sequence[int]) -> str:
+    """The label of a budget in tables and results.json: "(r_q, r_c)"."""
+    return f"({int(budget[0])}, {int(budget[1])})"
+
+
+# ----------------------------------------------------------------------------- items
+
+
+def item_key(item: Item) -> tuple[str, str]:
+    """A hashable identity of an item: its text and its image (path, or digest of its bytes)."""
+    image = item.get("image")
+    if image is None or (isinstance(image, bytes) and not image):
+        image_key = ""
+    elif isinstance(image, bytes):
+        image_key = "sha1:" + hashlib.sha1(image).hexdigest()
+    elif isinstance(image, str | os.PathLike):
+        image_key = "path:" + os.fspath(image)
+    else:  # a PIL image
+        image_key = "pil:" + hashlib.sha1(image.tobytes()).hexdigest()
+    return item.get("text", "") or "", image_key
+
+
+def unique_items(items: Sequence[Item]) -> tuple[list[Item], np.ndarray]:
+    """Deduplicates items by `item_key`; returns (unique items, index of each item in them)."""
+    positions: dict[tuple[str, str], int] = {}
+    uniques, inverse = [], np.empty(len(items), np.int64)
+    for i, item in enumerate(items):
+        key = item_key(item)
+        if key not in positions:
+            positions[key] = len(uniques)
+            uniques.append(item)
+        inverse[i] = positions[key]
+    return uniques, inverse
+
+
+def items_fingerprint(items: Sequence[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        text, image = item_key(item)
+        digest.update(text.encode("utf-8") + b"\x00" + image.encode("utf-8") + b"\x01")
+    return digest.hexdigest()
+
+
+def load_image(image: Any):
+    """PIL RGB image from PNG/JPEG bytes, a path, or a PIL image; None for "no image"."""
+    from PIL import Image
+
+    if image is None or (isinstance(image, bytes) and not image):
+        return None
+    if isinstance(image, bytes):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if isinstance(image, str | os.PathLike):
+        if not os.path.exists(image):
+            raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist")
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class EmbeddingCache:
+    """Embeddings of evaluation items on disk under `directory`, reused across runs.
+
+    Layout per set: `<directory>/<name>/{manifest.json, query.npy, candidate_index/}`. An entry
+    is reused only when `model_fingerprint` and the items' fingerprint both match; otherwise it
+    is re-encoded and overwritten.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        model_fingerprint: str = "",
+        index_dtype: str = "float32",
+    ):
+        self.directory = Path(directory)
+        self.model_fingerprint = model_fingerprint
+        self.index_dtype = index_dtype
+
+    def _paths(self, name: str, side: str) -> tuple[Path, Path]:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        base = self.directory / name
+        data = base / ("candidate_index" if side == "candidate" else "query.npy")
+        return base / f"{side}_manifest.json", data
+
+    def _manifest(self, items: Sequence[Item]) -> dict:
+        return {
+            "model": self.model_fingerprint,
+            "items": items_fingerprint(items),
+            "count": len(items),
+            "index_dtype": self.index_dtype,
+        }
+
+    def load(self, name: str, items: Sequence[Item], side: str):
+        """The cached embeddings (np array for queries, MultiVectorIndex for candidates) or None."""
+        manifest_path, data_path = self._paths(name, side)
+        if not (manifest_path.exists() and data_path.exists()):
+            return None
+        if json.loads(manifest_path.read_text()) != self._manifest(items):
+            return None
+        if side == "query":
+            return np.load(data_path)
+        from metaembed_jax.index import MultiVectorIndex
+
+        return MultiVectorIndex.load(str(data_path))
+
+    def store(self, name: str, items: Sequence[Item], side: str, embeddings: np.ndarray):
+        """Writes embeddings; returns what `load` would return."""
+        manifest_path, data_path = self._paths(name, side)
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        manifest_path.unlink(missing_ok=True)  # an interrupted store is never read as valid
+        if side == "query":
+            np.save(data_path, np.asarray(embeddings, np.float32))
+            stored = np.load(data_path)
+        else:
+            from metaembed_jax.index import MultiVectorIndex
+
+            stored = MultiVectorIndex.build(np.asarray(embeddings), dtype=self.index_dtype)
+            stored.save(str(data_path))
+        manifest_path.write_text(json.dumps(self._manifest(items), indent=1))
+        return stored
+
+
+def encode_items(
+    encode: Encode,
+    items: Sequence[Item],
+    side: str,
+    name: str,
+    cache: EmbeddingCache | None = None,
+    index_dtype: str = "float32",
+):
+    """Encodes `items` on `side` through `cache` when given.
+
+    Returns `[N, R_q, D]` float32 numpy for queries and a `MultiVectorIndex` for candidates.
+    """
+    if cache is not None:
+        cached = cache.load(name, items, side)
+        if cached is not None:
+            return cached
+    embeddings = np.asarray(encode(list(items), side), np.float32)
+    if embeddings.ndim != 3 or embeddings.shape[0] != len(items):
+        raise ValueError(
+            f"encode({len(items)} items, {side!r}) must return [N, R, D] with N={len(items)}, "
+            f"got shape {embeddings.shape}"
+        )
+    if cache is not None:
+        return cache.store(name, items, side, embeddings)
+    if side == "query":
+        return embeddings
+    from metaembed_jax.index import MultiVectorIndex
+
+    return MultiVectorIndex.build(embeddings, dtype=index_dtype)
+
+
+# ----------------------------------------------------------------------------- model encoder
+
+
+class ModelEncoder:
+    """`encode(items, side) -> [N, R, D]` for a MetaEmbed model, batched and jitted.
+
+    Items are sorted by modality and text length so batches share shapes (one compiled program
+    per processor bucket) and carry little padding; the last batch is padded by repeating an
+    item so every batch has `batch_size` rows. With a `mesh`, the batch dimension of
+    `input_ids` / `attention_mask` is sharded over `batch_axes` (those present in the mesh;
+    `batch_size` must divide by their size) and the model state keeps its own placement.
+    `num_calls` counts encoded batches (tests use it to prove a cached run encodes nothing).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        batch_size: int = 16,
+        mesh=None,
+        batch_axes: Sequence[str] = ("data", "fsdp"),
+        progress: bool = True,
+    ):
+        import jax
+        from flax import nnx
+
+        model.eval()  # dropout (LoRA) off
+        self.graphdef, self.state = nnx.split(model)
+        self.processor = processor
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self.num_calls = 0
+        self.num_vectors = {side: model.num_vectors(side) for side in SIDES}
+        self._batch_sharding = None
+        if mesh is not None:
+            axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+            shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+            if self.batch_size % shards:
+                raise ValueError(
+                    f"eval batch size {self.batch_size} must be a multiple of the {shards} "
+                    f"devices of mesh axes {axes}"
+                )
+            spec = jax.sharding.PartitionSpec(axes if axes else None)
+            self._batch_sharding = jax.sharding.NamedSharding(mesh, spec)
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        graphdef = self.graphdef
+
+        @jax.jit
+        def embed_query(state, features):
+            return nnx.merge(graphdef, state).embed(side="query", **features)
+
+        @jax.jit
+        def embed_candidate(state, features):
+            return nnx.merge(graphdef, state).embed(side="candidate", **features)
+
+        self._embed = {"query": embed_query, "candidate": embed_candidate}
+
+    def _place(self, features: dict) -> dict:
+        import jax
+
+        if self._batch_sharding is None:
+            return features
+        return {
+            key: jax.device_put(
+                value,
+                self._batch_sharding
+                if key in ("input_ids", "attention_mask")
+                else self._replicated,
+            )
+            for key, value in features.items()
+            if value is not None
+        }
+
+    def __call__(self, items: list[Item], side: str) -> np.ndarray:
+        from tqdm import tqdm
+
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        if not items:
+            raise ValueError(f"nothing to encode on side {side!r}: empty item list")
+        order = sorted(
+            range(len(items)),
+            key=lambda i: (item_key(items[i])[1] != "", len(items[i].get("text") or "")),
+        )
+        outputs = []
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=f"encode {side}s", disable=not self.progress, leave=False):
+            batch = order[start : start + self.batch_size]
+            padded = batch + [batch[-1]] * (self.batch_size - len(batch))
+            texts = [items[i].get("text") or "" for i in padded]
+            images = [items[i].get("image") or None for i in padded]
+            features = self.processor(texts, images, side=side)
+            features = self._place({k: v for k, v in features.items() if v is not None})
+            embeddings = self._embed[side](self.state, features)
+            self.num_calls += 1
+            outputs.append(np.asarray(embeddings, np.float32)[: len(batch)])
+        stacked = np.concatenate(outputs)
+        result = np.empty_like(stacked)
+        result[np.asarray(order)] = stacked
+        return result

@@ -1,0 +1,118 @@
+"""Corpus retrieval protocol shared by ViDoRe (BEIR layout) and the built-in test split.
+
+Queries are scored against the whole corpus through the candidate `MultiVectorIndex` at each
+budget; the top `depth` documents per query form the run that the trec_eval-style metrics of
+`metrics.py` judge against the qrels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from metaembed_jax.evaluation import metrics
+from metaembed_jax.evaluation.encode import (
+    EmbeddingCache,
+    Encode,
+    budget_key,
+    check_budgets,
+    encode_items,
+)
+
+
+def qrels_from_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """`{"query_id","corpus_id","score"}` rows -> `{query_id: {corpus_id: grade}}`."""
+    qrels: dict[str, dict[str, int]] = {}
+    for row in rows:
+        missing = {"query_id", "corpus_id", "score"} - set(row)
+        if missing:
+            raise ValueError(f"qrels row {dict(row)!r} is missing {sorted(missing)}")
+        qrels.setdefault(str(row["query_id"]), {})[str(row["corpus_id"])] = int(row["score"])
+    return qrels
+
+
+def _as_item(row: Mapping[str, Any]) -> dict[str, Any]:
+    image = row.get("image")
+    return {"text": row.get("text") or "", "image": image if image else None}
+
+
+def index_bytes_at(index, num_candidate_vectors: int) -> int:
+    """Bytes an index holding only the first `r_c` vectors per candidate would take."""
+    full_vectors = index.num_vectors if hasattr(index, "num_vectors") else index.shape[1]
+    return int(round(index.nbytes * num_candidate_vectors / full_vectors))
+
+
+def search_timed(index, query_embeddings: np.ndarray, budget, k: int):
+    """`index.search` at `budget`, after one untimed warm-up call (compilation excluded).
+
+    Returns (scores [Nq, k], row positions [Nq, k], seconds).
+    """
+    index.search(query_embeddings[:1], budget=budget, k=k)
+    start = time.perf_counter()
+    scores, positions = index.search(query_embeddings, budget=budget, k=k)
+    scores, positions = np.asarray(scores), np.asarray(positions)
+    return scores, positions, time.perf_counter() - start
+
+
+def evaluate_corpus(
+    encode: Encode,
+    corpus: Sequence[Mapping[str, Any]],
+    queries: Sequence[Mapping[str, Any]],
+    qrels: Mapping[str, Mapping[str, int]],
+    budgets: Sequence[Sequence[int]],
+    *,
+    name: str,
+    cache: EmbeddingCache | None = None,
+    depth: int = 100,
+    ndcg_k: int = 5,
+    recall_ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, Any]:
+    """Retrieval of `queries` over `corpus` at every budget.
+
+    `corpus` / `queries` rows: `{"id","text","image"}`; `qrels`: `{query_id: {corpus_id: grade}}`.
+    Only queries with judgments are encoded (trec_eval ignores the others).
+    Returns `{"name", "num_queries", "num_candidates", "metric", "by_budget": {"(r_q, r_c)":
+    {metric: value, ..., "scoring_seconds", "index_bytes"}}}`.
+    Raises ValueError for an empty corpus, no judged query, or a budget beyond the embeddings.
+    """
+    corpus_ids = [str(row["id"]) for row in corpus]
+    judged = [row for row in queries if str(row["id"]) in qrels]
+    if not corpus_ids or not judged:
+        raise ValueError(
+            f"{name}: need a non-empty corpus and at least one judged query, got "
+            f"{len(corpus_ids)} documents and {len(judged)} judged queries of {len(queries)}"
+        )
+    query_embeddings = encode_items(
+        encode, [_as_item(r) for r in judged], "query", f"{name}/queries", cache
+    )
+    index = encode_items(
+        encode, [_as_item(r) for r in corpus], "candidate", f"{name}/corpus", cache
+    )
+    budgets = check_budgets(budgets, query_embeddings.shape[1], index.num_vectors)
+    k = min(depth, len(corpus_ids))
+    query_ids = [str(row["id"]) for row in judged]
+    by_budget = {}
+    for budget in budgets:
+        scores, positions, seconds = search_timed(index, query_embeddings, budget, k)
+        run = {
+            query_id: {
+                corpus_ids[p]: float(s) for s, p in zip(row_scores, row_positions, strict=True)
+            }
+            for query_id, row_scores, row_positions in zip(
+                query_ids, scores, positions, strict=True
+            )
+        }
+        result = metrics.retrieval_metrics(qrels, run, ndcg_k=ndcg_k, recall_ks=recall_ks)
+        result["scoring_seconds"] = seconds
+        result["index_bytes"] = index_bytes_at(index, budget[1])
+        by_budget[budget_key(budget)] = result
+    return {
+        "name": name,
+        "num_queries": len(judged),
+        "num_candidates": len(corpus_ids),
+        "metric": f"ndcg@{ndcg_k}",
+        "by_budget": by_budget,
+    }
