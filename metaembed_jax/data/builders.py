@@ -153,9 +153,23 @@ def write_eval_set(dataset_dir: str | os.PathLike, split_tables: dict[str, dict[
     for table in EVAL_TABLES:
         if is_built(eval_path(dataset_dir, table)):
             continue
-        records = {split: tables[table] for split, tables in split_tables.items()}
+        records = {
+            split: _with_defaults(tables[table], table) for split, tables in split_tables.items()
+        }
         _prepare(RetrievalEval(config=table, split_records=records, data_dir=str(dataset_dir)))
     return Path(dataset_dir)
+
+
+def _with_defaults(records, table: str) -> Callable[[], Records]:
+    """Fills optional fields: queries without `candidate_ids` rank against the whole corpus."""
+
+    def rows():
+        for key, record in records() if callable(records) else records:
+            if table == "queries" and "candidate_ids" not in record:
+                record = {**record, "candidate_ids": []}
+            yield key, record
+
+    return rows
 
 
 def _write_bad_rows(dataset_dir: str | os.PathLike, bad_rows: sources.BadRows) -> None:

@@ -1,0 +1,393 @@
+"""grain input pipeline: sharded, shuffled, processed, statically shaped, checkpointable.
+
+Training (`make_train_iterator`), per process:
+
+  built split (ArrayRecord) -> records i = process_index, process_index + process_count, ...
+  -> per-epoch seeded shuffle (a new order every epoch) -> repeat forever
+  -> decode record (PNG -> PIL, checks; `read_threads` threads)
+  -> batch of `global_batch_size / process_count` examples
+  -> processor(texts, images, side) per side + zero-padding to static shapes
+  -> [worker processes] -> prefetch -> global jax.Arrays on the mesh's batch axes.
+
+The processor is any callable `processor(texts, images, side) -> features` (CONTRACTS.md), e.g.
+`QwenVLProcessor`; it left-pads `input_ids` to a length bucket. This module pads the image side to
+static shapes: `pixel_values` rows to a patch bucket and `image_grid_thw` rows to
+`batch * max_images` (zero rows = no image), both rounded up to a multiple of the process's batch
+shards so every array splits evenly over the devices.
+
+The iterator's state (`get_state()`, a small JSON-able dict) restores the exact position: a
+resumed run sees the batches it would have seen. The order depends on (seed, process_count,
+num_workers); keep them fixed across a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from metaembed_jax.data import builders, sources
+
+Processor = Callable[..., dict[str, Any]]
+# Dataset name -> directory under config.data.dir (what build.py writes there).
+DATASET_DIRS = {"synthetic": "synthetic", "mmeb": "mmeb_train"}
+_SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
+
+
+def dataset_dir(data_config) -> Path:
+    """Directory of the dataset `data_config.name` under `data_config.dir`."""
+    if data_config.name not in DATASET_DIRS:
+        raise ValueError(
+            f"unknown config.data.name {data_config.name!r}: expected one of {sorted(DATASET_DIRS)}"
+        )
+    return Path(data_config.dir) / DATASET_DIRS[data_config.name]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+class DecodeRecord:
+    """Record (PNG bytes, texts) -> example {"query"|"positive"|"negative": (text, [PIL images])}.
+
+    Raises BadRowError naming the source and record index for an undecodable image, an item with
+    neither text nor image, or a missing negative when hard negatives are requested.
+    """
+
+    def __init__(self, source_name: str, hard_negatives: bool):
+        self.source_name = source_name
+        self.hard_negatives = hard_negatives
+
+    def __call__(self, index_and_record: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+        index, record = index_and_record
+        sides = [name for name, _ in _SIDES if name != "negative" or self.hard_negatives]
+        example = {"index": index}
+        for name in sides:
+            try:
+                example[name] = self._item(record, name)
+            except (sources.BadRowError, KeyError) as error:
+                raise sources.BadRowError(f"{self.source_name}: record {index}: {error}") from error
+        return example
+
+    def _item(self, record: dict[str, Any], name: str) -> tuple[str, list]:
+        text, data = record[f"{name}_text"], record[f"{name}_image"]
+        if not text and not data:
+            hint = " (set config.data.hard_negatives=False)" if name == "negative" else ""
+            raise sources.BadRowError(f"{name} has an empty text and no image{hint}")
+        if not data:
+            return text, []
+        try:
+            return text, [sources.decode_png(data)]
+        except OSError as error:
+            raise sources.BadRowError(f"cannot decode {name}_image: {error}") from error
+
+
+# ----------------------------------------------------------------------------- static shapes
+
+
+class StaticShapes:
+    """Zero-pads a side's features so a batch of `batch_size` always has the same image shapes.
+
+    pixel_values -> [patch bucket, patch_dim], image_grid_thw -> [batch * max_images, 3], both
+    rounded up to `multiple` rows. With `always_emit_pixels`, text-only batches get all-zero
+    arrays of those shapes (one pytree structure for every step).
+    """
+
+    def __init__(self, data_config, batch_size: int, multiple: int = 1):
+        self.patch_dim = 3 * data_config.temporal_patch_size * data_config.patch_size**2
+        self.image_rows = _round_up(batch_size * data_config.max_images, multiple)
+        per_image = math.ceil(data_config.max_pixels / data_config.patch_size**2)
+        default = batch_size * data_config.max_images * per_image
+        self.patch_buckets = tuple(
+            _round_up(b, multiple) for b in sorted(data_config.patch_buckets or (default,))
+        )
+        self.always_emit_pixels = data_config.always_emit_pixels
+
+    def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
+        features = {k: v for k, v in features.items() if v is not None}
+        grid = features.get("image_grid_thw")
+        if grid is None and not self.always_emit_pixels:
+            return features
+        grid = np.zeros((0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
+        pixels = features.get("pixel_values")
+        pixels = np.zeros((0, self.patch_dim), np.float32) if pixels is None else pixels
+        pixels = np.asarray(pixels, np.float32)
+        if pixels.shape[1] != self.patch_dim:
+            raise ValueError(
+                f"pixel_values rows have {pixels.shape[1]} values, expected {self.patch_dim} "
+                "(3 * temporal_patch_size * patch_size**2 of config.data)"
+            )
+        real_rows = int(np.prod(grid, axis=-1).sum()) if len(grid) else 0
+        if len(pixels) < real_rows:
+            raise ValueError(
+                f"pixel_values has {len(pixels)} rows, image_grid_thw needs {real_rows}"
+            )
+        rows = self._bucket(real_rows)
+        if len(grid) > self.image_rows:
+            raise ValueError(
+                f"batch has {len(grid)} images, more than batch * config.data.max_images "
+                f"= {self.image_rows}"
+            )
+        # Rows past real_rows are the processor's own zero padding: safe to cut or extend.
+        features["pixel_values"] = _pad_rows(pixels, rows)
+        features["image_grid_thw"] = _pad_rows(grid, self.image_rows)
+        return features
+
+    def _bucket(self, rows: int) -> int:
+        for bucket in self.patch_buckets:
+            if rows <= bucket:
+                return bucket
+        raise ValueError(
+            f"batch has {rows} image patches, more than the largest patch bucket "
+            f"{self.patch_buckets[-1]} (config.data.patch_buckets / max_pixels)"
+        )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    if len(array) > rows:
+        array = array[:rows]
+    padding = [(0, rows - len(array))] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, padding)
+
+
+class Collate:
+    """List of decoded examples -> {"query": features, "positive": ..., "negative"?: ...}."""
+
+    def __init__(self, processor: Processor, static_shapes: StaticShapes, hard_negatives: bool):
+        self.processor = processor
+        self.static_shapes = static_shapes
+        self.hard_negatives = hard_negatives
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = {}
+        for name, side in _SIDES:
+            if name == "negative" and not self.hard_negatives:
+                continue
+            texts = [example[name][0] for example in examples]
+            images = [example[name][1] for example in examples]
+            has_images = any(images)
+            features = self.processor(texts, images if has_images else None, side=side)
+            batch[name] = self.static_shapes(dict(features))
+        return batch
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def batch_shards_per_process(mesh: Mesh | None, batch_axes: Sequence[str]) -> int:
+    """Number of distinct batch slices held by this process's devices (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    axes = [axis for axis in batch_axes if axis in mesh.shape]
+    total = math.prod(mesh.shape[axis] for axis in axes)
+    return max(1, total // jax.process_count())
+
+
+def build_train_dataset(
+    source,
+    processor: Processor,
+    data_config,
+    *,
+    local_batch_size: int,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    multiple: int = 1,
+    source_name: str = "",
+) -> grain.IterDataset:
+    """The per-process grain dataset of host batches (numpy) for shard `shard_index`."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, {shard_count})")
+    indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
+    if len(indices) == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of {source_name} is empty")
+    records = indices.shuffle(seed=seed).repeat(None).map(_ReadRecord(source))
+    decoded = records.map(DecodeRecord(source_name, data_config.hard_negatives))
+    read = grain.ReadOptions(
+        num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch_size
+    )
+    collate = Collate(
+        processor,
+        StaticShapes(data_config, local_batch_size, multiple),
+        data_config.hard_negatives,
+    )
+    dataset = decoded.to_iter_dataset(read).batch(
+        local_batch_size, drop_remainder=True, batch_fn=collate
+    )
+    if data_config.num_workers > 0:
+        _allow_grain_workers()
+        options = grain.MultiprocessingOptions(
+            num_workers=data_config.num_workers, per_worker_buffer_size=data_config.prefetch
+        )
+        return dataset.mp_prefetch(options)
+    return grain.experimental.ThreadPrefetchIterDataset(
+        dataset, prefetch_buffer_size=data_config.prefetch
+    )
+
+
+class _ReadRecord:
+    # A class, not a lambda: grain pickles the pipeline into its worker processes.
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return index, self.source[index]
+
+
+def _allow_grain_workers() -> None:
+    # grain's worker processes read absl flags; outside absl.app.run they are not parsed yet.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+    """Iterator of training batches with checkpointable state.
+
+    `next(it)` -> {"query": features, "positive": features, "negative"?: features}: global
+    jax.Arrays sharded on the mesh's batch axes (numpy host batches when built without a mesh).
+    `get_state()` / `set_state(state)`: exact position, a JSON-able dict.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, mesh: Mesh | None, batch_axes: Sequence[str]):
+        self._iterator = iter(dataset)
+        self.mesh = mesh
+        self.batch_axes = tuple(axis for axis in batch_axes if mesh is None or axis in mesh.shape)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._iterator)
+        return batch if self.mesh is None else to_global(batch, self.mesh, self.batch_axes)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def to_global(tree: Any, mesh: Mesh, batch_axes: Sequence[str]) -> Any:
+    """Host-local arrays -> global jax.Arrays, dim 0 sharded over `batch_axes` of `mesh`.
+
+    Every process passes its own block; the global array is the blocks in process order.
+    """
+    spec = PartitionSpec(tuple(batch_axes) if batch_axes else None)
+    sharding = NamedSharding(mesh, spec)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
+def make_train_iterator(
+    data_config,
+    processor: Processor,
+    *,
+    mesh: Mesh | None,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source=None,
+) -> TrainIterator:
+    """The training iterator of CONTRACTS.md for `data_config` (config.data).
+
+    Args:
+      data_config: config.data (see metaembed_jax/data/config.py).
+      processor: callable (texts, images, side) -> features, e.g. QwenVLProcessor.
+      mesh: device mesh; batches become global jax.Arrays on it (None: numpy host batches).
+      global_batch_size: examples per step over all processes.
+      seed: shuffle seed, used when config.data.shuffle_seed is None.
+      process_index, process_count: shard to read (default: this JAX process of all).
+      source: a random-access record source overriding the configured dataset (tests).
+
+    Raises:
+      ValueError: batch size not divisible by processes / batch shards; FileNotFoundError: the
+      dataset is not built.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} not divisible by {process_count} processes"
+        )
+    local_batch_size = global_batch_size // process_count
+    multiple = batch_shards_per_process(mesh, data_config.batch_axes)
+    if local_batch_size % multiple:
+        raise ValueError(
+            f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
+            f"(mesh axes {tuple(data_config.batch_axes)})"
+        )
+    if source is None:
+        source = builders.open_pairs(dataset_dir(data_config), data_config.train_split)
+    shuffle_seed = seed if data_config.shuffle_seed is None else data_config.shuffle_seed
+    dataset = build_train_dataset(
+        source,
+        processor,
+        data_config,
+        local_batch_size=local_batch_size,
+        seed=shuffle_seed,
+        shard_index=process_index,
+        shard_count=process_count,
+        multiple=multiple,
+        source_name=repr(source),
+    )
+    logging.info(
+        "train pipeline: %s, shard %d/%d, %d examples/process/step",
+        source,
+        process_index,
+        process_count,
+        local_batch_size,
+    )
+    return TrainIterator(dataset, mesh, data_config.batch_axes)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def iterate_features(
+    items: Sequence[dict[str, Any]],
+    processor: Processor,
+    side: str,
+    batch_size: int,
+    data_config,
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """Batched features for a list of items (evaluation): yields (features, num_valid).
+
+    items: dicts with "text" (str) and "image" (PNG bytes, PIL image, b"" or None). Every batch
+    has `batch_size` rows (the last is filled by repeating its last item; use only the first
+    `num_valid` outputs) and the static image shapes of training batches.
+    """
+    if side not in ("query", "candidate"):
+        raise ValueError(f"side={side!r}: expected 'query' or 'candidate'")
+    static_shapes = StaticShapes(data_config, batch_size)
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start : start + batch_size])
+        num_valid = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - num_valid)
+        texts = [item.get("text") or "" for item in chunk]
+        images = [_item_images(item) for item in chunk]
+        features = processor(texts, images if any(images) else None, side=side)
+        yield static_shapes(dict(features)), num_valid
+
+
+def _item_images(item: dict[str, Any]) -> list:
+    image = item.get("image")
+    if image is None or (isinstance(image, bytes) and not image):
+        return []
+    return [sources.decode_png(image) if isinstance(image, bytes) else image]
