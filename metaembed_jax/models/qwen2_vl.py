@@ -1,0 +1,365 @@
+"""Qwen2-VL and Qwen2.5-VL backbones (Flax NNX): vision tower + Qwen2 decoder with M-RoPE.
+
+The two families share the language model (Qwen2 decoder: GQA with q/k/v bias, RMSNorm, SwiGLU,
+multimodal rotary embedding) and differ in the vision tower (`qwen2_vl_vision.VisionTower`).
+`Qwen2VLBackbone` implements the Backbone interface of CONTRACTS.md (`embed_inputs`,
+`position_ids`, `decode`, `__call__`, `hidden_size`); its output equals transformers'
+`model.model(...).last_hidden_state` on every non-padding position.
+
+Parameter paths (used by the loader rules below): `embed_tokens`, `layers.*` (stacked on a
+leading `layers` axis and scanned), `norm`, `visual.*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metaembed_jax.models import layers
+from metaembed_jax.models.hf_loading import Rule, register_backbone
+from metaembed_jax.models.qwen2_vl_rope import image_token_layout, mrope_cos_sin, rope_index
+from metaembed_jax.models.qwen2_vl_vision import VisionTower, vision_rules
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+DEFAULT_ROPE_THETA = 1_000_000.0
+DEFAULT_MROPE_SECTION = (16, 24, 24)
+DEFAULT_IMAGE_TOKEN_ID = 151655
+
+# ---------------------------------------------------------------------------------------------
+# Config normalisation: published flat spelling and transformers 5's nested `text_config`
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The language-model hyper-parameters, whichever way the checkpoint spells them."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+
+
+def _text_dict(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Text keys: the top level (published flat spelling), overridden by a nested `text_config`
+    (transformers 5 writes the text keys only there)."""
+    text = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+    nested = config.get("text_config")
+    if isinstance(nested, Mapping):
+        text.update(nested)
+    return text
+
+
+def _rope_settings(text: Mapping[str, Any]) -> tuple[float, tuple[int, ...]]:
+    """(theta, mrope_section) from `rope_parameters` (transformers 5) or the published
+    `rope_scaling: {type: mrope, mrope_section}` with a top-level `rope_theta`."""
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"rope type {rope_type!r} is not supported; expected 'default' or 'mrope'")
+    theta = float(rope.get("rope_theta", text.get("rope_theta", DEFAULT_ROPE_THETA)))
+    section = tuple(int(n) for n in rope.get("mrope_section", DEFAULT_MROPE_SECTION))
+    return theta, section
+
+
+def text_config(config: Mapping[str, Any]) -> TextConfig:
+    """The language-model config from a raw `config.json` dict in either spelling."""
+    text = _text_dict(config)
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        if k not in text
+    ]
+    if missing:
+        raise ValueError(f"Qwen2-VL config lacks text keys {missing} (top level or text_config)")
+    if text.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=True is not supported (no published Qwen-VL uses it)")
+    if text.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {text['hidden_act']!r} is not supported; expected 'silu'")
+    num_heads = int(text["num_attention_heads"])
+    hidden_size = int(text["hidden_size"])
+    # transformers' Qwen2-VL attention always uses hidden_size // num_heads.
+    head_dim = hidden_size // num_heads
+    theta, section = _rope_settings(text)
+    if sum(section) != head_dim // 2:
+        raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
+    return TextConfig(
+        vocab_size=int(text["vocab_size"]),
+        hidden_size=hidden_size,
+        intermediate_size=int(text["intermediate_size"]),
+        num_layers=int(text["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(text.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        mrope_section=section,
+    )
+
+
+def _model_type(config: Mapping[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a Qwen-VL type; expected {MODEL_TYPES}")
+    return model_type
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense(name, in_features, out_features, axes, *, use_bias, dtype, param_dtype, lora, rngs):
+    """A `layers.Dense`, with the LoRA adapter only when `name` is one of `lora.targets`."""
+    adapter = lora if lora is not None and name in lora.targets else None
+    return layers.Dense(
+        in_features,
+        out_features,
+        axes,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        lora=adapter,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with q/k/v bias and M-RoPE. Kernels `[embed, heads*head_dim]`."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, lora, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        common = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        hidden = cfg.hidden_size
+        self.q_proj = _dense("q_proj", hidden, q_size, ("embed", "heads"), use_bias=True, **common)
+        self.k_proj = _dense(
+            "k_proj", hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common
+        )
+        self.v_proj = _dense(
+            "v_proj", hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common
+        )
+        self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), use_bias=False, **common)
+
+    def __call__(self, x, cos, sin, mask):
+        batch, length, _ = x.shape
+        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        query = layers.apply_rotary(query, cos, sin)
+        key = layers.apply_rotary(key, cos, sin)
+        out = layers.dot_product_attention(query, key, value, mask)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, lora, rngs: nnx.Rngs):
+        common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _dense("gate_proj", hidden, inner, ("embed", "mlp"), **common)
+        self.up_proj = _dense("up_proj", hidden, inner, ("embed", "mlp"), **common)
+        self.down_proj = _dense("down_proj", inner, hidden, ("mlp", "embed"), **common)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm Qwen2 decoder layer."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, lora, rngs: nnx.Rngs):
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        norm = dict(param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.self_attn = Attention(cfg, **kwargs)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.mlp = MLP(cfg, **kwargs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+class Qwen2VLBackbone(nnx.Module):
+    """Qwen2-VL / Qwen2.5-VL without the LM head: inputs -> last-layer hidden states.
+
+    Built from a raw `config.json` dict (either spelling) by `hf_loading.from_config` / `load_hf`.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        lora: layers.LoRASpec | None = None,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in layers.REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+        model_type = _model_type(config)
+        cfg = text_config(config)
+        vision_config = dict(config.get("vision_config") or {})
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.image_token_id = int(config.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID))
+        self.spatial_merge_size = int(vision_config.get("spatial_merge_size", 2))
+        self.embed_tokens = layers.make_param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"),
+            param_dtype,
+        )
+        self.layers = layers.stack_layers(
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=r),
+            cfg.num_layers,
+            rngs,
+        )
+        self.norm = layers.RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
+        self.visual = VisionTower(
+            vision_config, model_type, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def _check_images(self, input_ids, pixel_values, image_grid_thw) -> None:
+        """Clear errors for inputs whose image tokens, grids and patches disagree (only when the
+        values are known, i.e. outside jit; inside jit the shapes are trusted)."""
+        if not _is_concrete(input_ids, pixel_values, image_grid_thw):
+            return
+        grid = np.asarray(image_grid_thw).reshape(-1, 3)
+        patches = int(np.prod(grid, axis=-1).sum())
+        expected_tokens = patches // self.spatial_merge_size**2
+        tokens = int((np.asarray(input_ids) == self.image_token_id).sum())
+        if tokens != expected_tokens:
+            raise ValueError(
+                f"input_ids hold {tokens} <|image_pad|> tokens but image_grid_thw {grid.tolist()} "
+                f"needs {expected_tokens} (prod(grid) / merge**2 per image)"
+            )
+        if np.shape(pixel_values)[0] < patches:
+            raise ValueError(
+                f"pixel_values has {np.shape(pixel_values)[0]} patches; image_grid_thw needs "
+                f"{patches}"
+            )
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """Token embeddings `[B, L, H]` (compute dtype), with the vision tower's merged features
+        written, in order, into the `<|image_pad|>` positions."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        embeds = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        if pixel_values is None or image_grid_thw is None:
+            return embeds
+        self._check_images(input_ids, pixel_values, image_grid_thw)
+        grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+        features = self.visual(jnp.asarray(pixel_values), grid).astype(self.dtype)
+        layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
+        rows = jnp.clip(layout["ordinal"], 0, features.shape[0] - 1)
+        return jnp.where(layout["is_image"][..., None], features[rows], embeds)
+
+    def position_ids(self, input_ids, attention_mask, image_grid_thw=None) -> jax.Array:
+        """M-RoPE position ids `[3, B, L]` int32, as transformers' `get_rope_index`."""
+        return rope_index(
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            image_token_id=self.image_token_id,
+            spatial_merge_size=self.spatial_merge_size,
+        )
+
+    def decode(self, inputs_embeds, attention_mask, position_ids) -> jax.Array:
+        """The decoder stack + final norm: `[B, L, H]` embeddings -> last hidden states."""
+        cfg = self.config
+        hidden = jnp.asarray(inputs_embeds).astype(self.dtype)
+        length = hidden.shape[1]
+        real = jnp.asarray(attention_mask).astype(bool)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        mask = causal[None, None] & real[:, None, None, :]  # [B, 1, L, S]
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+        def apply_layer(layer, carry):
+            return layer(carry, cos, sin, mask)
+
+        hidden = layers.scan_layers(self.layers, hidden, apply_layer, remat=self.remat)
+        return self.norm(hidden)
+
+    def __call__(
+        self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+    ) -> jax.Array:
+        """Last-layer hidden states `[B, L, H]` (numpy or jax inputs, HF keyword names)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        grid = image_grid_thw if pixel_values is not None else None
+        positions = self.position_ids(input_ids, attention_mask, grid)
+        return self.decode(embeds, attention_mask, positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint rules
+# ---------------------------------------------------------------------------------------------
+
+_LAYER = r"model\.layers\.(?P<layer>\d+)\."
+
+LANGUAGE_RULES = (
+    Rule(r"model\.embed_tokens\.weight", "embed_tokens"),
+    Rule(r"model\.norm\.weight", "norm.scale"),
+    Rule(
+        _LAYER + r"self_attn\.(?P<p>q|k|v)_proj\.weight",
+        "layers.self_attn.{p}_proj.kernel",
+        "linear",
+    ),
+    Rule(_LAYER + r"self_attn\.(?P<p>q|k|v)_proj\.bias", "layers.self_attn.{p}_proj.bias"),
+    Rule(_LAYER + r"self_attn\.o_proj\.weight", "layers.self_attn.o_proj.kernel", "linear"),
+    Rule(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.weight", "layers.mlp.{p}_proj.kernel", "linear"),
+    Rule(_LAYER + r"(?P<n>input|post_attention)_layernorm\.weight", "layers.{n}_layernorm.scale"),
+    # MetaEmbed reads hidden states, never logits: the LM head is deliberately not loaded.
+    Rule(r"lm_head\.weight", None),
+)
+
+# transformers' in-memory layout (`model.language_model.*`, `model.visual.*`) -> the published one.
+KEY_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def qwen2_vl_rules(config: Mapping[str, Any]) -> list[Rule]:
+    """Language-model rules + the vision tower's, for a raw config dict."""
+    vision = vision_rules(dict(config.get("vision_config") or {}), _model_type(config))
+    return [*LANGUAGE_RULES, *vision]
+
+
+for _model_type_name in MODEL_TYPES:
+    register_backbone(_model_type_name, Qwen2VLBackbone, qwen2_vl_rules, key_aliases=KEY_ALIASES)
