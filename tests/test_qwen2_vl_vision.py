@@ -1,0 +1,285 @@
+"""The Qwen2-VL / Qwen2.5-VL vision towers against transformers' `model.visual` (tiny random
+models saved with `save_pretrained` and loaded through the real loader rules): merged features
+for one image, images of different sizes, padded inputs, bfloat16; layout pieces (rotary
+positions, window permutation) against HF's `vision_utils`; config spellings and errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+from transformers import vision_utils as hf_vision
+
+from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models.qwen2_vl_vision import (
+    VisionTower,
+    parse_vision_config,
+    patch_layout,
+    vision_rules,
+)
+
+TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
+)
+VISION = {
+    # window 56 px = 2x2 merged units: a 56x84 image (merged 2x3) splits into 2 windows
+    "qwen2_5_vl": dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=40,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    ),
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=40, num_heads=2, mlp_ratio=2),
+}
+HF_CLASSES = {
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+}
+FLOAT32_TOLERANCE = 1e-4
+
+
+class VisionOnly(nnx.Module):
+    """A test backbone that is just the tower, mounted at `visual` like the full backbone."""
+
+    def __init__(self, config, *, dtype, param_dtype, lora, remat, rngs):
+        model_type = config["source_model_type"]
+        self.visual = VisionTower(
+            config["vision_config"],
+            model_type,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            rngs=rngs,
+        )
+
+
+def vision_only_rules(config):
+    # Language-model tensors are deliberately unused here.
+    rules = vision_rules(config["vision_config"], config["source_model_type"])
+    return rules + [hf_loading.Rule(r"(?!visual\.).*", None)]
+
+
+for _model_type in HF_CLASSES:
+    hf_loading.register_backbone(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
+
+
+def randomise(module, seed):
+    """HF's init (std 0.02, unit norms) makes outputs tiny; larger weights make the 1e-4 bound
+    meaningful."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = "norm" in name or "ln_q" in name
+            param.copy_(1.0 + 0.1 * noise if is_norm and name.endswith("weight") else 0.2 * noise)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def checkpoint(request, tmp_path_factory):
+    """(model_type, HF visual module in float32, checkpoint dir loadable by `load_hf`)."""
+    model_type = request.param
+    config_class, model_class = HF_CLASSES[model_type]
+    torch.manual_seed(0)
+    hf_model = model_class(config_class(text_config=TEXT, vision_config=VISION[model_type]))
+    randomise(hf_model.model.visual, seed=1)
+    hf_model.eval()
+    path = tmp_path_factory.mktemp(model_type)
+    hf_model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=f"test_vision_{model_type}", source_model_type=model_type)
+    (path / "config.json").write_text(json.dumps(config))
+    return model_type, hf_model.model.visual, path
+
+
+def images_to_patches(sizes, seed=0):
+    """PIL images of random pixels (h, w) -> (pixel_values, image_grid_thw) via HF's processor."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112)
+    out = processor(images=images, return_tensors="np")
+    return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int32)
+
+
+def hf_features(visual, pixel_values, grid_thw, dtype=torch.float32):
+    with torch.no_grad():
+        out = visual.to(dtype)(torch.from_numpy(pixel_values).to(dtype), torch.from_numpy(grid_thw))
+    visual.to(torch.float32)
+    return out.pooler_output.float().numpy()
+
+
+def pad(pixel_values, grid_thw, extra_patches, extra_images):
+    pixel_values = np.concatenate([pixel_values, np.zeros((extra_patches, pixel_values.shape[1]))])
+    grid_thw = np.concatenate([grid_thw, np.zeros((extra_images, 3), grid_thw.dtype)])
+    return pixel_values.astype(np.float32), grid_thw
+
+
+@pytest.mark.parametrize(
+    "sizes", [[(56, 84)], [(56, 56), (56, 112)], [(84, 112), (56, 56), (28, 56)]]
+)
+def test_matches_transformers(checkpoint, sizes):
+    """Merged features equal HF's pooler_output for one image and images of different sizes,
+    under jit, also when the grid is a traced argument."""
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path).visual
+    pixel_values, grid_thw = images_to_patches(sizes)
+    expected = hf_features(visual, pixel_values, grid_thw)
+    got = nnx.jit(lambda tower, p, g: tower(p, g))(tower, pixel_values, grid_thw)
+    assert got.shape == expected.shape
+    assert np.abs(expected).max() > 0.1  # the bound below is not trivially met
+    np.testing.assert_allclose(np.asarray(got), expected, atol=FLOAT32_TOLERANCE, rtol=0)
+
+
+def test_padding_does_not_change_real_rows(checkpoint):
+    """Padding patch rows and all-zero grid rows leave the real rows unchanged (<= 1e-4 from HF);
+    padding output rows come after them and are zero."""
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path).visual
+    pixel_values, grid_thw = images_to_patches([(56, 56), (56, 112)])
+    expected = hf_features(visual, pixel_values, grid_thw)
+    padded_pixels, padded_grid = pad(pixel_values, grid_thw, extra_patches=24, extra_images=2)
+    padded_pixels[len(pixel_values) :] = 3.0  # padding content must not matter either
+    padded_grid = np.concatenate([padded_grid[:1], np.zeros((1, 3), np.int32), padded_grid[1:]])
+    got = np.asarray(nnx.jit(lambda tower, p, g: tower(p, g))(tower, padded_pixels, padded_grid))
+    assert got.shape == (expected.shape[0] + 6, expected.shape[1])
+    np.testing.assert_allclose(got[: len(expected)], expected, atol=FLOAT32_TOLERANCE, rtol=0)
+    np.testing.assert_array_equal(got[len(expected) :], 0.0)
+
+
+def test_bfloat16(checkpoint):
+    """bfloat16 params and compute against HF in bfloat16: same features to bf16 accuracy."""
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path, dtype=jnp.bfloat16).visual
+    assert tower.blocks.attn.qkv.kernel[...].dtype == jnp.bfloat16
+    pixel_values, grid_thw = images_to_patches([(56, 56), (56, 112)])
+    expected = hf_features(visual, pixel_values, grid_thw)
+    expected_bf16 = hf_features(visual, pixel_values, grid_thw, dtype=torch.bfloat16)
+    got = nnx.jit(lambda tower, p, g: tower(p, g))(tower, pixel_values, grid_thw)
+    got = np.asarray(got, np.float32)
+    scale = np.abs(expected).max()
+    hf_error = np.abs(expected_bf16 - expected).max()
+    our_error = np.abs(got - expected).max()
+    assert our_error <= max(2 * hf_error, 0.02 * scale), (our_error, hf_error, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout pieces against HF's vision_utils
+# ---------------------------------------------------------------------------------------------
+
+GRIDS = [[[1, 4, 6]], [[1, 4, 4], [1, 4, 8]], [[1, 6, 8], [2, 4, 4], [1, 10, 6]]]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("window_units", [1, 2, 3])
+def test_layout_matches_hf(grid, window_units):
+    """Rotary positions, frame segments (= HF's cu_seqlens) and the window permutation and
+    window boundaries (= HF's get_vision_window_index) from jnp ops, with traced grids."""
+    grid = np.asarray(grid, np.int32)
+    num_patches = int(np.prod(grid, axis=1).sum())
+    torch_grid = torch.from_numpy(grid).long()
+    layout = jax.jit(patch_layout, static_argnums=(1, 2, 3))(grid, num_patches, 2, window_units)
+    np.testing.assert_array_equal(
+        layout.positions, hf_vision.get_vision_position_ids(torch_grid, 2).numpy()
+    )
+    cu_seqlens = hf_vision.get_vision_cu_seqlens(torch_grid).numpy()
+    np.testing.assert_array_equal(np.unique(layout.frame_segments), cu_seqlens[:-1])
+    window_index, cu_windows = hf_vision.get_vision_window_index(
+        torch_grid, spatial_merge_size=2, window_size=28 * window_units, patch_size=14
+    )
+    np.testing.assert_array_equal(layout.window_order, window_index.numpy())
+    # In window order, segment boundaries fall exactly on HF's cu_window_seqlens.
+    permuted = np.asarray(layout.window_segments).reshape(-1, 4)[np.asarray(layout.window_order)]
+    permuted = permuted.reshape(-1)
+    boundaries = np.flatnonzero(np.diff(permuted)) + 1
+    np.testing.assert_array_equal(boundaries, cu_windows.numpy()[1:-1])
+    assert len(np.unique(permuted)) == len(cu_windows) - 1
+
+
+def test_layout_padding():
+    """Padding patches: own segment, not real, sorted after all real units."""
+    layout = patch_layout(np.array([[1, 4, 4], [0, 0, 0]], np.int32), 24, 2, 1)
+    assert np.asarray(layout.is_real).tolist() == [True] * 16 + [False] * 8
+    assert set(np.asarray(layout.frame_segments[16:]).tolist()) == {24}
+    assert set(np.asarray(layout.window_segments[16:]).tolist()) == {24}
+    assert np.asarray(layout.window_order[4:]).tolist() == [4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, parameters, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_published_config_spellings():
+    """Hub config.json spellings (in_chans, Qwen2-VL embed_dim vs hidden_size) read right."""
+    qwen2 = parse_vision_config(
+        {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "in_chans": 3, "mlp_ratio": 4,
+         "num_heads": 16, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "qwen2_vl",
+    )  # fmt: skip
+    assert (qwen2.width, qwen2.out_dim, qwen2.mlp_dim, qwen2.hidden_act) == (
+        1280, 1536, 5120, "quick_gelu",
+    )  # fmt: skip
+    qwen25 = parse_vision_config(
+        {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+         "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+         "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+        "qwen2_5_vl",
+    )  # fmt: skip
+    assert (qwen25.width, qwen25.out_dim, qwen25.window_units) == (1280, 2048, 4)
+    assert qwen25.fullatt_block_indexes == (7, 15, 23, 31)
+
+
+def test_params_carry_logical_axes():
+    tower = VisionTower(VISION["qwen2_5_vl"], "qwen2_5_vl", rngs=nnx.Rngs(0))
+    flat = nnx.to_flat_state(nnx.state(tower, nnx.Param))
+    axes = {".".join(map(str, path)): var.get_metadata()["out_sharding"] for path, var in flat}
+    assert all(len(var.get_metadata()["out_sharding"]) == var[...].ndim for _, var in flat)
+    assert axes["patch_embed.kernel"] == ("vision_patch", "vision_embed")
+    assert axes["blocks.attn.qkv.kernel"] == ("layers", "vision_embed", "heads")
+    assert axes["blocks.mlp.gate_proj.kernel"] == ("layers", "vision_embed", "vision_mlp")
+    assert axes["blocks.norm1.scale"] == ("layers", "norm")
+    assert axes["merger.fc2.kernel"] == ("vision_mlp", "embed")
+
+
+def test_remat_gives_same_gradient():
+    """remat="full" recomputes blocks in the backward pass without changing the gradient."""
+    pixel_values, grid_thw = images_to_patches([(56, 84)])
+
+    def grad(remat):
+        tower = VisionTower(VISION["qwen2_5_vl"], "qwen2_5_vl", remat=remat, rngs=nnx.Rngs(0))
+        loss = lambda t: jnp.sum(t(pixel_values, grid_thw) ** 2)  # noqa: E731
+        return nnx.grad(loss)(tower)["blocks"]["attn"]["qkv"]["kernel"][...]
+
+    np.testing.assert_allclose(grad("full"), grad("none"), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors():
+    tower = VisionTower(VISION["qwen2_vl"], "qwen2_vl", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"expected \[P, 1176\]"):
+        tower(np.zeros((16, 100), np.float32), np.array([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="multiple of merge_size"):
+        tower(np.zeros((18, 1176), np.float32), np.array([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="model_type"):
+        VisionTower(VISION["qwen2_vl"], "llava", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="remat"):
+        VisionTower(VISION["qwen2_vl"], "qwen2_vl", remat="some", rngs=nnx.Rngs(0))
+    assert layers.REMAT_POLICIES  # the names the error lists
