@@ -22,8 +22,10 @@ num_workers); keep them fixed across a resume.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,18 +169,45 @@ class Collate:
         self.processor = processor
         self.static_shapes = static_shapes
         self.hard_negatives = hard_negatives
+        self.row_ids = _accepts(processor, "row_ids")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = {}
+        # Record indices name the rows in the processor's own error messages.
+        extra = {"row_ids": [example["index"] for example in examples]} if self.row_ids else {}
         for name, side in _SIDES:
             if name == "negative" and not self.hard_negatives:
                 continue
             texts = [example[name][0] for example in examples]
             images = [example[name][1] for example in examples]
             has_images = any(images)
-            features = self.processor(texts, images if has_images else None, side=side)
+            features = self.processor(texts, images if has_images else None, side=side, **extra)
             batch[name] = self.static_shapes(dict(features))
         return batch
+
+
+def _accepts(function: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def processor_from_config(data_config, path: str | os.PathLike | None = None):
+    """QwenVLProcessor for `path` (default: the built-in tokenizer `<config.data.dir>/tokenizer`)
+    with the image bounds, patch geometry and length buckets of `data_config`."""
+    from metaembed_jax.data.processing import QwenVLProcessor
+
+    path = Path(data_config.dir) / "tokenizer" if path is None else path
+    return QwenVLProcessor.from_pretrained(
+        path,
+        min_pixels=data_config.min_pixels,
+        max_pixels=data_config.max_pixels,
+        length_buckets=tuple(data_config.length_buckets),
+        patch_size=data_config.patch_size,
+        temporal_patch_size=data_config.temporal_patch_size,
+        merge_size=data_config.merge_size,
+    )
 
 
 # ----------------------------------------------------------------------------- training
