@@ -200,3 +200,36 @@ def test_open_unbuilt_dataset_names_directory(tmp_path):
     """Reading a dataset that was never built says where and what to run."""
     with pytest.raises(FileNotFoundError, match="metaembed_jax.data.build"):
         len(builders.open_pairs(tmp_path / "nothing"))
+
+
+# ----------------------------------------------------------------------------- built-in dataset
+
+
+def test_build_synthetic_round_trip_and_idempotence(tmp_path):
+    """build.py writes exactly the generator's rows (train/validation/test pairs, eval tables),
+    the tokenizer, skips a second build, and refuses a directory built with other settings."""
+    from metaembed_jax.data import build, synthetic
+    from metaembed_jax.data.config import get_data_config
+
+    config = get_data_config()
+    config.dir = str(tmp_path)
+    config.synthetic.update(num_train=6, num_val=3, num_test=3, image_size=56, vocab_size=300)
+    directory = build.build_synthetic(config, progress=False)
+    cfg = synthetic.SyntheticConfig.from_mapping(config.synthetic, progress=False)
+    for name, split in build.SYNTHETIC_SPLITS.items():
+        source = builders.open_pairs(directory, name)
+        assert [source[i] for i in range(len(source))] == synthetic.generate_train_rows(cfg, split)
+    for name in build.EVAL_SPLITS:
+        expected = synthetic.generate_eval_set(cfg, build.SYNTHETIC_SPLITS[name])
+        tables = builders.read_eval_set(directory, name)
+        assert tables["corpus"] == expected["corpus"]
+        assert tables["queries"] == [{**q, "candidate_ids": []} for q in expected["queries"]]
+        assert tables["qrels"] == {q["query_id"]: {q["corpus_id"]: 1} for q in expected["qrels"]}
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    record_file = next(builders.pairs_path(directory).glob("*train.array_record*"))
+    before = record_file.stat().st_mtime_ns
+    build.build_synthetic(config, progress=False)
+    assert record_file.stat().st_mtime_ns == before
+    config.synthetic.seed = 1
+    with pytest.raises(ValueError, match="was built with .*use another config.data.dir"):
+        build.build_synthetic(config, progress=False)

@@ -1,0 +1,156 @@
+"""Builds the datasets a config names, under `config.data.dir` (idempotent: finished parts skip).
+
+    python -m metaembed_jax.data.build --config configs/demo.py [--config.data.dir=...]
+
+- `config.data.name == "synthetic"`: the built-in dataset (`<dir>/synthetic`: training pairs for
+  splits train / validation / test, evaluation tables for validation / test) and its tokenizer
+  (`<dir>/tokenizer`). A `build_config.json` records the generator settings; building again
+  with different settings into the same directory is refused (no stale data reused).
+- `config.data.name == "mmeb"`: MMEB-style training files `config.data.mmeb_train.files` ->
+  `<dir>/mmeb_train`.
+- `--convert_eval`: also converts `config.data.mmeb_eval.datasets` -> `<dir>/mmeb_eval/<name>`
+  and each of `config.data.beir.roots` -> `<dir>/beir/<name>`.
+
+Bad rows of converted files raise (naming file and row) unless `config.data.skip_bad_rows`; the
+skipped rows are counted, printed and listed in `<dataset dir>/bad_rows.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from metaembed_jax.data import builders, sources
+
+# tfds split name -> the generator's split name.
+SYNTHETIC_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+EVAL_SPLITS = ("validation", "test")
+
+
+def _keyed(rows, key: str = "query_id"):
+    for row in rows:
+        yield row[key], row
+
+
+def _check_build_config(directory: Path, settings: dict[str, Any]) -> None:
+    """Writes the settings of a fresh build; refuses a directory built with other settings."""
+    path = directory / "build_config.json"
+    if path.is_file():
+        built = json.loads(path.read_text())
+        if built != settings:
+            raise ValueError(
+                f"{directory} was built with {built}, the config asks for {settings}: "
+                "use another config.data.dir or delete the directory"
+            )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+
+def build_synthetic(data_config, progress: bool = True) -> Path:
+    """The built-in dataset and its tokenizer under `data_config.dir`; returns the dataset dir."""
+    from metaembed_jax.data import synthetic
+
+    root = Path(data_config.dir)
+    directory = root / "synthetic"
+    settings = json.loads(json.dumps(data_config.synthetic.to_dict()))  # tuples -> lists
+    _check_build_config(directory, settings)
+    cfg = synthetic.SyntheticConfig.from_mapping(data_config.synthetic, progress=progress)
+    if not builders.is_built(builders.pairs_path(directory)):
+        splits = {
+            name: (lambda split=split: _keyed(synthetic.iter_train_rows(cfg, split)))
+            for name, split in SYNTHETIC_SPLITS.items()
+            if cfg.size(split) > 0
+        }
+        builders.write_pairs(directory, splits)
+    if not all(builders.is_built(builders.eval_path(directory, t)) for t in builders.EVAL_TABLES):
+        tables = {}
+        for name in EVAL_SPLITS:
+            rows = synthetic.generate_eval_set(cfg, SYNTHETIC_SPLITS[name])
+            tables[name] = {
+                "corpus": list(_keyed(rows["corpus"], "id")),
+                "queries": list(_keyed(rows["queries"], "id")),
+                "qrels": [(f"{q['query_id']}:{q['corpus_id']}", q) for q in rows["qrels"]],
+            }
+        builders.write_eval_set(directory, tables)
+    tokenizer_dir = root / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        synthetic.build_tokenizer(cfg, tokenizer_dir, vocab_size=data_config.synthetic.vocab_size)
+    return directory
+
+
+def _report(name: str, bad_rows: sources.BadRows) -> None:
+    if bad_rows.count:
+        logging.warning("%s: skipped %d bad rows (listed in bad_rows.json)", name, bad_rows.count)
+        print(f"{name}: skipped {bad_rows.count} bad rows (see bad_rows.json)")
+
+
+def build_mmeb_train(data_config) -> Path:
+    """Converts `config.data.mmeb_train.files` -> `<dir>/mmeb_train`."""
+    files = list(data_config.mmeb_train.files)
+    if not files:
+        raise ValueError("config.data.name='mmeb' but config.data.mmeb_train.files is empty")
+    directory = Path(data_config.dir) / "mmeb_train"
+    bad_rows = builders.convert_mmeb_train(
+        files, data_config.mmeb_train.image_root, directory, data_config.skip_bad_rows
+    )
+    _report("mmeb_train", bad_rows)
+    return directory
+
+
+def convert_eval_sets(data_config) -> list[Path]:
+    """Converts the configured MMEB evaluation datasets and ViDoRe / BEIR roots."""
+    root = Path(data_config.dir)
+    written = []
+    for dataset in data_config.mmeb_eval.datasets:
+        files = sources.table_files(data_config.mmeb_eval.root, dataset)
+        directory = root / "mmeb_eval" / dataset
+        image_root = data_config.mmeb_eval.image_root
+        bad = builders.convert_mmeb_eval(
+            files, image_root, dataset, directory, data_config.skip_bad_rows
+        )
+        _report(f"mmeb_eval/{dataset}", bad)
+        written.append(directory)
+    for beir_root in data_config.beir.roots:
+        directory = root / "beir" / Path(beir_root).name
+        _report(
+            f"beir/{directory.name}",
+            builders.convert_beir(beir_root, directory, data_config.skip_bad_rows),
+        )
+        written.append(directory)
+    return written
+
+
+def build(data_config, convert_eval: bool = False, progress: bool = True) -> list[Path]:
+    """Everything `data_config` needs; returns the dataset directories."""
+    if data_config.name == "synthetic":
+        written = [build_synthetic(data_config, progress)]
+    elif data_config.name == "mmeb":
+        written = [build_mmeb_train(data_config)]
+    else:
+        raise ValueError(f"config.data.name={data_config.name!r}: expected 'synthetic' or 'mmeb'")
+    if convert_eval:
+        written += convert_eval_sets(data_config)
+    return written
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    for directory in build(config.data, convert_eval=_CONVERT_EVAL.value):
+        print(f"built {os.fspath(directory)}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    _CONVERT_EVAL = flags.DEFINE_bool(
+        "convert_eval", False, "Also convert the MMEB eval / BEIR sets the config lists."
+    )
+    flags.mark_flag_as_required("config")
+    app.run(main)
