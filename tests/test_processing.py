@@ -268,3 +268,31 @@ def test_records_and_bad_rows(tokenizer):
     assert "missing column 'positive_text'" in checker.bad_rows[-1][1]
     with pytest.raises(FileNotFoundError, match="row 7: image file '/nonexistent.png'"):
         decode_image("/nonexistent.png", row=7)
+
+
+def test_qwen2_tokenizer_class_directory(tokenizer_dir, tmp_path):
+    """A directory written by transformers' Qwen2Tokenizer (the class real Qwen2.5-VL
+    checkpoints name) loads and gives the same features as the tokenizers-backend one."""
+    from transformers import Qwen2Tokenizer
+
+    from metaembed_jax.data.tokenizer import SPECIAL_TOKENS
+
+    model = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]
+    qwen = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m) for m in model["merges"]],
+        unk_token=None,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    extra = [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")]
+    qwen.add_special_tokens({"additional_special_tokens": extra})
+    qwen.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "Qwen2Tokenizer"
+    options = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "length_buckets": (64,)}
+    ours = QwenVLProcessor.from_pretrained(tokenizer_dir, **options)
+    theirs = QwenVLProcessor.from_pretrained(tmp_path, **options)
+    a, b = ours(BATCH_TEXTS, BATCH_IMAGES), theirs(BATCH_TEXTS, BATCH_IMAGES)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])

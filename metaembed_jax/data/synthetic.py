@@ -51,8 +51,8 @@ class SyntheticConfig:
     num_test: int = 400  # test queries (and triples)
     tasks: tuple[str, ...] = TASKS  # tasks to generate, round-robin over example indices
     image_size: int = 112  # scene images are image_size x image_size pixels
-    doc_width: int = 112  # document page width in pixels
-    doc_height: int = 140  # document page height in pixels
+    doc_width: int | None = None  # document page width in pixels (None: image_size)
+    doc_height: int | None = None  # page height in pixels (None: 5/4 of the width, portrait)
     grid_size: int = 3  # objects sit on a grid_size x grid_size grid
     min_objects: int = 1  # objects per scene, at least
     max_objects: int = 5  # objects per scene, at most
@@ -62,6 +62,10 @@ class SyntheticConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.doc_width is None:
+            object.__setattr__(self, "doc_width", self.image_size)
+        if self.doc_height is None:
+            object.__setattr__(self, "doc_height", self.doc_width * 5 // 4)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
