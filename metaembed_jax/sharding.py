@@ -18,11 +18,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# GSPMD ("auto") axes: shardings are placed by the rules and propagated by XLA; the one explicit
+# collective (the positives' all-gather in the loss) runs under shard_map.
+AUTO_AXES = (AxisType.Auto,) * len(MESH_AXES)
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated). Parameters and activations.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -75,8 +78,8 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
         )
     if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
         # Topology-aware ordering on real accelerators (ICI rings on TPU).
-        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=AUTO_AXES)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=AUTO_AXES)
 
 
 def batch_shards(mesh: Mesh) -> int:

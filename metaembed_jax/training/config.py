@@ -1,0 +1,159 @@
+"""The training config every recipe in `configs/` starts from; every field is described here.
+
+A recipe (`configs/*.py`) calls `base_config()` and overrides fields; command-line overrides use
+`--config.train.steps=100` etc. `validate_config` checks a config before anything is built.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from metaembed_jax.data.config import get_data_config
+from metaembed_jax.losses import LOSS_VARIANTS, MMR_GROUPS, groups_for_variant, validate_groups
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def base_config() -> ConfigDict:
+    config = ConfigDict()
+    # Seed of parameter initialisation (meta tokens, LoRA, random backbones), dropout and shuffle.
+    config.seed = 0
+    # Local Hugging Face checkpoint dir (config.json + *.safetensors) the backbone is loaded from;
+    # "" = random initialisation from `model.hf_config` (the demo). Its tokenizer is used too.
+    config.init_from = ""
+
+    config.model = ConfigDict()
+    # transformers config of a random backbone (used only when init_from is ""), as a dict (e.g.
+    # `Qwen2_5_VLConfig(...).to_dict()` fields). text_config.vocab_size = 0: the tokenizer's size.
+    config.model.hf_config = ConfigDict()
+    # Meta tokens: R_q query and R_c candidate tokens (official 16 / 64).
+    config.model.num_query_tokens = 16
+    config.model.num_candidate_tokens = 64
+    # Width of an optional linear projection of the meta states (0 = none, D = hidden size).
+    config.model.projection_dim = 0
+    # "meta" (MetaEmbed) or "last_token" (the `single` baseline, one vector per item).
+    config.model.readout = "meta"
+    # Compute dtype (activations, matmuls) and storage dtype of the weights (master copy).
+    config.model.dtype = "float32"
+    config.model.param_dtype = "float32"
+    # Rematerialisation of the decoder layers in the backward pass: "none", "full", "dots".
+    config.model.remat = "none"
+
+    config.lora = ConfigDict()
+    # LoRA on the language model's dense layers; False = full fine-tuning of every weight.
+    config.lora.enabled = False
+    config.lora.rank = 32
+    config.lora.alpha = 32.0
+    config.lora.dropout = 0.1
+    # HF names of the adapted dense layers.
+    config.lora.targets = LORA_TARGETS
+
+    config.loss = ConfigDict()
+    # "mmr" (all groups), "nommr" (only the last, full-budget group), "single" (one vector;
+    # use with model.readout = "last_token").
+    config.loss.variant = "mmr"
+    # Matryoshka groups (r_q, r_c, weight); each must fit in R_q x R_c.
+    config.loss.groups = MMR_GROUPS
+    # InfoNCE temperature tau.
+    config.loss.temperature = 0.03
+
+    config.optimizer = ConfigDict()
+    # AdamW peak learning rate, reached after `warmup_steps` of linear warm-up.
+    config.optimizer.lr = 1e-4
+    config.optimizer.warmup_steps = 500
+    # Decay after warm-up: "linear" (to lr * end_factor at the last step), "cosine", "constant".
+    config.optimizer.schedule = "linear"
+    config.optimizer.end_factor = 0.0
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8
+    # Clip gradients to this global norm (0 = no clipping).
+    config.optimizer.grad_clip = 1.0
+
+    config.train = ConfigDict()
+    # Optimizer steps to run in total.
+    config.train.steps = 4000
+    # Global batch (queries per optimizer step, over all devices and micro-batches).
+    config.train.batch_size = 384
+    # Micro-batches per step (gradient accumulation); batch_size must divide by it. In-batch
+    # negatives then come from the micro-batch of batch_size / grad_accum_steps examples.
+    config.train.grad_accum_steps = 1
+    # Write metrics every this many steps.
+    config.train.log_every = 10
+    # Show a tqdm progress bar (process 0 only).
+    config.train.progress_bar = True
+
+    config.checkpoint = ConfigDict()
+    # Save every this many steps (and at the end, and on SIGTERM / SIGINT).
+    config.checkpoint.every = 500
+    # Checkpoints kept (older ones deleted).
+    config.checkpoint.keep = 3
+    # Write checkpoints in a background thread while training continues.
+    config.checkpoint.async_save = True
+
+    config.mesh = ConfigDict()
+    # Device mesh sizes; -1 = all remaining devices. batch over data x fsdp, weights over fsdp
+    # (FSDP) and tensor (tensor parallelism).
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+
+    config.distributed = ConfigDict()
+    # jax.distributed start-up: "auto" (when a cluster environment is detected), "on", "off".
+    config.distributed.mode = "auto"
+    # Explicit coordinator "host:port", process count and id ("" / -1 = from the environment).
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = -1
+    config.distributed.process_id = -1
+
+    # Input pipeline (metaembed_jax/data/config.py documents every field).
+    config.data = get_data_config()
+    return config
+
+
+def loss_groups(config) -> tuple:
+    """The groups the configured loss variant trains."""
+    return groups_for_variant(config.loss.variant, config.loss.groups)
+
+
+def validate_config(config, num_batch_shards: int | None = None) -> None:
+    """Raise a clear ValueError for a config that cannot train; called before building anything.
+
+    Checks: loss variant and groups against the meta tokens, readout/variant agreement, batch
+    divisible by micro-batches and by the batch shards of the mesh, positive step counts.
+    """
+    if config.loss.variant not in LOSS_VARIANTS:
+        raise ValueError(f"config.loss.variant={config.loss.variant!r}; expected {LOSS_VARIANTS}")
+    single = config.model.readout == "last_token"
+    if single != (config.loss.variant == "single"):
+        raise ValueError(
+            f"config.model.readout={config.model.readout!r} with config.loss.variant="
+            f"{config.loss.variant!r}: the 'single' variant goes with readout 'last_token', "
+            "the others with 'meta'"
+        )
+    r_q, r_c = (
+        (1, 1) if single else (config.model.num_query_tokens, config.model.num_candidate_tokens)
+    )
+    try:
+        validate_groups(loss_groups(config), r_q, r_c)
+    except ValueError as error:
+        raise ValueError(f"config.loss.groups: {error}") from None
+    train = config.train
+    for name in ("steps", "batch_size", "log_every", "grad_accum_steps"):
+        if int(train[name]) < 1:
+            raise ValueError(f"config.train.{name}={train[name]}; expected >= 1")
+    if config.checkpoint.every < 1:
+        raise ValueError(f"config.checkpoint.every={config.checkpoint.every}; expected >= 1")
+    if train.batch_size % train.grad_accum_steps:
+        raise ValueError(
+            f"config.train.batch_size={train.batch_size} is not divisible by "
+            f"grad_accum_steps={train.grad_accum_steps}"
+        )
+    micro = train.batch_size // train.grad_accum_steps
+    if num_batch_shards and micro % num_batch_shards:
+        raise ValueError(
+            f"config.train.batch_size={train.batch_size} (micro-batch {micro}) is not divisible "
+            f"by the {num_batch_shards} batch shards of the mesh (data x fsdp = "
+            f"{config.mesh.data} x {config.mesh.fsdp})"
+        )

@@ -1,0 +1,113 @@
+"""Build the MetaEmbed model a config describes: from a local HF checkpoint (`config.init_from`)
+or randomly initialised from `config.model.hf_config`, with LoRA, dtypes and remat applied,
+directly onto the mesh when one is given."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from metaembed_jax import sharding
+from metaembed_jax.metaembed import MetaEmbed
+from metaembed_jax.models.layers import LoRASpec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def lora_spec(config) -> LoRASpec | None:
+    """The LoRA adapter of `config.lora`, or None for full fine-tuning."""
+    lora = config.lora
+    if not lora.enabled:
+        return None
+    if lora.rank < 1 or not lora.targets:
+        raise ValueError(
+            f"config.lora: rank={lora.rank}, targets={tuple(lora.targets)}; expected rank >= 1 "
+            "and at least one target module"
+        )
+    return LoRASpec(int(lora.rank), float(lora.alpha), float(lora.dropout), tuple(lora.targets))
+
+
+def hf_config_dict(config, vocab_size: int | None = None) -> dict[str, Any]:
+    """`config.model.hf_config` as a plain dict; a vocab size of 0 means "the tokenizer's"."""
+    hf = config.model.hf_config.to_dict()
+    text = hf.get("text_config", hf)
+    if not text.get("vocab_size"):
+        if not vocab_size:
+            raise ValueError(
+                "config.model.hf_config vocab_size is 0 (= the tokenizer's) but no tokenizer "
+                "vocabulary size was given"
+            )
+        text["vocab_size"] = int(vocab_size)
+        hf["vocab_size"] = int(vocab_size)
+    return hf
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    """Keyword arguments shared by `MetaEmbed.from_pretrained` and `MetaEmbed.from_config`."""
+    model = config.model
+    return dict(
+        num_query_tokens=int(model.num_query_tokens),
+        num_candidate_tokens=int(model.num_candidate_tokens),
+        projection_dim=int(model.projection_dim) or None,
+        readout=model.readout,
+        dtype=dtype_of(model.dtype),
+        param_dtype=dtype_of(model.param_dtype),
+        lora=lora_spec(config),
+        remat=model.remat,
+    )
+
+
+def check_init_from(config) -> None:
+    """Raise FileNotFoundError unless `config.init_from` is empty or a checkpoint directory."""
+    path = config.init_from
+    if path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"config.init_from={path!r} is not a Hugging Face checkpoint directory (expected "
+            f"{os.path.join(path, 'config.json')} and *.safetensors)"
+        )
+
+
+def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = None) -> MetaEmbed:
+    """The MetaEmbed of `config`, its parameters placed on `mesh` by the logical-axis rules.
+
+    Random initialisation is seeded by `config.seed` and does not depend on the mesh.
+    Raises FileNotFoundError for a missing `init_from` dir, ValueError for bad model fields.
+    """
+    check_init_from(config)
+    kwargs = model_kwargs(config)
+    rngs_seed = int(config.seed)
+    if config.init_from:
+        model = MetaEmbed.from_pretrained(
+            config.init_from,
+            rngs=nnx.Rngs(rngs_seed),
+            mesh=mesh,
+            rules=sharding.LOGICAL_AXIS_RULES,
+            **kwargs,
+        )
+        if mesh is not None:
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, sharding.shard_state(state, mesh))
+        return model
+    hf = hf_config_dict(config, vocab_size)
+
+    def create() -> MetaEmbed:
+        return MetaEmbed.from_config(hf, rngs=nnx.Rngs(rngs_seed), **kwargs)
+
+    if mesh is None:
+        return create()
+    # Build the parameters directly in their shards: no host ever holds the whole model.
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
