@@ -258,3 +258,17 @@ def test_iterate_features_for_evaluation(data_config, processor):
         expected = processor([i["text"] for i in chunk], images, side="candidate")
         np.testing.assert_array_equal(features["input_ids"], expected["input_ids"])
         assert features["image_grid_thw"].shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_worker_process_gives_the_same_batches(data_config, processor):
+    """num_workers=1 (a grain worker process runs decoding + processing): the same batches as
+    in the main process, and a JSON-able state."""
+    kwargs = dict(mesh=None, global_batch_size=4, seed=11)
+    expected = take(pipeline.make_train_iterator(data_config, processor, **kwargs), 3)
+    config = data_config.copy_and_resolve_references()
+    config.num_workers = 1
+    iterator = pipeline.make_train_iterator(config, processor, **kwargs)
+    assert_trees_equal(take(iterator, 3), expected)
+    json.dumps(iterator.get_state())
+    iterator.close()

@@ -1,0 +1,101 @@
+"""Input pipeline throughput (batches/s) on the built-in dataset, demo-like settings.
+
+    python benchmarks/bench_pipeline.py [--batch_size 16] [--batches 30] [--workers 0,2]
+
+Peer: a plain Python loop doing the same work per batch (read records in the shuffled order,
+decode PNGs, run the processor, pad to static shapes) in the main thread. Rows: that loop, the
+grain pipeline with host batches, the grain pipeline producing global jax.Arrays on an 8-device
+CPU mesh, and with grain worker processes. Ratios are vs the plain loop. The dataset is built
+once under --data_dir (reused afterwards). Worker start-up is excluded (first batch not timed).
+"""
+
+import argparse
+import time
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from metaembed_jax.data import build, builders, pipeline  # noqa: E402
+from metaembed_jax.data.config import get_data_config  # noqa: E402
+
+
+def demo_like_config(data_dir: str):
+    config = get_data_config()
+    config.dir = data_dir
+    config.synthetic.update(num_train=256, num_val=16, num_test=16)
+    config.length_buckets = (64, 128, 256)
+    return config
+
+
+def plain_loop(config, processor, batch_size: int, batches: int) -> float:
+    """Batches/s of the same work without grain (the peer)."""
+    source = builders.open_pairs(pipeline.dataset_dir(config))
+    order = np.random.default_rng(0).permutation(len(source))
+    decode = pipeline.DecodeRecord("bench", config.hard_negatives)
+    collate = pipeline.Collate(
+        processor, pipeline.StaticShapes(config, batch_size), config.hard_negatives
+    )
+    start = None
+    for step in range(batches + 1):
+        if step == 1:
+            start = time.perf_counter()
+        indices = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+        collate([decode((int(i), source[int(i)])) for i in indices])
+    return batches / (time.perf_counter() - start)
+
+
+def grain_rate(config, processor, batch_size: int, batches: int, mesh) -> float:
+    iterator = pipeline.make_train_iterator(
+        config, processor, mesh=mesh, global_batch_size=batch_size, seed=0
+    )
+    jax.block_until_ready(next(iterator))  # start-up (workers, first reads) not timed
+    start = time.perf_counter()
+    for _ in range(batches):
+        jax.block_until_ready(next(iterator))
+    rate = batches / (time.perf_counter() - start)
+    iterator.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_dir", default="/tmp/metaembed_bench_data")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+    args = parser.parse_args()
+
+    config = demo_like_config(args.data_dir)
+    build.build_synthetic(config, progress=False)
+    processor = pipeline.processor_from_config(config)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+
+    rows = [("plain loop (peer)", plain_loop(config, processor, args.batch_size, args.batches))]
+    for workers in [int(w) for w in args.workers.split(",")]:
+        config.num_workers = workers
+        rows.append(
+            (
+                f"grain, {workers} workers, host",
+                grain_rate(config, processor, args.batch_size, args.batches, None),
+            )
+        )
+        rows.append(
+            (
+                f"grain, {workers} workers, mesh 8",
+                grain_rate(config, processor, args.batch_size, args.batches, mesh),
+            )
+        )
+    peer = rows[0][1]
+    print(f"\nbatch {args.batch_size}, {args.batches} batches, images <= {config.max_pixels} px")
+    print(f"{'pipeline':32s} {'batches/s':>10s} {'examples/s':>11s} {'vs peer':>8s}")
+    for name, rate in rows:
+        print(f"{name:32s} {rate:10.2f} {rate * args.batch_size:11.1f} {rate / peer:7.2f}x")
+    print("(provisional: measured on a shared 2-core machine)")
+
+
+if __name__ == "__main__":
+    main()
