@@ -299,7 +299,9 @@ class QwenVLProcessor:
         flat_images = [image for row in images for image in row]
         pixel_values, grid = self.process_images(flat_images)
         tokens_per_image = [int(np.prod(g)) // self.merge_size**2 for g in grid]
-        encoded = self.tokenizer(list(prompts), return_offsets_mapping=text_spans is not None)
+        # offsets (to find the text to truncate) need a fast (Rust) tokenizer
+        with_offsets = text_spans is not None and getattr(self.tokenizer, "is_fast", False)
+        encoded = self.tokenizer(list(prompts), return_offsets_mapping=with_offsets)
         rows, image_index = [], 0
         for i, ids in enumerate(encoded["input_ids"]):
             num_images = len(images[i])
@@ -309,7 +311,7 @@ class QwenVLProcessor:
                     f"row {row_ids[i]!r}: prompt has {found} {IMAGE_PAD} tokens but "
                     f"{num_images} images were given"
                 )
-            if text_spans is not None:
+            if with_offsets:
                 offsets, span = encoded["offset_mapping"][i], text_spans[i]
             else:
                 offsets, span = None, None
