@@ -223,7 +223,9 @@ class ModelEncoder:
     item so every batch has `batch_size` rows. With a `mesh`, the batch dimension of
     `input_ids` / `attention_mask` is sharded over `batch_axes` (those present in the mesh;
     `batch_size` must divide by their size) and the model state keeps its own placement.
-    `num_calls` counts encoded batches (tests use it to prove a cached run encodes nothing).
+    `pad_features` (e.g. `data.pipeline.StaticShapes`) pads image arrays to fixed shapes, so
+    that image batches do not each compile a program. `num_calls` counts encoded batches (tests
+    use it to prove a cached run encodes nothing).
     """
 
     def __init__(
@@ -234,6 +236,7 @@ class ModelEncoder:
         mesh=None,
         batch_axes: Sequence[str] = ("data", "fsdp"),
         progress: bool = True,
+        pad_features: Callable[[dict], dict] | None = None,
     ):
         import jax
         from flax import nnx
@@ -243,6 +246,7 @@ class ModelEncoder:
         self.processor = processor
         self.batch_size = int(batch_size)
         self.progress = progress
+        self.pad_features = pad_features
         self.num_calls = 0
         self.num_vectors = {side: model.num_vectors(side) for side in SIDES}
         self._batch_sharding = None
@@ -303,7 +307,10 @@ class ModelEncoder:
             padded = batch + [batch[-1]] * (self.batch_size - len(batch))
             texts = [items[i].get("text") or "" for i in padded]
             images = [items[i].get("image") or None for i in padded]
-            features = self.processor(texts, images, side=side)
+            has_images = any(image is not None for image in images)
+            features = self.processor(texts, images if has_images else None, side=side)
+            if self.pad_features is not None:
+                features = self.pad_features(dict(features))
             features = self._place({k: v for k, v in features.items() if v is not None})
             embeddings = self._embed[side](self.state, features)
             self.num_calls += 1

@@ -117,11 +117,18 @@ def plot_scaling(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], tit
     labels = [row["budget"] for row in rows]
     positions = list(range(len(labels)))
     figure, (quality_axis, cost_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for column in dict.fromkeys(c for row in rows for c in row["scores"]):
+    styles = ["-", "--", ":", "-."]  # the colour cycle has 10 entries; styles tell more apart
+    columns = dict.fromkeys(c for row in rows for c in row["scores"])
+    for number, column in enumerate(columns):
         points = [
             (i, 100 * r["scores"][column]) for i, r in enumerate(rows) if column in r["scores"]
         ]
-        quality_axis.plot(*zip(*points, strict=True), marker="o", label=column)
+        quality_axis.plot(
+            *zip(*points, strict=True),
+            marker="o",
+            linestyle=styles[(number // 10) % len(styles)],
+            label=column,
+        )
     quality_axis.set(xlabel="budget (r_q, r_c)", ylabel="score x100", title="quality vs budget")
     quality_axis.set_xticks(positions, labels)
     quality_axis.grid(alpha=0.3)

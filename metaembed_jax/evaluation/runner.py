@@ -1,0 +1,266 @@
+"""What eval.py runs: restore the model, encode every evaluation set once, score every budget,
+report.
+
+Evaluation sets come from the config:
+- the built-in dataset's `config.eval.split` split, per task type (`config.eval.builtin`);
+- ViDoRe / BEIR directories `config.data.beir.roots` (raw parquet or converted);
+- MMEB datasets `config.data.mmeb_eval.datasets` under `config.data.mmeb_eval.root`
+  (parquet in the official schema, images under `config.data.mmeb_eval.image_root`).
+Embeddings are cached under `DIR/eval/cache/` keyed by the checkpoint, so a re-run or another
+budget list re-encodes nothing; the report goes to `DIR/eval/{results.json,scaling.png}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from metaembed_jax.evaluation import builtin, mmeb, report, vidore
+from metaembed_jax.evaluation.encode import (
+    EmbeddingCache,
+    Encode,
+    budget_key,
+    check_budgets,
+)
+
+DEFAULT_BUDGETS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
+
+
+def eval_option(config, name: str, default: Any) -> Any:
+    """`config.eval.<name>`, or `default` when the config has no such field."""
+    section = config.get("eval") if hasattr(config, "get") else None
+    if section is None:
+        return default
+    return section.get(name, default)
+
+
+def trained_sizes(config) -> tuple[int, int]:
+    """(R_q, R_c) of the model the config trains (1, 1 for the single-vector readout)."""
+    if config.model.get("readout", "meta") == "last_token":
+        return 1, 1
+    return int(config.model.num_query_tokens), int(config.model.num_candidate_tokens)
+
+
+def mmeb_datasets(data_config) -> dict[str, Any]:
+    """MMEB datasets named in `data_config.mmeb_eval.datasets`: the converted tables under
+    `<data.dir>/mmeb_eval/<name>` when built, else the raw parquet rows under `mmeb_eval.root`."""
+    from metaembed_jax.data import builders, sources
+
+    section = data_config.get("mmeb_eval")
+    if section is None or not section.get("datasets"):
+        return {}
+    datasets = {}
+    for name in section.datasets:
+        converted = Path(data_config.dir) / "mmeb_eval" / name
+        if all(builders.is_built(builders.eval_path(converted, t)) for t in builders.EVAL_TABLES):
+            datasets[name] = builders.read_eval_set(converted, "test")
+            continue
+        if not section.root:
+            raise ValueError(
+                f"MMEB dataset {name!r} is not converted under {converted} and "
+                "config.data.mmeb_eval.root is empty"
+            )
+        files = sources.table_files(section.root, name)
+        datasets[name] = [row for file in files for row in sources.iter_rows(file)]
+    return datasets
+
+
+def vidore_datasets(data_config) -> dict[str, Any]:
+    """ViDoRe / BEIR sets of `data_config.beir.roots`: converted under `<data.dir>/beir/<name>`
+    when built, else read from the raw directory."""
+    roots = tuple(data_config.get("beir", {}).get("roots", ()) or ())
+    datasets = {}
+    for root in roots:
+        converted = Path(data_config.dir) / "beir" / Path(root).name
+        try:
+            datasets[Path(root).name] = vidore.read_dataset(converted)
+        except FileNotFoundError:
+            datasets[Path(root).name] = vidore.read_dataset(root)
+    return datasets
+
+
+def run_suites(
+    encode: Encode,
+    config,
+    budgets: Sequence[Sequence[int]],
+    cache: EmbeddingCache | None,
+) -> list[dict[str, Any]]:
+    """Every evaluation set the config names, as report suites."""
+    suites = []
+    if eval_option(config, "builtin", True):
+        from metaembed_jax.data.pipeline import dataset_dir
+
+        split = eval_option(config, "split", "test")
+        if config.data.name != "synthetic":
+            logging.info("config.data.name=%r: no built-in split to evaluate", config.data.name)
+        else:
+            directory = dataset_dir(config.data)
+            suites.append(
+                builtin.evaluate_builtin(encode, directory, budgets, split=split, cache=cache)
+            )
+    datasets = vidore_datasets(config.data)
+    if datasets:
+        suites.append(vidore.evaluate_vidore(encode, datasets, budgets, cache=cache))
+    rows = mmeb_datasets(config.data)
+    if rows:
+        image_root = config.data.mmeb_eval.image_root or None
+        suites.append(mmeb.evaluate_mmeb(encode, rows, budgets, image_root=image_root, cache=cache))
+    if not suites:
+        raise ValueError(
+            "nothing to evaluate: config.eval.builtin is off and config.data.beir.roots / "
+            "config.data.mmeb_eval.datasets are empty"
+        )
+    return suites
+
+
+def evaluate(
+    config,
+    workdir: str | os.PathLike,
+    *,
+    encode: Encode,
+    model_fingerprint: str,
+    model_info: dict[str, Any] | None = None,
+    budgets: Sequence[Sequence[int]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Encode + score + report with a given encoder; returns (console table, results).
+
+    Raises ValueError when a budget exceeds the trained sizes, before anything is encoded.
+    """
+    budgets = check_budgets(
+        budgets if budgets is not None else eval_option(config, "budgets", DEFAULT_BUDGETS),
+        *trained_sizes(config),
+    )
+    eval_dir = Path(workdir) / "eval"
+    cache = EmbeddingCache(
+        eval_dir / "cache",
+        model_fingerprint=model_fingerprint,
+        index_dtype=eval_option(config, "index_dtype", "float32"),
+    )
+    suites = run_suites(encode, config, budgets, cache)
+    return report.report(
+        eval_dir,
+        suites,
+        [budget_key(b) for b in budgets],
+        model_info=model_info,
+        plot=eval_option(config, "plot", True),
+    )
+
+
+def checkpoint_location(workdir, checkpoint: str | None) -> tuple[Path, int | None]:
+    """(run directory, step or None = latest) from `--workdir` / `--checkpoint`.
+
+    `checkpoint` may be a step directory (`RUN/checkpoints/<step>`) or a run directory.
+    """
+    if not checkpoint:
+        return Path(workdir), None
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    raise ValueError(
+        f"--checkpoint {checkpoint!r} is neither a step directory RUN/checkpoints/<step> nor a "
+        "run directory holding checkpoints/"
+    )
+
+
+def model_fingerprint(config, run_dir: Path, step: int) -> str:
+    """Identity of the embeddings a checkpoint produces: run dir, step, the step directory's
+    modification time (a retrained run in the same dir differs) and the model / data settings
+    (image resolution, buckets) that change what the encoder computes."""
+    step_dir = run_dir / "checkpoints" / str(step)
+    mtime = step_dir.stat().st_mtime_ns if step_dir.exists() else 0
+    settings = json.dumps(
+        {
+            "model": config.model.to_dict(),
+            "data": config.data.to_dict(),
+            "lora": config.lora.to_dict(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return f"{run_dir.resolve()}@{step}:{mtime}:{digest}"
+
+
+def restore_model(config, run_dir: Path, step: int | None, mesh, vocab_size: int | None):
+    """(model with the trained weights, step) of the run in `run_dir` (latest step if None).
+
+    The train state is rebuilt from the config as the training run built it (frozen LoRA base
+    weights come from `init_from` / the seed), then the checkpoint is restored into it.
+    Raises FileNotFoundError when the run has no checkpoint.
+    """
+    from metaembed_jax.training.checkpointing import Checkpointer
+    from metaembed_jax.training.model import build_model
+    from metaembed_jax.training.state import create_train_state, make_optimizer
+
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"no checkpoints in {run_dir}: train first (python train.py --config ... "
+            f"--workdir {run_dir}) or pass --checkpoint"
+        )
+    model = build_model(config, mesh=mesh, vocab_size=vocab_size)
+    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+    template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
+    del model
+    checkpointer = Checkpointer(run_dir, keep=int(config.checkpoint.keep), async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+        state, _ = checkpointer.restore(template, step)
+    finally:
+        checkpointer.close()
+    return state.model(), int(step)
+
+
+def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
+    """eval.py: restore, encode (cached), score every budget, report; returns (table, results).
+
+    Raises ValueError for a budget beyond the trained sizes before anything is loaded, and
+    FileNotFoundError when there is no checkpoint to evaluate.
+    """
+    from metaembed_jax import sharding
+    from metaembed_jax.data.pipeline import StaticShapes
+    from metaembed_jax.evaluation.encode import ModelEncoder
+    from metaembed_jax.training.loop import make_processor
+
+    budgets = check_budgets(eval_option(config, "budgets", DEFAULT_BUDGETS), *trained_sizes(config))
+    run_dir, step = checkpoint_location(workdir, checkpoint)
+    mesh = sharding.make_mesh(config.mesh)
+    processor = make_processor(config)
+    model, step = restore_model(config, run_dir, step, mesh, len(processor.tokenizer))
+    shards = sharding.batch_shards(mesh)
+    batch_size = -(-int(eval_option(config, "batch_size", 16)) // shards) * shards
+    encoder = ModelEncoder(
+        model,
+        processor,
+        batch_size=batch_size,
+        mesh=mesh,
+        batch_axes=tuple(config.data.batch_axes),
+        pad_features=StaticShapes(config.data, batch_size),
+    )
+    r_q, r_c = trained_sizes(config)
+    info = {
+        "name": f"{run_dir.name} step {step}",
+        "checkpoint": str(run_dir / "checkpoints" / str(step)),
+        "step": step,
+        "num_query_tokens": r_q,
+        "num_candidate_tokens": r_c,
+        "loss": config.loss.variant,
+    }
+    return evaluate(
+        config,
+        workdir,
+        encode=encoder,
+        model_fingerprint=model_fingerprint(config, run_dir, step),
+        model_info=info,
+        budgets=budgets,
+    )
