@@ -5,14 +5,19 @@ transformers, saved with `save_pretrained`, loaded with our `load_hf`, and their
 states compared with `hf_model.model(...).last_hidden_state` on every non-padding position.
 """
 
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
-from metaembed_jax.models import load_hf
+from metaembed_jax.models import from_config, layers, load_hf
+from metaembed_jax.models import qwen2_vl as qwen
 
 VOCAB = 300
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, PAD = 290, 291, 292, 293, 0
@@ -174,3 +179,155 @@ def test_hidden_states_match_transformers(checkpoint, rows, sizes):
         jax_forward(model, batch), hf_last_hidden(hf_model, batch), batch["attention_mask"]
     )
     assert diff <= TOLERANCE_F32, f"{model_type}: max abs diff {diff}"
+
+
+def padded_images(batch, extra_patches=8, extra_images=2):
+    """The same batch with zero patch rows and all-zero grid rows appended (static buckets)."""
+    padded = dict(batch)
+    pixel_values, grid = batch["pixel_values"], batch["image_grid_thw"]
+    padded["pixel_values"] = np.concatenate(
+        [pixel_values, np.zeros((extra_patches, pixel_values.shape[1]), np.float32)]
+    )
+    padded["image_grid_thw"] = np.concatenate([grid, np.zeros((extra_images, 3), np.int32)])
+    return padded
+
+
+def test_padded_patches_and_grid_rows_are_ignored(checkpoint):
+    """Zero patch rows and zero grid rows (bucket padding) change nothing on real tokens."""
+    _, hf_model, _, model = checkpoint
+    batch = make_batch(MIXED_ROWS, MIXED_SIZES)
+    ours = jax_forward(model, padded_images(batch))
+    diff = max_diff_on_real_tokens(ours, hf_last_hidden(hf_model, batch), batch["attention_mask"])
+    assert diff <= TOLERANCE_F32, f"max abs diff {diff}"
+
+
+def test_rope_index_matches_get_rope_index(checkpoint):
+    """3-D position ids equal HF's get_rope_index everywhere (left padding -> 0), also jitted with
+    traced, zero-padded grids."""
+    _, hf_model, _, model = checkpoint
+    batch = make_batch(MIXED_ROWS + [["img", 1]], [*MIXED_SIZES, (84, 28)])
+    input_ids = torch.from_numpy(batch["input_ids"]).long()
+    expected, _ = hf_model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=(input_ids == IMAGE_PAD).int(),
+        image_grid_thw=torch.from_numpy(batch["image_grid_thw"]).long(),
+        attention_mask=torch.from_numpy(batch["attention_mask"]),
+    )
+    ours = model.position_ids(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+    np.testing.assert_array_equal(np.asarray(ours), expected.numpy())
+    padded = padded_images(batch)
+    jitted = jax.jit(model.position_ids)(
+        batch["input_ids"], batch["attention_mask"], padded["image_grid_thw"]
+    )
+    np.testing.assert_array_equal(np.asarray(jitted), expected.numpy())
+
+
+def flat_config(nested):
+    """The published Hub spelling: text keys at the top level, `rope_scaling: {type: mrope}` and
+    a top-level `rope_theta`."""
+    flat = {k: v for k, v in nested.items() if k != "text_config"}
+    text = dict(nested["text_config"])
+    rope = text.pop("rope_parameters")
+    text.pop("model_type")
+    flat.update(text)
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["rope_theta"] = rope["rope_theta"]
+    return flat
+
+
+def test_flat_config_and_in_memory_key_layout(checkpoint, tmp_path):
+    """A published flat config.json with `model.language_model.*` / `model.visual.*` keys loads
+    to the same model (and transformers reads that config the same way)."""
+    import transformers
+
+    _, hf_model, path, _ = checkpoint
+    config = flat_config(json.loads((path / "config.json").read_text()))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_flat = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf_flat.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert hf_flat.text_config.hidden_size == 64
+    tensors = load_file(path / "model.safetensors")
+    renamed = {}
+    for key, value in tensors.items():
+        key = key.replace("model.", "model.language_model.", 1)
+        renamed[
+            key.replace("visual.", "model.visual.", 1) if key.startswith("visual.") else key
+        ] = value
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    model = load_hf(tmp_path, dtype=jnp.float32)
+    batch = make_batch(ONE_IMAGE_ROWS, [(56, 56)])
+    diff = max_diff_on_real_tokens(
+        jax_forward(model, batch), hf_last_hidden(hf_model, batch), batch["attention_mask"]
+    )
+    assert diff <= TOLERANCE_F32, f"max abs diff {diff}"
+
+
+def test_bfloat16_close_to_float32_reference(checkpoint):
+    """bfloat16 params and compute stay close to HF float32 (norms/softmax/rotary in float32)."""
+    _, hf_model, path, _ = checkpoint
+    model = load_hf(path, dtype=jnp.bfloat16)
+    assert model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    batch = make_batch(MIXED_ROWS, MIXED_SIZES)
+    ours = jax_forward(model, batch)
+    assert ours.dtype == jnp.bfloat16
+    reference = hf_last_hidden(hf_model, batch)
+    real = batch["attention_mask"].astype(bool)
+    error = np.abs(np.asarray(ours, np.float32)[real] - reference[real])
+    scale = np.abs(reference[real]).max()
+    assert error.max() <= 0.05 * scale and error.mean() <= 0.01 * scale, (error.max(), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces without a transformers forward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_both_config_spellings_parse_alike(checkpoint):
+    """Nested (transformers 5) and flat (Hub) spellings give the same text config."""
+    _, _, path, _ = checkpoint
+    nested = json.loads((path / "config.json").read_text())
+    parsed = qwen.text_config(nested)
+    assert parsed == qwen.text_config(flat_config(nested))
+    assert (parsed.head_dim, parsed.num_kv_heads, parsed.mrope_section) == (16, 2, (2, 3, 3))
+    assert parsed.rope_theta == 10000.0
+    with pytest.raises(ValueError, match="mrope_section"):
+        qwen.text_config({**flat_config(nested), "rope_scaling": {"mrope_section": [1, 1, 1]}})
+    with pytest.raises(ValueError, match="not supported"):
+        qwen.text_config({**flat_config(nested), "rope_scaling": {"type": "yarn"}})
+
+
+def test_lora_targets_and_logical_axes(checkpoint):
+    """LoRA adapters only on the targeted projections, starting as a no-op; every parameter
+    carries one logical axis name per dimension."""
+    _, hf_model, path, model = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    lora = layers.LoRASpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    adapted = from_config(config, lora=lora, rngs=nnx.Rngs(1))
+    adapter_paths = {
+        ".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))
+    }
+    assert adapter_paths == {
+        "layers.self_attn.q_proj",
+        "layers.self_attn.v_proj",
+        "layers.mlp.down_proj",
+    }
+    for path_, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable[...].ndim, (path_, axes)
+    kernel_axes = model.layers.self_attn.q_proj.kernel.get_metadata()["out_sharding"]
+    assert kernel_axes == ("layers", "embed", "heads")
+    # Same base weights + zero-initialised B => same output as the plain model.
+    nnx.update(adapted, nnx.state(model, nnx.Param))
+    batch = make_batch(TEXT_ROWS)
+    diff = max_diff_on_real_tokens(
+        jax_forward(adapted, batch), np.asarray(jax_forward(model, batch)), batch["attention_mask"]
+    )
+    assert diff == 0.0
+
+
+def test_image_token_count_mismatch_is_a_clear_error(checkpoint):
+    _, _, _, model = checkpoint
+    batch = make_batch(ONE_IMAGE_ROWS, [(56, 56)])
+    batch["input_ids"][0, -1] = IMAGE_PAD
+    with pytest.raises(ValueError, match="image_pad"):
+        model(**batch)
