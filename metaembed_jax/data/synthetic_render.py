@@ -38,7 +38,7 @@ HEADER_COLORS = {
 
 @functools.lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=max(6, int(size)))
+    return ImageFont.load_default(size=max(4, int(size)))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -96,7 +96,7 @@ def render_scene(scene, image_size: int, grid_size: int, supersample: int = 2) -
             draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=color)
         if obj.word:
             ink = (255, 255, 255) if sum(color) < 450 else (0, 0, 0)
-            font = _font(cell * 0.28)
+            font = _font(r * 0.75)  # scaled to the object so the word stays on it
             draw.text((cx, cy), obj.word, fill=ink, font=font, anchor="mm")
     if scale > 1:
         image = image.reduce(scale)  # box filter: much faster than LANCZOS, as smooth here
@@ -128,7 +128,7 @@ def render_document(doc, width: int, height: int) -> Image.Image:
 
 
 def _draw_table(draw, doc, top: float, left: float, width: float, unit: float) -> None:
-    font = _font(unit * 0.9)
+    font = _font(unit * 0.8)
     columns = ("Year", *(m.capitalize() for m in doc.metrics))
     rows = [columns] + [
         (str(year), *(str(v) for v in values))
