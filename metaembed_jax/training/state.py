@@ -7,6 +7,8 @@ optimizer, so they stay bit-identical). "Other" holds non-parameter state (dropo
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import jax
@@ -68,7 +70,18 @@ def make_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(optimizer_config, total_steps: int):
-    """(AdamW with global-norm clipping, its learning-rate schedule)."""
+    """(AdamW with global-norm clipping, its learning-rate schedule).
+
+    Equal settings return the same objects, so a second run in one process (a resume, a test)
+    reuses the compiled train step instead of compiling it again.
+    """
+    settings = tuple(sorted(dict(optimizer_config).items()))
+    return _cached_optimizer(settings, int(total_steps))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_optimizer(settings: tuple, total_steps: int):
+    optimizer_config = types.SimpleNamespace(**dict(settings))
     schedule = make_schedule(optimizer_config, total_steps)
     chain = []
     if optimizer_config.grad_clip > 0:

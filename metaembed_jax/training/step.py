@@ -8,6 +8,7 @@ contrastive batch: in-batch negatives come from the micro-batch).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,11 @@ def put_batch(batch, mesh: Mesh | None):
     return jax.tree.map(put, batch)
 
 
+# Jitted steps by (batch structure and shardings, loss settings, schedule, mesh): shared by every
+# TrainStep of the process, so a resumed run in the same process does not compile again.
+_COMPILED: dict[Any, Any] = {}
+
+
 class TrainStep:
     """`step(state, batch) -> (state, metrics)`: the jitted `train_step`, compiled per batch
     structure with explicit shardings (state as placed by the rules, donated; metrics replicated).
@@ -122,35 +128,40 @@ class TrainStep:
         self.temperature = float(temperature)
         self.schedule = schedule
         self.state_shardings = None if mesh is None else state_shardings(state, mesh)
-        self._compiled: dict[Any, Any] = {}
 
-    def _jitted(self, batch):
+    def _jitted(self, state, batch):
         shardings = jax.tree.map(lambda x: x.sharding, batch) if self.mesh is not None else None
         key = (
+            jax.tree.structure(state),
             jax.tree.structure(batch),
             None if shardings is None else tuple(jax.tree.leaves(shardings)),
+            self.groups,
+            self.temperature,
+            self.schedule,
+            self.mesh,
         )
-        if key not in self._compiled:
-            fn = lambda s, b: train_step(  # noqa: E731
-                s,
-                b,
-                groups=self.groups,
-                temperature=self.temperature,
-                schedule=self.schedule,
-                mesh=self.mesh,
+        if key in _COMPILED:
+            return _COMPILED[key]
+        fn = functools.partial(
+            train_step,
+            groups=self.groups,
+            temperature=self.temperature,
+            schedule=self.schedule,
+            mesh=self.mesh,
+        )
+        if self.mesh is None:
+            jitted = jax.jit(fn, donate_argnums=0)
+        else:
+            replicated = NamedSharding(self.mesh, P())
+            jitted = jax.jit(
+                fn,
+                in_shardings=(self.state_shardings, shardings),
+                out_shardings=(self.state_shardings, replicated),
+                donate_argnums=0,
             )
-            if self.mesh is None:
-                self._compiled[key] = jax.jit(fn, donate_argnums=0)
-            else:
-                replicated = NamedSharding(self.mesh, P())
-                self._compiled[key] = jax.jit(
-                    fn,
-                    in_shardings=(self.state_shardings, shardings),
-                    out_shardings=(self.state_shardings, replicated),
-                    donate_argnums=0,
-                )
-        return self._compiled[key]
+        _COMPILED[key] = jitted
+        return jitted
 
     def __call__(self, state: TrainState, batch):
         batch = put_batch(batch, self.mesh)
-        return self._jitted(batch)(state, batch)
+        return self._jitted(state, batch)(state, batch)

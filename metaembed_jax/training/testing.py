@@ -141,3 +141,24 @@ def random_batch(
     if negatives:
         out["negative"] = random_side(rng, batch, length, vocab, image_every=image_every)
     return out
+
+
+class RandomBatches:
+    """Deterministic iterator of random batches with the pipeline's get_state / set_state."""
+
+    def __init__(self, seed: int = 0, **batch_kwargs):
+        self.seed, self.index, self.batch_kwargs = seed, 0, batch_kwargs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = random_batch(self.seed + self.index, **self.batch_kwargs)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])

@@ -1,0 +1,197 @@
+"""The training program: `train(config, workdir)`.
+
+Start-up order: distributed runtime, mesh, config checks (before anything expensive), data,
+model and state, resume from the latest checkpoint in `workdir`, then the step loop with
+metrics, periodic checkpoints, and a clean save-and-exit on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from metaembed_jax import sharding
+from metaembed_jax.training import checkpointing, metrics
+from metaembed_jax.training.config import loss_groups, validate_config
+from metaembed_jax.training.model import build_model, check_init_from, hf_config_dict
+from metaembed_jax.training.state import create_train_state, make_optimizer
+from metaembed_jax.training.step import TrainStep
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGINT so the loop can save and exit between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning(
+            "received %s: saving a checkpoint and stopping", signal.Signals(signum).name
+        )
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_process(self) -> bool:
+        """True if any process got a signal (processes must agree to save together)."""
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+def start_distributed(config) -> bool:
+    """jax.distributed per `config.distributed` ("auto" / "on" / "off")."""
+    mode = config.distributed.mode
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed.mode={mode!r}; expected auto, on or off")
+    if mode == "off":
+        return False
+    kwargs = {}
+    if config.distributed.coordinator_address:
+        kwargs["coordinator_address"] = config.distributed.coordinator_address
+    if config.distributed.num_processes > 0:
+        kwargs["num_processes"] = int(config.distributed.num_processes)
+    if config.distributed.process_id >= 0:
+        kwargs["process_id"] = int(config.distributed.process_id)
+    return sharding.initialize_distributed(True if mode == "on" else None, **kwargs)
+
+
+def make_processor(config):
+    """The QwenVLProcessor of the run: the checkpoint's tokenizer, or the built-in one."""
+    from metaembed_jax.data.processing import QwenVLProcessor
+
+    data = config.data
+    path = config.init_from or os.path.join(data.dir, "tokenizer")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
+            " --config <config>) or set config.init_from"
+        )
+    return QwenVLProcessor.from_pretrained(
+        path,
+        min_pixels=data.min_pixels,
+        max_pixels=data.max_pixels,
+        length_buckets=tuple(data.length_buckets),
+        max_images=data.max_images if data.always_emit_pixels else None,
+        patch_size=data.patch_size,
+        temporal_patch_size=data.temporal_patch_size,
+        merge_size=data.merge_size,
+    )
+
+
+def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
+    """config.json (the full config) and model_config.json (the backbone actually built)."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if not config.init_from:
+        hf = hf_config_dict(config, vocab_size)
+        (workdir / "model_config.json").write_text(json.dumps(hf, indent=2))
+
+
+def _next_batch(iterator, accum_steps: int):
+    if accum_steps == 1:
+        return next(iterator)
+    return tuple(next(iterator) for _ in range(accum_steps))
+
+
+def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[dict[str, Any]]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint); returns logged rows.
+
+    `train_iterator` (tests) replaces the configured data pipeline: an iterator of batches of
+    `batch_size / grad_accum_steps` examples with `get_state()` / `set_state()`.
+    Raises ValueError / FileNotFoundError for an invalid config before building anything.
+    """
+    workdir = Path(workdir)
+    start_distributed(config)
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, sharding.batch_shards(mesh))
+    check_init_from(config)
+    steps, accum = int(config.train.steps), int(config.train.grad_accum_steps)
+    micro_batch = int(config.train.batch_size) // accum
+    vocab_size = None
+    if train_iterator is None:
+        from metaembed_jax.data.pipeline import make_train_iterator
+
+        processor = make_processor(config)
+        vocab_size = len(processor.tokenizer)
+        train_iterator = make_train_iterator(
+            config.data, processor, mesh=mesh, global_batch_size=micro_batch, seed=config.seed
+        )
+    _write_run_files(config, workdir, vocab_size)
+
+    model = build_model(config, mesh=mesh, vocab_size=vocab_size)
+    tx, schedule = make_optimizer(config.optimizer, steps)
+    state = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
+    del model
+    checkpointer = checkpointing.Checkpointer(
+        workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
+    )
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(state)
+        train_iterator.set_state(data_state)
+        start = int(jax.device_get(state.step))
+        checkpointing.truncate_metrics(workdir / "metrics.jsonl", start)
+        logging.info("resumed from step %d in %s", start, checkpointer.directory)
+    groups = loss_groups(config)
+    train_step = TrainStep(
+        state, groups=groups, temperature=config.loss.temperature, schedule=schedule, mesh=mesh
+    )
+    writer = metrics.MetricsWriter(
+        workdir,
+        groups=groups,
+        total_steps=steps,
+        start_step=start,
+        progress_bar=bool(config.train.progress_bar),
+    )
+    try:
+        with StopSignal() as stop:
+            rows = _loop(
+                config, state, start, train_step, train_iterator, checkpointer, writer, stop
+            )
+    finally:
+        writer.close()
+        checkpointer.close()
+    return rows
+
+
+def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop):
+    steps, accum = int(config.train.steps), int(config.train.grad_accum_steps)
+    log_every, save_every = int(config.train.log_every), int(config.checkpoint.every)
+    stop_after = int(config.train.get("stop_after", 0))
+    throughput = metrics.Throughput()
+    rows = []
+    step = start
+    while step < steps:
+        state, step_metrics = train_step(state, _next_batch(iterator, accum))
+        step += 1
+        throughput.add(int(config.train.batch_size))
+        writer.advance()
+        if step % log_every == 0 or step == steps:
+            rows.append(writer.record(step, step_metrics, throughput.rate()))
+        preempted = stop.any_process() or (stop_after and step - start >= stop_after)
+        if step % save_every == 0 or step == steps or preempted:
+            checkpointer.save(state, iterator.get_state(), force=True)
+        if preempted:
+            logging.warning("stopping at step %d (checkpoint saved); rerun to resume", step)
+            break
+    return rows
