@@ -296,3 +296,32 @@ def test_qwen2_tokenizer_class_directory(tokenizer_dir, tmp_path):
     a, b = ours(BATCH_TEXTS, BATCH_IMAGES), theirs(BATCH_TEXTS, BATCH_IMAGES)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+PUBLISHED_PREPROCESSOR_CONFIG = {  # as in Qwen/Qwen2.5-VL-3B-Instruct
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+@pytest.mark.parametrize("override", [{}, {"max_pixels": 56 * 56}])
+def test_published_preprocessor_config(tokenizer_dir, tmp_path, override):
+    """A checkpoint's preprocessor_config.json gives what HF's from_pretrained gives."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    config_path = tmp_path / "preprocessor_config.json"
+    config_path.write_text(json.dumps(PUBLISHED_PREPROCESSOR_CONFIG))
+    proc = QwenVLProcessor.from_pretrained(tmp_path, length_buckets=None, **override)
+    reference = Qwen2VLImageProcessorPil.from_pretrained(tmp_path, **override)
+    images = [_image(150, 230, 5), _image(40, 40, 6)]
+    ours = proc(["a", "b"], [[images[0]], [images[1]]])
+    ref = reference(images=images, return_tensors="np")
+    np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"])
+    np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
