@@ -22,10 +22,12 @@ num_workers); keep them fixed across a resume.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -292,13 +294,17 @@ class TrainIterator:
     def __init__(self, dataset: grain.IterDataset, mesh: Mesh | None, batch_axes: Sequence[str]):
         self._iterator = iter(dataset)
         self.mesh = mesh
+        # grain's prefetch threads / worker processes otherwise complain at interpreter exit.
+        atexit.register(_close_if_alive, weakref.ref(self))
         self.batch_axes = tuple(axis for axis in batch_axes if mesh is None or axis in mesh.shape)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        batch = next(self._iterator)
+        # Copy out of grain's shared-memory arrays (worker output) so their segments are freed
+        # now, not at interpreter exit.
+        batch = jax.tree.map(np.array, next(self._iterator))
         return batch if self.mesh is None else to_global(batch, self.mesh, self.batch_axes)
 
     def get_state(self) -> dict[str, Any]:
@@ -311,6 +317,12 @@ class TrainIterator:
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+
+
+def _close_if_alive(reference: weakref.ref) -> None:
+    iterator = reference()
+    if iterator is not None:
+        iterator.close()
 
 
 def to_global(tree: Any, mesh: Mesh, batch_axes: Sequence[str]) -> Any:
