@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 from unittest import mock
 
 import numpy as np
@@ -226,6 +227,8 @@ def test_from_pretrained_round_trip(tokenizer_dir, tmp_path):
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         QwenVLProcessor.from_pretrained(tmp_path / "missing")
+    copied = pickle.loads(pickle.dumps(again))  # grain worker processes get pickled copies
+    np.testing.assert_array_equal(copied(["x"], [[image]])["input_ids"], b["input_ids"])
 
 
 def _record(**overrides):
