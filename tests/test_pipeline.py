@@ -272,3 +272,25 @@ def test_worker_process_gives_the_same_batches(data_config, processor):
     assert_trees_equal(take(iterator, 3), expected)
     json.dumps(iterator.get_state())
     iterator.close()
+
+
+def test_text_only_data_and_multiprocess_image_guard(data_config, processor, monkeypatch):
+    """max_images=0: text batches carry no image arrays and an image is refused; with several
+    JAX processes, image inputs are refused (per-process patch blocks would mis-align)."""
+    config = data_config.copy_and_resolve_references()
+    config.max_images = 0
+    items = [{"text": "caption 1"}, {"text": "caption 2"}]
+    ((features, _),) = pipeline.iterate_features(items, processor, "query", 2, config)
+    assert set(features) == {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="has images but config.data.max_images=0"):
+        list(
+            pipeline.iterate_features(
+                [{"text": "", "image": png(1)}], processor, "query", 1, config
+            )
+        )
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    with pytest.raises(ValueError, match="2 processes with image inputs"):
+        pipeline.make_train_iterator(
+            data_config, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0
+        )

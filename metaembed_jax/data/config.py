@@ -44,6 +44,7 @@ def get_data_config() -> ConfigDict:
     data.merge_size = 2
     # Most images one example may carry (query or candidate). Fixes the number of
     # `image_grid_thw` rows per batch (= batch size * max_images, zero rows = no image).
+    # 0 = text-only data: batches carry no image arrays (needed for multi-process runs).
     data.max_images = 1
 
     # --- static shapes (one compiled program per bucket combination) ---

@@ -116,6 +116,12 @@ class StaticShapes:
     def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
         features = {k: v for k, v in features.items() if v is not None}
         grid = features.get("image_grid_thw")
+        if self.image_rows == 0:  # text-only data (max_images=0): no image arrays at all
+            if grid is not None and np.asarray(grid).any():
+                raise ValueError("a batch has images but config.data.max_images=0")
+            features.pop("image_grid_thw", None)
+            features.pop("pixel_values", None)
+            return features
         if grid is None and not self.always_emit_pixels:
             return features
         grid = np.zeros((0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
@@ -373,6 +379,15 @@ def make_train_iterator(
         raise ValueError(
             f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
             f"(mesh axes {tuple(data_config.batch_axes)})"
+        )
+    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0:
+        # Each process can only place its own patches: the global pixel_values would be
+        # per-process blocks [real_0, pad_0, real_1, pad_1, ...], while the backbone reads
+        # patches past sum(t*h*w) of the whole grid as padding. Refuse rather than mis-align.
+        raise ValueError(
+            f"{jax.process_count()} processes with image inputs (config.data.max_images="
+            f"{data_config.max_images}) are not supported yet: pixel_values / image_grid_thw "
+            "would be laid out per process. Use one process, or max_images=0 for text-only data."
         )
     if source is None:
         source = builders.open_pairs(dataset_dir(data_config), data_config.train_split)
