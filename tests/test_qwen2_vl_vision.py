@@ -299,6 +299,12 @@ def test_bad_inputs_are_clear_errors():
         tower(np.zeros((16, 100), np.float32), np.array([[1, 4, 4]]))
     with pytest.raises(ValueError, match="multiple of merge_size"):
         tower(np.zeros((18, 1176), np.float32), np.array([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="describes 20 patches"):
+        tower(np.zeros((16, 1176), np.float32), np.array([[1, 4, 4], [1, 2, 2]]))
+    with pytest.raises(ValueError, match="multiples of merge_size"):
+        tower(np.zeros((16, 1176), np.float32), np.array([[1, 3, 4]]))
+    with pytest.raises(ValueError, match=r"expected \[num_images, 3\]"):
+        tower(np.zeros((16, 1176), np.float32), np.array([1, 4, 4]))
     with pytest.raises(ValueError, match="model_type"):
         VisionTower(VISION["qwen2_vl"], "llava", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="remat"):

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
@@ -368,6 +369,7 @@ class VisionTower(nnx.Module):
                 f"{pixel_values.shape[0]} patch rows is not a multiple of merge_size**2 = {unit}"
             )
         num_patches = pixel_values.shape[0]
+        _check_grid(image_grid_thw, num_patches, config.merge_size)
         layout = patch_layout(image_grid_thw, num_patches, config.merge_size, config.window_units)
         x = self.patch_embed(pixel_values)
         cos, sin = rotary_cos_sin(layout.positions, config.head_dim, config.rope_theta)
@@ -389,6 +391,27 @@ class VisionTower(nnx.Module):
             merged = jnp.zeros_like(merged).at[layout.window_order].set(merged)
         real_units = layout.is_real[::unit]
         return jnp.where(real_units[:, None], merged, jnp.zeros((), merged.dtype))
+
+
+def _check_grid(image_grid_thw, num_patches: int, merge_size: int) -> None:
+    """Shape always; values when the grid is concrete (a traced grid cannot be checked)."""
+    shape = jnp.shape(image_grid_thw)
+    if len(shape) != 2 or shape[1] != 3:
+        raise ValueError(f"image_grid_thw shape {shape}; expected [num_images, 3] (t, h, w)")
+    try:
+        grid = np.asarray(image_grid_thw)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if (grid < 0).any() or (grid[:, 1:] % merge_size).any():
+        raise ValueError(
+            f"image_grid_thw {grid.tolist()}: expected t, h, w >= 0 with h and w multiples of "
+            f"merge_size {merge_size}"
+        )
+    total = int(np.prod(grid, axis=1).sum())
+    if total > num_patches:
+        raise ValueError(
+            f"image_grid_thw describes {total} patches but pixel_values has {num_patches} rows"
+        )
 
 
 def _permute_units(array: jax.Array, order: jax.Array, unit: int) -> jax.Array:
