@@ -1,6 +1,7 @@
-"""Input pipeline throughput (batches/s) on the built-in dataset, demo-like settings.
+"""Input pipeline throughput (batches/s) on the built-in dataset with the demo's data settings.
 
-    python benchmarks/bench_pipeline.py [--batch_size 16] [--batches 30] [--workers 0,2]
+    python benchmarks/bench_pipeline.py [--config configs/demo.py] [--batch_size 32]
+        [--batches 30] [--workers 0,2]
 
 Peer: a plain Python loop doing the same work per batch (read records in the shuffled order,
 decode PNGs, run the processor, pad to static shapes) in the main thread. Rows: that loop, the
@@ -10,6 +11,7 @@ once under --data_dir (reused afterwards). Worker start-up is excluded (first ba
 """
 
 import argparse
+import importlib.util
 import time
 
 import jax
@@ -20,15 +22,17 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from metaembed_jax.data import build, builders, pipeline  # noqa: E402
-from metaembed_jax.data.config import get_data_config  # noqa: E402
 
 
-def demo_like_config(data_dir: str):
-    config = get_data_config()
-    config.dir = data_dir
-    config.synthetic.update(num_train=256, num_val=16, num_test=16)
-    config.length_buckets = (64, 128, 256)
-    return config
+def demo_like_config(config_file: str, data_dir: str, num_train: int):
+    """config.data of `config_file` (configs/demo.py), built under `data_dir`, smaller train."""
+    spec = importlib.util.spec_from_file_location("bench_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = module.get_config().data
+    data.dir = data_dir
+    data.synthetic.update(num_train=num_train, num_val=16, num_test=16)
+    return data
 
 
 def plain_loop(config, processor, batch_size: int, batches: int) -> float:
@@ -63,13 +67,15 @@ def grain_rate(config, processor, batch_size: int, batches: int, mesh) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data_dir", default="/tmp/metaembed_bench_data")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--data_dir", default="/tmp/metaembed_bench_demo")
+    parser.add_argument("--num_train", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
     args = parser.parse_args()
 
-    config = demo_like_config(args.data_dir)
+    config = demo_like_config(args.config, args.data_dir, args.num_train)
     build.build_synthetic(config, progress=False)
     processor = pipeline.processor_from_config(config)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))

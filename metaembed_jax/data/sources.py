@@ -105,7 +105,9 @@ def load_image_file(path: str, image_root: str | os.PathLike) -> bytes:
 def decode_png(data: bytes) -> Image.Image:
     """PNG (or any PIL) bytes -> RGB PIL image."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        image.load()
+        # convert() copies even RGB -> RGB; the decoded image is already independent of the file.
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def clean_text(text: Any) -> str:
