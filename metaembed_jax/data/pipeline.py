@@ -17,7 +17,13 @@ shards so every array splits evenly over the devices.
 
 The iterator's state (`get_state()`, a small JSON-able dict) restores the exact position: a
 resumed run sees the batches it would have seen. The order depends on (seed, process_count,
-num_workers); keep them fixed across a resume.
+num_workers); keep them fixed across a resume. With n > 0 workers grain deals the shuffled stream
+out to the workers (element i to worker i mod n) and interleaves their batches: still
+deterministic and exactly resumable, but epoch boundaries are then only approximate.
+
+Bad rows are caught when a dataset is built (`builders` / `sources`, where
+`config.data.skip_bad_rows` applies); a record that still fails here (e.g. a corrupted file)
+always raises `BadRowError` naming the split and the record.
 """
 
 from __future__ import annotations
