@@ -302,7 +302,9 @@ class ModelEncoder:
         )
         outputs = []
         starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc=f"encode {side}s", disable=not self.progress, leave=False):
+        for start in tqdm(
+            starts, desc=f"encode {side} items", disable=not self.progress, leave=False
+        ):
             batch = order[start : start + self.batch_size]
             padded = batch + [batch[-1]] * (self.batch_size - len(batch))
             texts = [items[i].get("text") or "" for i in padded]

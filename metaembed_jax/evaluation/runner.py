@@ -39,6 +39,16 @@ def eval_option(config, name: str, default: Any) -> Any:
     return section.get(name, default)
 
 
+def configured_budgets(config) -> tuple[tuple[int, int], ...]:
+    """`config.eval.budgets`; by default the paper's five, or (1, 1) for a single-vector model
+    (which has no other budget). An explicit budget beyond the trained sizes is kept, and
+    refused by `check_budgets`."""
+    budgets = eval_option(config, "budgets", None)
+    if budgets is not None:
+        return tuple(tuple(b) for b in budgets)
+    return ((1, 1),) if trained_sizes(config) == (1, 1) else DEFAULT_BUDGETS
+
+
 def trained_sizes(config) -> tuple[int, int]:
     """(R_q, R_c) of the model the config trains (1, 1 for the single-vector readout)."""
     if config.model.get("readout", "meta") == "last_token":
@@ -132,8 +142,7 @@ def evaluate(
     Raises ValueError when a budget exceeds the trained sizes, before anything is encoded.
     """
     budgets = check_budgets(
-        budgets if budgets is not None else eval_option(config, "budgets", DEFAULT_BUDGETS),
-        *trained_sizes(config),
+        budgets if budgets is not None else configured_budgets(config), *trained_sizes(config)
     )
     eval_dir = Path(workdir) / "eval"
     cache = EmbeddingCache(
@@ -206,15 +215,19 @@ def restore_model(config, run_dir: Path, step: int | None, mesh, vocab_size: int
             f"no checkpoints in {run_dir}: train first (python train.py --config ... "
             f"--workdir {run_dir}) or pass --checkpoint"
         )
-    model = build_model(config, mesh=mesh, vocab_size=vocab_size)
-    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
-    template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
-    del model
     checkpointer = Checkpointer(run_dir, keep=int(config.checkpoint.keep), async_save=False)
     try:
+        # Find the step before building anything: a missing checkpoint fails in a second.
         step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+        if step is None or step not in checkpointer.manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else f'of step {step} '}in "
+                f"{run_dir / 'checkpoints'} (steps there: {list(checkpointer.manager.all_steps())})"
+            )
+        model = build_model(config, mesh=mesh, vocab_size=vocab_size)
+        tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+        template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
+        del model
         state, _ = checkpointer.restore(template, step)
     finally:
         checkpointer.close()
@@ -228,14 +241,14 @@ def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
     FileNotFoundError when there is no checkpoint to evaluate.
     """
     from metaembed_jax import sharding
-    from metaembed_jax.data.pipeline import StaticShapes
+    from metaembed_jax.data.pipeline import StaticShapes, processor_from_config
     from metaembed_jax.evaluation.encode import ModelEncoder
-    from metaembed_jax.training.loop import make_processor
 
-    budgets = check_budgets(eval_option(config, "budgets", DEFAULT_BUDGETS), *trained_sizes(config))
+    budgets = check_budgets(configured_budgets(config), *trained_sizes(config))
     run_dir, step = checkpoint_location(workdir, checkpoint)
     mesh = sharding.make_mesh(config.mesh)
-    processor = make_processor(config)
+    # The run's tokenizer: the checkpoint's own, or the built-in one under config.data.dir.
+    processor = processor_from_config(config.data, config.init_from or None)
     model, step = restore_model(config, run_dir, step, mesh, len(processor.tokenizer))
     shards = sharding.batch_shards(mesh)
     batch_size = -(-int(eval_option(config, "batch_size", 16)) // shards) * shards
