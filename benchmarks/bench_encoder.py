@@ -1,0 +1,233 @@
+"""Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model.
+
+One process, same random weights (the HF model is saved with `save_pretrained` and loaded with
+`load_hf`), same inputs, float32, the same thread count for both. Mid-size config: hidden 512,
+8 decoder layers, vision depth 8; each example is one 224x224 image + 32 text tokens.
+Also prints the compile time of the jitted forward for 4 vs 16 layers (decoder and vision depth):
+the layer stacks are scanned, so it should stay nearly flat.
+
+    python -m benchmarks.bench_encoder [--batch 8] [--repeats 5] [--threads N]
+
+Prints a markdown table. Figures measured on a shared machine are provisional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+from PIL import Image
+
+from metaembed_jax.models import from_config, load_hf
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--text_tokens", type=int, default=32)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per framework")
+    # XLA's CPU client uses every core of the machine; torch is given the same count.
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--skip_compile", action="store_true", help="skip the 4 vs 16 layers part")
+    return parser.parse_args()
+
+
+IMAGE_PAD, VISION_START, VISION_END = 1000, 1001, 1002
+
+
+def mid_config(num_layers: int = 8, vision_depth: int = 8) -> transformers.Qwen2_5_VLConfig:
+    text = dict(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=num_layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", mrope_section=[8, 12, 12], rope_theta=1e6),
+    )
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=256,
+        intermediate_size=704,
+        num_heads=4,
+        out_hidden_size=512,
+        window_size=112,
+        fullatt_block_indexes=[vision_depth // 2 - 1, vision_depth - 1],
+    )
+    return transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_PAD,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+
+
+def make_inputs(batch: int, text_tokens: int, image_size: int, seed: int = 0) -> dict:
+    """One random image + `text_tokens` random text tokens per example (no padding needed)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    rng = np.random.default_rng(seed)
+    size = (image_size, image_size, 3)
+    images = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for _ in range(batch)]
+    processed = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=image_size**2)(
+        images=images, return_tensors="np"
+    )
+    grid = np.asarray(processed["image_grid_thw"], np.int32)
+    pads = int(np.prod(grid[0])) // 4
+    rows = [
+        [VISION_START]
+        + [IMAGE_PAD] * pads
+        + [VISION_END]
+        + rng.integers(1, 900, text_tokens).tolist()
+        for _ in range(batch)
+    ]
+    input_ids = np.asarray(rows, np.int32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": np.ones_like(input_ids),
+        "pixel_values": np.asarray(processed["pixel_values"], np.float32),
+        "image_grid_thw": grid,
+    }
+
+
+def interleaved_seconds(runs: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each callable; runs alternate so that load changes on a shared machine
+    hit every framework alike. One untimed warm-up each (compilation for JAX)."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def torch_runs(hf_model, batch, embeds, positions) -> dict:
+    """Full forward, vision tower alone, decoder alone (on the same embeddings / positions)."""
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+    tensors["input_ids"] = tensors["input_ids"].long()
+    tensors["image_grid_thw"] = tensors["image_grid_thw"].long()
+    tensors["mm_token_type_ids"] = (tensors["input_ids"] == IMAGE_PAD).int()
+    embeds, positions = torch.from_numpy(np.array(embeds)), torch.from_numpy(np.array(positions))
+
+    def forward():
+        with torch.inference_mode():
+            return hf_model.model(**tensors).last_hidden_state
+
+    def vision():
+        with torch.inference_mode():
+            return hf_model.model.visual(
+                tensors["pixel_values"], grid_thw=tensors["image_grid_thw"]
+            )
+
+    def decoder():
+        with torch.inference_mode():
+            return hf_model.model.language_model(
+                inputs_embeds=embeds,
+                attention_mask=tensors["attention_mask"],
+                position_ids=positions.long(),
+            )
+
+    return {"forward": forward, "vision": vision, "decoder": decoder}
+
+
+def jax_runs(model, batch) -> tuple[dict, jax.Array, jax.Array]:
+    """The same three jitted, plus the embeddings and positions they feed the decoder."""
+    graphdef, state = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    grid = batch["image_grid_thw"]
+
+    def call(method):
+        return jax.jit(lambda state, *args: method(nnx.merge(graphdef, state), *args))
+
+    forward = call(lambda m, b: m(**b))
+    vision = call(lambda m, pixels, grid: m.visual(pixels, grid))
+    decoder = call(lambda m, embeds, mask, positions: m.decode(embeds, mask, positions))
+    embeds = call(lambda m, ids, pixels, grid: m.embed_inputs(ids, pixels, grid))(
+        state, batch["input_ids"], batch["pixel_values"], grid
+    )
+    positions = model.position_ids(batch["input_ids"], batch["attention_mask"], grid)
+    runs = {
+        "forward": lambda: forward(state, batch).block_until_ready(),
+        "vision": lambda: vision(state, batch["pixel_values"], grid).block_until_ready(),
+        "decoder": lambda: decoder(
+            state, embeds, batch["attention_mask"], positions
+        ).block_until_ready(),
+    }
+    return runs, embeds, positions
+
+
+def throughput(args) -> list[tuple[str, str, str, str]]:
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2_5_VLForConditionalGeneration(mid_config()).eval()
+    batch = make_inputs(args.batch, args.text_tokens, args.image_size)
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model.save_pretrained(directory)
+        model = load_hf(directory, dtype=jnp.float32)
+    runs_jax, embeds, positions = jax_runs(model, batch)
+    runs_torch = torch_runs(hf_model, batch, embeds, positions)
+    diff = float(np.abs(np.asarray(runs_jax["forward"]()) - runs_torch["forward"]().numpy()).max())
+    runs = {f"jax {k}": v for k, v in runs_jax.items()}
+    runs.update({f"torch {k}": v for k, v in runs_torch.items()})
+    seconds = interleaved_seconds(runs, args.repeats)
+    length = batch["input_ids"].shape[1]
+    print(
+        f"batch {args.batch} x {length} tokens ({length - args.text_tokens - 2} image tokens), "
+        f"max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
+    )
+    rows = []
+    for part in ("forward", "vision", "decoder"):
+        torch_s, jax_s = seconds[f"torch {part}"], seconds[f"jax {part}"]
+        rows.append((part, f"{torch_s:.3f}", f"{jax_s:.3f}", f"{torch_s / jax_s:.2f}x"))
+    return rows
+
+
+def compile_seconds(num_layers: int, batch: dict) -> float:
+    """Lower + compile time of the jitted forward, on abstract weights (no memory for them)."""
+    config = mid_config(num_layers=num_layers, vision_depth=num_layers)
+    abstract = nnx.eval_shape(lambda: from_config(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(**batch))
+    start = time.perf_counter()
+    forward.lower(state, batch).compile()
+    return time.perf_counter() - start
+
+
+def main(args) -> None:
+    torch.set_num_threads(args.threads)
+    print(
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, threads {args.threads}, float32; "
+        "figures from a shared machine are provisional\n"
+    )
+    rows = throughput(args)
+    print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if not args.skip_compile:
+        batch = {k: jnp.asarray(v) for k, v in make_inputs(2, 8, 112).items()}
+        print("\n| layers (decoder = vision depth) | compile time of the jitted forward, s |")
+        print("|---|---|")
+        for layers in (4, 16):
+            print(f"| {layers} | {compile_seconds(layers, batch):.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
