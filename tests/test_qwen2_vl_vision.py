@@ -24,6 +24,8 @@ from transformers import vision_utils as hf_vision
 from metaembed_jax.models import hf_loading, layers
 from metaembed_jax.models.qwen2_vl_vision import (
     VisionTower,
+    dense_attention,
+    local_attention,
     parse_vision_config,
     patch_layout,
     vision_rules,
@@ -225,6 +227,21 @@ def test_layout_matches_hf(grid, window_units):
     boundaries = np.flatnonzero(np.diff(permuted)) + 1
     np.testing.assert_array_equal(boundaries, cu_windows.numpy()[1:-1])
     assert len(np.unique(permuted)) == len(cu_windows) - 1
+
+
+@pytest.mark.parametrize("span", [4, 16])
+def test_local_attention_equals_dense(span):
+    """Banded attention = dense segment-masked attention when segments are runs <= span rows;
+    a long trailing run (padding) may differ and is not compared."""
+    rng = np.random.default_rng(span)
+    lengths = rng.integers(1, span + 1, size=12)
+    segments = np.repeat(np.arange(len(lengths)), lengths)
+    real = len(segments)
+    segments = np.concatenate([segments, np.full(3 * span, 99)]).astype(np.int32)
+    query, key, value = (rng.normal(size=(len(segments), 2, 8)).astype(np.float32) for _ in "qkv")
+    local = jax.jit(local_attention, static_argnums=4)(query, key, value, segments, span)
+    dense = dense_attention(query, key, value, segments)
+    np.testing.assert_allclose(local[:real], dense[:real], atol=1e-5)
 
 
 def test_layout_padding():

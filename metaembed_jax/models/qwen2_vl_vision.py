@@ -15,8 +15,10 @@ How it differs from the PyTorch reference, and why:
   from real patches), sort after every real window, and their output rows (after the real ones)
   are set to zero.
 
-Attention is dense over the packed sequence with a segment mask: memory is O(P**2) per layer
-(the attention scores), not O(sum of per-image P**2) as in HF's per-chunk loop.
+Cost: window blocks attend within a static band around each block of queries (linear in the
+packed length P); full-attention blocks (all of Qwen2-VL's, `fullatt_block_indexes` of
+Qwen2.5-VL's) are dense over the packed sequence with a segment mask, O(P**2) memory for the
+scores, where HF loops over images (O(sum of per-image P**2)).
 """
 
 from __future__ import annotations
@@ -239,25 +241,72 @@ def _norm(config: VisionConfig, dim: int, param_dtype, rngs: nnx.Rngs) -> nnx.Mo
     return norm(dim, NORM_EPS, param_dtype=param_dtype, rngs=rngs)
 
 
+def local_attention(query, key, value, segments, span: int) -> jax.Array:
+    """Attention when every segment is a run of at most `span` consecutive rows (Qwen2.5-VL's
+    windows after the window permutation). Each block of `span` queries attends only to the
+    `3 * span - 2` rows around it, which hold every key of its segments: cost and memory are
+    linear in P instead of quadratic. query/key/value [P, H, Dh], segments [P] -> [P, H, Dh].
+    Longer runs (the padding segment) only see their neighbours: harmless, padding is dropped."""
+    num = query.shape[0]
+    blocks = -(-num // span)
+    extra, halo = blocks * span - num, span - 1
+
+    def pad(array, before, after, fill=0):
+        widths = [(before, after)] + [(0, 0)] * (array.ndim - 1)
+        return jnp.pad(array, widths, constant_values=fill)
+
+    query = pad(query, 0, extra).reshape(blocks, span, *query.shape[1:])
+    query_segments = pad(segments, 0, extra, -1).reshape(blocks, span)
+    rows = jnp.arange(blocks)[:, None] * span + jnp.arange(span + 2 * halo)  # [blocks, span']
+    key, value = (pad(a, halo, extra + halo)[rows] for a in (key, value))
+    key_segments = pad(segments, halo, extra + halo, -2)[rows]
+    mask = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    out = layers.dot_product_attention(query, key, value, mask)
+    return out.reshape(blocks * span, *out.shape[2:])[:num]
+
+
+def dense_attention(query, key, value, segments) -> jax.Array:
+    """Attention within segments over the whole packed sequence: [P, H, Dh] -> [P, H, Dh]."""
+    mask = (segments[:, None] == segments[None, :])[None, None]
+    return layers.dot_product_attention(query[None], key[None], value[None], mask)[0]
+
+
+class Segments(NamedTuple):
+    """Which patches attend to which in one block (rows in the tower's working order)."""
+
+    frames: jax.Array  # [P] frame ids (full attention)
+    windows: jax.Array | None  # [P] window ids (Qwen2.5-VL), None without windows
+    full: jax.Array | None  # bool scalar: this block uses full attention
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
+        units = config.window_units
+        self.window_span = None if units is None else (units * config.merge_size) ** 2
         width = config.width
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Fused q/k/v as in the checkpoint: output features are (3, heads, head_dim).
         self.qkv = layers.Dense(width, 3 * width, ("vision_embed", "heads"), **kw)
         self.proj = layers.Dense(width, width, ("heads", "vision_embed"), **kw)
 
-    def __call__(self, x, cos, sin, segments):
-        """x [P, W]; cos/sin [P, Dh]; segments [P] (a patch attends to its own segment)."""
+    def __call__(self, x, cos, sin, segments: Segments):
+        """x [P, W]; cos/sin [P, Dh] -> [P, W]. A patch attends to its own frame in full blocks,
+        to its own window in window blocks."""
         num_patches = x.shape[0]
         qkv = self.qkv(x).reshape(num_patches, 3, self.num_heads, -1)
-        query, key, value = (qkv[None, :, i] for i in range(3))  # [1, P, H, Dh]
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        query, key, value = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [P, H, Dh]
+        cos, sin = cos[:, None, :], sin[:, None, :]
         query = layers.apply_rotary(query, cos, sin)
         key = layers.apply_rotary(key, cos, sin)
-        mask = (segments[:, None] == segments[None, :])[None, None]
-        out = layers.dot_product_attention(query, key, value, mask)
+        if segments.windows is None:
+            out = dense_attention(query, key, value, segments.frames)
+        else:  # one branch runs: window blocks never pay for dense attention
+            out = jax.lax.cond(
+                segments.full,
+                lambda: dense_attention(query, key, value, segments.frames),
+                lambda: local_attention(query, key, value, segments.windows, self.window_span),
+            )
         return self.proj(out.reshape(num_patches, -1))
 
 
@@ -291,7 +340,7 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(config, **kw)
         self.mlp = VisionMLP(config, **kw)
 
-    def __call__(self, x, cos, sin, segments):
+    def __call__(self, x, cos, sin, segments: Segments):
         x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
@@ -380,9 +429,11 @@ class VisionTower(nnx.Module):
         full_blocks = jnp.asarray(config.fullatt_block_indexes, jnp.int32).reshape(-1)
 
         def apply_block(block, carry):
-            x, index = carry
-            full = jnp.any(index == full_blocks)
-            segments = jnp.where(full, frame_segments, window_segments)
+            x, index = carry  # the layer index rides in the carry: one scan for all blocks
+            if config.window_units is None:
+                segments = Segments(frame_segments, None, None)
+            else:
+                segments = Segments(frame_segments, window_segments, jnp.any(index == full_blocks))
             return block(x, cos, sin, segments), index + 1
 
         x, _ = layers.scan_layers(self.blocks, (x, jnp.int32(0)), apply_block, self.remat)
