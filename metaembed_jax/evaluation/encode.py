@@ -118,6 +118,14 @@ def load_image(image: Any):
 # ----------------------------------------------------------------------------- cache
 
 
+def index_class():
+    """The candidate store: `metaembed_jax.index.MultiVectorIndex` (imported late: the
+    protocols that take precomputed embeddings do not need it)."""
+    from metaembed_jax.index import MultiVectorIndex
+
+    return MultiVectorIndex
+
+
 class EmbeddingCache:
     """Embeddings of evaluation items on disk under `directory`, reused across runs.
 
@@ -160,9 +168,7 @@ class EmbeddingCache:
             return None
         if side == "query":
             return np.load(data_path)
-        from metaembed_jax.index import MultiVectorIndex
-
-        return MultiVectorIndex.load(str(data_path))
+        return index_class().load(str(data_path))
 
     def store(self, name: str, items: Sequence[Item], side: str, embeddings: np.ndarray):
         """Writes embeddings; returns what `load` would return."""
@@ -173,9 +179,7 @@ class EmbeddingCache:
             np.save(data_path, np.asarray(embeddings, np.float32))
             stored = np.load(data_path)
         else:
-            from metaembed_jax.index import MultiVectorIndex
-
-            stored = MultiVectorIndex.build(np.asarray(embeddings), dtype=self.index_dtype)
+            stored = index_class().build(np.asarray(embeddings), dtype=self.index_dtype)
             stored.save(str(data_path))
         manifest_path.write_text(json.dumps(self._manifest(items), indent=1))
         return stored
@@ -207,9 +211,7 @@ def encode_items(
         return cache.store(name, items, side, embeddings)
     if side == "query":
         return embeddings
-    from metaembed_jax.index import MultiVectorIndex
-
-    return MultiVectorIndex.build(embeddings, dtype=index_dtype)
+    return index_class().build(embeddings, dtype=index_dtype)
 
 
 # ----------------------------------------------------------------------------- model encoder
