@@ -20,6 +20,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 from transformers import vision_utils as hf_vision
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
 from metaembed_jax.models import hf_loading, layers
 from metaembed_jax.models.qwen2_vl_vision import (
@@ -28,6 +30,7 @@ from metaembed_jax.models.qwen2_vl_vision import (
     local_attention,
     parse_vision_config,
     patch_layout,
+    rotary_cos_sin,
     vision_rules,
 )
 
@@ -58,6 +61,10 @@ HF_CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
 }
 FLOAT32_TOLERANCE = 1e-4
+hf_vision_rotary = {
+    "qwen2_5_vl": Qwen2_5_VLVisionRotaryEmbedding,
+    "qwen2_vl": Qwen2VLVisionRotaryEmbedding,
+}
 
 
 class VisionOnly(nnx.Module):
@@ -229,6 +236,22 @@ def test_layout_matches_hf(grid, window_units):
     assert len(np.unique(permuted)) == len(cu_windows) - 1
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl"])
+def test_rotary_matches_hf(model_type):
+    """cos/sin from (row, col) positions equal HF's vision rotary module's."""
+    config_class, _ = HF_CLASSES[model_type]
+    hf_config = config_class(text_config=TEXT, vision_config=VISION[model_type]).vision_config
+    module = hf_vision_rotary[model_type](hf_config)
+    ours = parse_vision_config(hf_config, model_type)
+    positions = np.stack(np.meshgrid(np.arange(6), np.arange(10), indexing="ij"), -1)
+    positions = positions.reshape(-1, 2)
+    torch_positions = torch.from_numpy(positions).long()
+    hf_cos, hf_sin = module(torch.zeros(1), torch_positions)
+    cos, sin = rotary_cos_sin(jnp.asarray(positions), ours.head_dim, ours.rope_theta)
+    np.testing.assert_allclose(cos, hf_cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(sin, hf_sin.numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("span", [4, 16])
 def test_local_attention_equals_dense(span):
     """Banded attention = dense segment-masked attention when segments are runs <= span rows;
@@ -322,6 +345,8 @@ def test_bad_inputs_are_clear_errors():
         tower(np.zeros((16, 1176), np.float32), np.array([[1, 3, 4]]))
     with pytest.raises(ValueError, match=r"expected \[num_images, 3\]"):
         tower(np.zeros((16, 1176), np.float32), np.array([1, 4, 4]))
+    empty = tower(np.zeros((0, 1176), np.float32), np.zeros((1, 3), np.int32))
+    assert empty.shape == (0, 40)
     with pytest.raises(ValueError, match="model_type"):
         VisionTower(VISION["qwen2_vl"], "llava", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="remat"):

@@ -419,6 +419,8 @@ class VisionTower(nnx.Module):
             )
         num_patches = pixel_values.shape[0]
         _check_grid(image_grid_thw, num_patches, config.merge_size)
+        if num_patches == 0:  # reshapes below cannot infer sizes from zero rows
+            return jnp.zeros((0, config.out_dim), self.dtype)
         layout = patch_layout(image_grid_thw, num_patches, config.merge_size, config.window_units)
         x = self.patch_embed(pixel_values)
         cos, sin = rotary_cos_sin(layout.positions, config.head_dim, config.rope_theta)
