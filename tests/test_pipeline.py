@@ -6,6 +6,8 @@ the host batches of the same pipeline for the global arrays.
 
 import io
 import json
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -294,3 +296,83 @@ def test_text_only_data_and_multiprocess_image_guard(data_config, processor, mon
         pipeline.make_train_iterator(
             data_config, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0
         )
+
+
+# ----------------------------------------------------------------------------- two real processes
+
+_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, index, data_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index)
+import numpy as np
+from jax.sharding import Mesh
+from metaembed_jax.data import pipeline
+from metaembed_jax.data.config import get_data_config
+config = get_data_config()
+config.update(dir=data_dir, max_images=0, length_buckets=(16, 32), read_threads=1)
+processor = pipeline.processor_from_config(config)
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+iterator = pipeline.make_train_iterator(config, processor, mesh=mesh, global_batch_size=8, seed=4)
+batches = []
+for _ in range(2):
+    batch = next(iterator)
+    array = batch["query"]["input_ids"]
+    local = np.concatenate([np.asarray(s.data) for s in sorted(
+        array.addressable_shards, key=lambda s: s.index[0].start)])
+    starts = sorted({s.index[0].start for s in array.addressable_shards})
+    batches.append({"shape": list(array.shape), "starts": starts, "local": local.tolist(),
+                    "spec": [list(axes) for axes in array.sharding.spec]})
+json.dump(batches, open(out, "w"))
+iterator.close()
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_build_global_batches(data_config, processor, tmp_path):
+    """Two real JAX processes (gloo, 4 CPU devices each, text-only data): each step's global
+    input_ids [8, L] is sharded over (data, fsdp), each process holds exactly its own rows, and
+    those rows equal the simulated shard i/2 of the same pipeline."""
+    import socket
+    import subprocess
+    import sys
+
+    text_dir = tmp_path / "text"
+    rows = [
+        (str(i), {**record(i), "query_text": f"query {i}", "query_image": b""}) for i in range(16)
+    ]
+    rows = [(k, {**r, "positive_text": f"caption {k}", "positive_image": b""}) for k, r in rows]
+    builders.write_pairs(text_dir / "synthetic", {"train": rows})
+    (text_dir / "tokenizer").symlink_to(Path(data_config.dir) / "tokenizer")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "process.py"
+    script.write_text(_PROCESS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(port), str(i), text_dir, tmp_path / f"{i}.json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    config = data_config.copy_and_resolve_references()
+    config.update(dir=str(text_dir), max_images=0)
+    for index in range(2):
+        got = json.loads((tmp_path / f"{index}.json").read_text())
+        simulated = pipeline.make_train_iterator(
+            config, processor, mesh=None, global_batch_size=8, seed=4,
+            process_index=index, process_count=2,
+        )  # fmt: skip
+        for step in got:
+            expected = next(simulated)["query"]["input_ids"]
+            assert step["shape"][0] == 8 and step["spec"] == [["data", "fsdp"]]
+            assert step["starts"] == [4 * index + r for r in range(4)]
+            np.testing.assert_array_equal(np.asarray(step["local"]), expected)
