@@ -233,3 +233,29 @@ def test_build_synthetic_round_trip_and_idempotence(tmp_path):
     config.synthetic.seed = 1
     with pytest.raises(ValueError, match="was built with .*use another config.data.dir"):
         build.build_synthetic(config, progress=False)
+
+
+def test_build_cli_converts_user_datasets(tmp_path):
+    """build() with name="mmeb" converts the training files where the pipeline reads them, and
+    convert_eval converts the MMEB eval / BEIR sets under <dir>/mmeb_eval, <dir>/beir."""
+    from metaembed_jax.data import build, pipeline
+    from metaembed_jax.data.config import get_data_config
+
+    config = get_data_config()
+    config.dir = str(tmp_path)
+    config.name = "mmeb"
+    config.mmeb_train.update(files=(str(FIXTURES / "mmeb_train" / "train.parquet"),))
+    config.mmeb_train.image_root = str(FIXTURES)
+    config.mmeb_eval.update(root=str(FIXTURES / "mmeb_eval"), image_root=str(FIXTURES))
+    config.mmeb_eval.datasets = ("ToyRetrieval",)
+    config.beir.roots = (str(FIXTURES / "beir"),)
+    written = build.build(config, convert_eval=True)
+    assert written == [
+        tmp_path / "mmeb_train",
+        tmp_path / "mmeb_eval" / "ToyRetrieval",
+        tmp_path / "beir" / "beir",
+    ]
+    source = builders.open_pairs(pipeline.dataset_dir(config))
+    assert [source[i]["query_id"] for i in range(len(source))] == [f"train:{i}" for i in range(4)]
+    assert len(builders.read_mmeb_eval(written[1])) == 3
+    assert builders.read_eval_set(written[2])["qrels"] == {"q1": {"d1": 1}}
