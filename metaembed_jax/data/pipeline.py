@@ -347,6 +347,31 @@ def to_global(tree: Any, mesh: Mesh, batch_axes: Sequence[str]) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
+def _check_batch(data_config, mesh, global_batch_size: int, process_count: int) -> tuple[int, int]:
+    """(per-process batch size, batch shards per process), or a ValueError saying what fails."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} not divisible by {process_count} processes"
+        )
+    local_batch_size = global_batch_size // process_count
+    multiple = batch_shards_per_process(mesh, data_config.batch_axes)
+    if local_batch_size % multiple:
+        raise ValueError(
+            f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
+            f"(mesh axes {tuple(data_config.batch_axes)})"
+        )
+    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0:
+        # Each process can only place its own patches: the global pixel_values would be
+        # per-process blocks [real_0, pad_0, real_1, pad_1, ...], while the backbone reads
+        # patches past sum(t*h*w) of the whole grid as padding. Refuse rather than mis-align.
+        raise ValueError(
+            f"{jax.process_count()} processes with image inputs (config.data.max_images="
+            f"{data_config.max_images}) are not supported yet: pixel_values / image_grid_thw "
+            "would be laid out per process. Use one process, or max_images=0 for text-only data."
+        )
+    return local_batch_size, multiple
+
+
 def make_train_iterator(
     data_config,
     processor: Processor,
@@ -375,26 +400,7 @@ def make_train_iterator(
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} not divisible by {process_count} processes"
-        )
-    local_batch_size = global_batch_size // process_count
-    multiple = batch_shards_per_process(mesh, data_config.batch_axes)
-    if local_batch_size % multiple:
-        raise ValueError(
-            f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
-            f"(mesh axes {tuple(data_config.batch_axes)})"
-        )
-    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0:
-        # Each process can only place its own patches: the global pixel_values would be
-        # per-process blocks [real_0, pad_0, real_1, pad_1, ...], while the backbone reads
-        # patches past sum(t*h*w) of the whole grid as padding. Refuse rather than mis-align.
-        raise ValueError(
-            f"{jax.process_count()} processes with image inputs (config.data.max_images="
-            f"{data_config.max_images}) are not supported yet: pixel_values / image_grid_thw "
-            "would be laid out per process. Use one process, or max_images=0 for text-only data."
-        )
+    local_batch_size, multiple = _check_batch(data_config, mesh, global_batch_size, process_count)
     if source is None:
         source = builders.open_pairs(dataset_dir(data_config), data_config.train_split)
     shuffle_seed = seed if data_config.shuffle_seed is None else data_config.shuffle_seed
