@@ -21,6 +21,11 @@ num_workers); keep them fixed across a resume. With n > 0 workers grain deals th
 out to the workers (element i to worker i mod n) and interleaves their batches: still
 deterministic and exactly resumable, but epoch boundaries are then only approximate.
 
+Several JAX processes: each contributes its own block of every array. For `input_ids` etc. that
+is the global batch; image arrays would be per-process blocks (real patches, then padding), which
+the backbone does not read, so image inputs with more than one process are refused for now
+(text-only data: `max_images=0`).
+
 Bad rows are caught when a dataset is built (`builders` / `sources`, where
 `config.data.skip_bad_rows` applies); a record that still fails here (e.g. a corrupted file)
 always raises `BadRowError` naming the split and the record.
