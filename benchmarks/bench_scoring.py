@@ -1,0 +1,364 @@
+"""Budgeted MaxSim: metaembed_jax vs colpali-engine and PyLate scorers, one process, same data.
+
+    python benchmarks/bench_scoring.py            # full: 32 queries x 20k candidates, D=512,
+                                                  # plus a D=2048 row (5k candidates)
+    python benchmarks/bench_scoring.py --quick    # small, fast
+    python benchmarks/bench_scoring.py --embeddings FILE.npz   # two-stage / int8 recall on
+                                                  # real embeddings (queries, candidates arrays)
+
+Prints markdown tables. Peers are called from their installed packages (colpali-engine's
+`BaseVisualRetrieverProcessor.score_multi_vector`, PyLate's `pylate.scores.colbert_scores`),
+loading only the scorer submodules (their package __init__s import heavy optional deps).
+Latency = best of ``--repeats`` runs after a warm-up (compile) run, divided by the query count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from metaembed_jax.index import MultiVectorIndex  # noqa: E402
+from metaembed_jax.scoring import maxsim  # noqa: E402
+
+BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
+R_Q, R_C = 16, 64
+
+
+# ------------------------------------------------------------------------------------- peers
+def _stub_packages(*names: str) -> None:
+    """Register empty parent packages with the installed __path__, so that their submodules
+    import without running the package __init__ (which pulls optional heavy dependencies)."""
+    for name in names:
+        if name in sys.modules:
+            continue
+        parent, _, child = name.rpartition(".")
+        if parent:
+            path = [os.path.join(sys.modules[parent].__path__[0], child)]
+        else:
+            path = list(importlib.util.find_spec(name).submodule_search_locations)
+        module = types.ModuleType(name)
+        module.__path__ = path
+        sys.modules[name] = module
+
+
+def load_peers():
+    """-> {"colpali": fn(q, c) -> scores, "pylate": fn(q, c) -> scores} on torch tensors."""
+    _stub_packages(
+        "colpali_engine", "colpali_engine.utils", "pylate", "pylate.utils", "pylate.scores"
+    )
+    processing = importlib.import_module("colpali_engine.utils.processing_utils")
+    colbert = importlib.import_module("pylate.scores.colbert")
+    processor = processing.BaseVisualRetrieverProcessor
+    return {
+        "colpali": lambda q, c: processor.score_multi_vector(q, c, device="cpu"),
+        "pylate": lambda q, c: colbert.colbert_scores(q, c),
+    }
+
+
+# ------------------------------------------------------------------------------------- timing
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call (compilation, caches)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(dtype_name: str, rows: int, dim: int, repeats: int) -> dict[str, float]:
+    """Best GFLOP/s of a plain [rows, dim] x [dim, cols] matmul (float32 accumulation) in JAX
+    and in torch, over a few cache-sized and larger column counts."""
+    rng = np.random.default_rng(0)
+    best = {"jax": 0.0, "torch": 0.0}
+    jdtype, tdtype = (
+        (jnp.float32, torch.float32) if dtype_name == "float32" else (jnp.bfloat16, torch.bfloat16)
+    )
+    dot = jax.jit(
+        lambda a, b: lax.dot_general(
+            a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+    )
+    for cols in (2048, 4096, 8192, 16384):
+        a = rng.standard_normal((rows, dim), np.float32)
+        b = rng.standard_normal((cols, dim), np.float32)
+        flops = 2.0 * rows * cols * dim
+        ja, jb = jnp.asarray(a, jdtype), jnp.asarray(b, jdtype)
+        seconds = best_time(lambda ja=ja, jb=jb: dot(ja, jb), repeats)
+        best["jax"] = max(best["jax"], flops / seconds / 1e9)
+        ta, tb = torch.from_numpy(a).to(tdtype), torch.from_numpy(b).to(tdtype)
+        seconds = best_time(lambda ta=ta, tb=tb: ta @ tb.T, repeats)
+        best["torch"] = max(best["torch"], flops / seconds / 1e9)
+    return best
+
+
+def unit_vectors(rng, shape) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------- scoring
+def bench_scoring(peers, num_queries, num_candidates, dim, dtype_name, repeats, peak):
+    """One row per budget: ours vs the peers on the same unit-norm data and dtype."""
+    rng = np.random.default_rng(dim)
+    queries = unit_vectors(rng, (num_queries, R_Q, dim))
+    candidates = unit_vectors(rng, (num_candidates, R_C, dim))
+    jdtype, tdtype = (
+        (jnp.float32, torch.float32) if dtype_name == "float32" else (jnp.bfloat16, torch.bfloat16)
+    )
+    q_jax, c_jax = jnp.asarray(queries, jdtype), jnp.asarray(candidates, jdtype)
+    q_torch = torch.from_numpy(queries).to(tdtype)
+    c_torch = torch.from_numpy(candidates).to(tdtype)
+    del candidates
+    rows = []
+    for budget in BUDGETS:
+        r_q, r_c = budget
+        flops = 2.0 * r_q * r_c * dim * num_candidates  # per query
+        ours = best_time(lambda b=budget: maxsim(q_jax, c_jax, b), repeats)
+        # The peers get contiguous prefixes prepared outside the timed region.
+        q_prefix, c_prefix = q_torch[:, :r_q].contiguous(), c_torch[:, :r_c].contiguous()
+        peer_times = {
+            name: best_time(lambda f=fn, q=q_prefix, c=c_prefix: f(q, c), repeats)
+            for name, fn in peers.items()
+        }
+        del q_prefix, c_prefix
+        faster = min(peer_times, key=peer_times.get)
+        rows.append(
+            {
+                "dim": dim,
+                "dtype": dtype_name,
+                "budget": budget,
+                "gflop_per_query": flops / 1e9,
+                "mb": num_candidates * r_c * dim * c_jax.dtype.itemsize / 1e6,
+                "ours_ms": ours / num_queries * 1e3,
+                "gflops": flops * num_queries / ours / 1e9,
+                "peak_fraction": flops * num_queries / ours / 1e9 / peak,
+                **{f"{name}_ms": t / num_queries * 1e3 for name, t in peer_times.items()},
+                "speedup": peer_times[faster] / ours,
+                "faster_peer": faster,
+            }
+        )
+        print(
+            f"  D={dim} {dtype_name} {budget}: ours {ours:.3f}s, "
+            + ", ".join(f"{n} {t:.3f}s" for n, t in peer_times.items()),
+            flush=True,
+        )
+    return rows
+
+
+def check_agreement(peers, dim=64) -> float:
+    """Max |ours - pylate| on a small float32 case at (4, 8): the scorers compute the same thing."""
+    rng = np.random.default_rng(1)
+    q, c = unit_vectors(rng, (3, R_Q, dim)), unit_vectors(rng, (50, R_C, dim))
+    ours = np.asarray(maxsim(q, c, (4, 8)))
+    theirs = peers["pylate"](torch.from_numpy(q[:, :4].copy()), torch.from_numpy(c[:, :8].copy()))
+    return float(np.abs(ours - theirs.numpy()).max())
+
+
+def print_scoring_table(rows, peaks):
+    print(
+        "\n| D | dtype | budget | GFLOP/query | MB read (prefix) | ours ms/query | ours GFLOP/s "
+        "| % of matmul peak | colpali ms/query | PyLate ms/query | speed-up vs faster peer |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['dim']} | {r['dtype']} | {r['budget']} | {r['gflop_per_query']:.3f} | "
+            f"{r['mb']:.0f} | {r['ours_ms']:.2f} | {r['gflops']:.0f} | "
+            f"{100 * r['peak_fraction']:.0f}% | {r['colpali_ms']:.2f} | {r['pylate_ms']:.2f} | "
+            f"{r['speedup']:.2f}x ({r['faster_peer']}) |"
+        )
+    print(
+        "\nMatmul peak (best GFLOP/s of a plain matmul, same dtype, same run; the % column uses "
+        "the better of JAX and torch):"
+    )
+    for (dim, dtype_name), peak in peaks.items():
+        print(f"- D={dim} {dtype_name}: JAX {peak['jax']:.0f}, torch {peak['torch']:.0f}")
+
+
+# ------------------------------------------------------------------------------------- recall
+def synthetic_stand_in(rng, num_queries, num_candidates, dim, cluster_size=20):
+    """SYNTHETIC stand-in for embeddings of a trained MMR model (none exists yet).
+
+    Candidates come in clusters of ``cluster_size`` near-duplicates of a topic (so a query's
+    top-10 are semantically related, as with a real model, not random near-ties); each
+    candidate's vectors are its topic plus noise that grows along the vector index (early vectors
+    carry the topic, as Matryoshka training encourages); each query is a noisy view of one
+    candidate's topic. Only meant to exercise two-stage search on prefix-informative data: its
+    recall figures say nothing about a real model.
+    """
+
+    def noisy(centres, scale):
+        noise = rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(dim)
+        x = centres + scale * noise
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    clusters = unit_vectors(rng, (-(-num_candidates // cluster_size), 1, dim))
+    topics = noisy(np.repeat(clusters, cluster_size, axis=0)[:num_candidates], 0.7)
+    noise_scale = np.linspace(0.3, 1.5, R_C, dtype=np.float32)[None, :, None]
+    candidates = np.empty((num_candidates, R_C, dim), np.float32)
+    for start in range(0, num_candidates, 2048):
+        rows = slice(start, start + 2048)
+        candidates[rows] = noisy(np.broadcast_to(topics[rows], candidates[rows].shape), noise_scale)
+    targets = rng.choice(num_candidates, num_queries, replace=False)
+    queries = noisy(np.broadcast_to(topics[targets], (num_queries, R_Q, dim)), 1.0)
+    return queries, candidates
+
+
+def recall(found: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over queries of |found ∩ reference| / k."""
+    return float(
+        np.mean([len(set(f) & set(r)) / len(r) for f, r in zip(found, reference, strict=True)])
+    )
+
+
+def bench_two_stage(queries, candidates, shortlists, repeats, label):
+    """Two-stage (coarse (1,1) + exact rerank) vs exhaustive (16,64), k=10, per index dtype."""
+    fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
+    rows = []
+    for dtype_name in ("float32", "bfloat16"):
+        index = MultiVectorIndex.build(candidates, dtype=dtype_name)
+        exhaustive_time = best_time(lambda i=index: i.search(queries, fine, k=10), repeats)
+        _, exact_ids = index.search(queries, fine, k=10)
+        for shortlist in shortlists:
+
+            def two_stage(i=index, s=shortlist):
+                return i.search(queries, fine, k=10, coarse_budget=(1, 1), shortlist=s)
+
+            seconds = best_time(two_stage, repeats)
+            rows.append(
+                (
+                    label,
+                    dtype_name,
+                    shortlist,
+                    exhaustive_time / len(queries) * 1e3,
+                    seconds / len(queries) * 1e3,
+                    exhaustive_time / seconds,
+                    recall(two_stage()[1], exact_ids),
+                )
+            )
+        del index
+    print(f"\n**Two-stage vs exhaustive {fine}, k=10, data: {label}**\n")
+    print(
+        "| data | index dtype | shortlist | exhaustive ms/query | two-stage ms/query | speed-up "
+        "| recall@10 vs exhaustive |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| {} | {} | {} | {:.2f} | {:.2f} | {:.1f}x | {:.3f} |".format(*row))
+
+
+def bench_quantised(queries, candidates, label):
+    """int8 / bfloat16 vs float32 index: recall@10 at (16, 64) and bytes."""
+    fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
+    reference = MultiVectorIndex.build(candidates, dtype="float32")
+    _, exact_ids = reference.search(queries, fine, k=10)
+    size = reference.nbytes
+    del reference
+    print(f"\n**Quantised index vs float32, exhaustive {fine}, k=10, data: {label}**\n")
+    print("| data | index dtype | bytes | size vs float32 | recall@10 vs float32 |")
+    print("|---|---|---|---|---|")
+    print(f"| {label} | float32 | {size:,} | 1.00x | 1.000 |")
+    for dtype_name in ("bfloat16", "int8"):
+        index = MultiVectorIndex.build(candidates, dtype=dtype_name)
+        _, ids = index.search(queries, fine, k=10)
+        print(
+            f"| {label} | {dtype_name} | {index.nbytes:,} | 1/{size / index.nbytes:.2f} | "
+            f"{recall(ids, exact_ids):.3f} |"
+        )
+        del index
+
+
+# ------------------------------------------------------------------------------------- main
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat")
+    parser.add_argument("--num-queries", type=int, default=32)
+    parser.add_argument("--num-candidates", type=int, default=20000, help="for D=512")
+    parser.add_argument(
+        "--num-candidates-2048",
+        type=int,
+        default=5000,
+        help="for the D=2048 row (20k x 64 x 2048 float32 would be 10.5 GB)",
+    )
+    parser.add_argument("--dims", default="512,2048")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shortlists", default="100,300,1000")
+    parser.add_argument("--embeddings", help=".npz with queries [Nq,R_q,D], candidates [Nc,R_c,D]")
+    parser.add_argument("--skip-scoring", action="store_true")
+    parser.add_argument("--skip-recall", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_candidates, args.num_candidates_2048 = 2000, 500
+        args.repeats, args.shortlists = 1, "50,200"
+    return args
+
+
+def main():
+    args = parse_args()
+    print(
+        f"# bench_scoring: jax {jax.__version__} ({jax.devices()[0].platform}, "
+        f"{os.cpu_count()} cores), torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    print("Figures are PROVISIONAL: measured on a shared machine while other jobs ran.\n")
+    peers = load_peers()
+    print(f"agreement check, max |ours - pylate| at (4, 8): {check_agreement(peers):.2e}")
+    if not args.skip_scoring:
+        rows, peaks = [], {}
+        for dim in (int(d) for d in args.dims.split(",")):
+            count = args.num_candidates if dim == 512 else args.num_candidates_2048
+            for dtype_name in ("float32", "bfloat16"):
+                peak = matmul_peak(dtype_name, args.num_queries * R_Q, dim, args.repeats)
+                peaks[(dim, dtype_name)] = peak
+                rows += bench_scoring(
+                    peers,
+                    args.num_queries,
+                    count,
+                    dim,
+                    dtype_name,
+                    args.repeats,
+                    max(peak.values()),
+                )
+        print(
+            f"\n**Exhaustive scoring, {args.num_queries} queries, random unit vectors "
+            f"(R_q={R_Q}, R_c={R_C}); candidates: {args.num_candidates} at D=512, "
+            f"{args.num_candidates_2048} at D=2048**"
+        )
+        print_scoring_table(rows, peaks)
+    if not args.skip_recall:
+        shortlists = [int(s) for s in args.shortlists.split(",")]
+        if args.embeddings:
+            data = np.load(args.embeddings)
+            queries, candidates = data["queries"], data["candidates"]
+            label = os.path.basename(args.embeddings)
+        else:
+            rng = np.random.default_rng(7)
+            queries, candidates = synthetic_stand_in(
+                rng, args.num_queries, args.num_candidates, 512
+            )
+            label = "SYNTHETIC stand-in (no trained model yet)"
+        bench_two_stage(queries, candidates, shortlists, args.repeats, label)
+        bench_quantised(queries, candidates, label)
+        rng = np.random.default_rng(8)
+        bench_quantised(
+            unit_vectors(rng, (args.num_queries, R_Q, 512)),
+            unit_vectors(rng, (args.num_candidates, R_C, 512)),
+            "random unit vectors",
+        )
+
+
+if __name__ == "__main__":
+    main()
