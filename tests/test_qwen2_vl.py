@@ -220,6 +220,15 @@ def test_rope_index_matches_get_rope_index(checkpoint):
         batch["input_ids"], batch["attention_mask"], padded["image_grid_thw"]
     )
     np.testing.assert_array_equal(np.asarray(jitted), expected.numpy())
+    text = make_batch(TEXT_ROWS)  # text-only: no grids at all
+    text_ids = torch.from_numpy(text["input_ids"]).long()
+    expected_text, _ = hf_model.model.get_rope_index(
+        text_ids,
+        mm_token_type_ids=torch.zeros_like(text_ids).int(),
+        attention_mask=torch.from_numpy(text["attention_mask"]),
+    )
+    ours_text = model.position_ids(text["input_ids"], text["attention_mask"], None)
+    np.testing.assert_array_equal(np.asarray(ours_text), expected_text.numpy())
 
 
 def flat_config(nested):

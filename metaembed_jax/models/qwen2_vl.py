@@ -317,15 +317,24 @@ class Qwen2VLBackbone(nnx.Module):
         return self.norm(hidden)
 
     def __call__(
-        self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
     ) -> jax.Array:
-        """Last-layer hidden states `[B, L, H]` (numpy or jax inputs, HF keyword names)."""
+        """Last-layer hidden states `[B, L, H]` (numpy or jax inputs, HF keyword names).
+
+        `mm_token_type_ids` is accepted so that a transformers processor's output can be passed
+        as is, and ignored: the image positions are derived from `input_ids`.
+        """
+        del mm_token_type_ids
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-        grid = image_grid_thw if pixel_values is not None else None
-        positions = self.position_ids(input_ids, attention_mask, grid)
+        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
         return self.decode(embeds, attention_mask, positions)
 
 
