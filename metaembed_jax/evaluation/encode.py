@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -166,9 +167,13 @@ class EmbeddingCache:
             return None
         if json.loads(manifest_path.read_text()) != self._manifest(items):
             return None
-        if side == "query":
-            return np.load(data_path)
-        return index_class().load(str(data_path))
+        try:
+            if side == "query":
+                return np.load(data_path)
+            return index_class().load(str(data_path))
+        except (OSError, ValueError) as error:  # unreadable or altered: encode again
+            logging.warning("ignoring cached %s embeddings of %s: %s", side, name, error)
+            return None
 
     def store(self, name: str, items: Sequence[Item], side: str, embeddings: np.ndarray):
         """Writes embeddings; returns what `load` would return."""

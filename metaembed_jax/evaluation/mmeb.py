@@ -114,7 +114,8 @@ def _row_items(row: Mapping[str, Any], image_root: str | None):
 def score_matrix(index, query_embeddings: np.ndarray, budget) -> tuple[np.ndarray, float]:
     """Scores of every query against every indexed candidate: ([Nq, Nc] float32, seconds)."""
     num_candidates = len(index)
-    index.search(query_embeddings[:1], budget=budget, k=num_candidates)  # warm-up / compile
+    # Warm-up with the same shapes: the timed call then excludes compilation.
+    index.search(query_embeddings, budget=budget, k=num_candidates)
     start = time.perf_counter()
     scores, positions = index.search(query_embeddings, budget=budget, k=num_candidates)
     scores, positions = np.asarray(scores, np.float32), np.asarray(positions)

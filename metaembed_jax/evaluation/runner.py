@@ -199,39 +199,87 @@ def model_fingerprint(config, run_dir: Path, step: int) -> str:
     return f"{run_dir.resolve()}@{step}:{mtime}:{digest}"
 
 
-def restore_model(config, run_dir: Path, step: int | None, mesh, vocab_size: int | None):
-    """(model with the trained weights, step) of the run in `run_dir` (latest step if None).
+def find_step(run_dir: Path, step: int | None) -> int:
+    """The checkpoint step to evaluate (latest when None), found without building anything.
 
-    The train state is rebuilt from the config as the training run built it (frozen LoRA base
-    weights come from `init_from` / the seed), then the checkpoint is restored into it.
-    Raises FileNotFoundError when the run has no checkpoint.
+    Raises FileNotFoundError when the run has no (such) checkpoint.
     """
     from metaembed_jax.training.checkpointing import Checkpointer
-    from metaembed_jax.training.model import build_model
-    from metaembed_jax.training.state import create_train_state, make_optimizer
 
     if not (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"no checkpoints in {run_dir}: train first (python train.py --config ... "
             f"--workdir {run_dir}) or pass --checkpoint"
         )
+    checkpointer = Checkpointer(run_dir, async_save=False)
+    try:
+        steps = list(checkpointer.manager.all_steps())
+    finally:
+        checkpointer.close()
+    found = max(steps, default=None) if step is None else step
+    if found is None or found not in steps:
+        where = "" if step is None else f"of step {step} "
+        raise FileNotFoundError(
+            f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
+        )
+    return int(found)
+
+
+def restore_model(config, run_dir: Path, step: int, mesh, vocab_size: int | None):
+    """The MetaEmbed of the run in `run_dir` with the weights of checkpoint `step`.
+
+    The train state is rebuilt from the config as the training run built it (frozen LoRA base
+    weights come from `init_from` / the seed), then the checkpoint is restored into it.
+    """
+    from metaembed_jax.training.checkpointing import Checkpointer
+    from metaembed_jax.training.model import build_model
+    from metaembed_jax.training.state import create_train_state, make_optimizer
+
+    model = build_model(config, mesh=mesh, vocab_size=vocab_size)
+    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+    template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
+    del model
     checkpointer = Checkpointer(run_dir, keep=int(config.checkpoint.keep), async_save=False)
     try:
-        # Find the step before building anything: a missing checkpoint fails in a second.
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else f'of step {step} '}in "
-                f"{run_dir / 'checkpoints'} (steps there: {list(checkpointer.manager.all_steps())})"
-            )
-        model = build_model(config, mesh=mesh, vocab_size=vocab_size)
-        tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
-        template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
-        del model
         state, _ = checkpointer.restore(template, step)
     finally:
         checkpointer.close()
-    return state.model(), int(step)
+    return state.model()
+
+
+class LazyEncoder:
+    """Restores the model and builds its `ModelEncoder` on the first call only: a run whose
+    embeddings are all cached never loads the model."""
+
+    def __init__(self, config, run_dir: Path, step: int):
+        self.config, self.run_dir, self.step = config, run_dir, step
+        self.encoder = None
+
+    def _build(self):
+        from metaembed_jax import sharding
+        from metaembed_jax.data.pipeline import StaticShapes, processor_from_config
+        from metaembed_jax.evaluation.encode import ModelEncoder
+
+        config = self.config
+        mesh = sharding.make_mesh(config.mesh)
+        # The run's tokenizer: the checkpoint's own, or the built-in one under config.data.dir.
+        processor = processor_from_config(config.data, config.init_from or None)
+        model = restore_model(config, self.run_dir, self.step, mesh, len(processor.tokenizer))
+        shards = sharding.batch_shards(mesh)
+        batch_size = -(-int(eval_option(config, "batch_size", 16)) // shards) * shards
+        return ModelEncoder(
+            model,
+            processor,
+            batch_size=batch_size,
+            mesh=mesh,
+            batch_axes=tuple(config.data.batch_axes),
+            pad_features=StaticShapes(config.data, batch_size),
+        )
+
+    def __call__(self, items, side):
+        if self.encoder is None:
+            self.encoder = self._build()
+        return self.encoder(items, side)
 
 
 def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
@@ -240,26 +288,9 @@ def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
     Raises ValueError for a budget beyond the trained sizes before anything is loaded, and
     FileNotFoundError when there is no checkpoint to evaluate.
     """
-    from metaembed_jax import sharding
-    from metaembed_jax.data.pipeline import StaticShapes, processor_from_config
-    from metaembed_jax.evaluation.encode import ModelEncoder
-
     budgets = check_budgets(configured_budgets(config), *trained_sizes(config))
     run_dir, step = checkpoint_location(workdir, checkpoint)
-    mesh = sharding.make_mesh(config.mesh)
-    # The run's tokenizer: the checkpoint's own, or the built-in one under config.data.dir.
-    processor = processor_from_config(config.data, config.init_from or None)
-    model, step = restore_model(config, run_dir, step, mesh, len(processor.tokenizer))
-    shards = sharding.batch_shards(mesh)
-    batch_size = -(-int(eval_option(config, "batch_size", 16)) // shards) * shards
-    encoder = ModelEncoder(
-        model,
-        processor,
-        batch_size=batch_size,
-        mesh=mesh,
-        batch_axes=tuple(config.data.batch_axes),
-        pad_features=StaticShapes(config.data, batch_size),
-    )
+    step = find_step(run_dir, step)
     r_q, r_c = trained_sizes(config)
     info = {
         "name": f"{run_dir.name} step {step}",
@@ -272,7 +303,7 @@ def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
     return evaluate(
         config,
         workdir,
-        encode=encoder,
+        encode=LazyEncoder(config, run_dir, step),
         model_fingerprint=model_fingerprint(config, run_dir, step),
         model_info=info,
         budgets=budgets,
