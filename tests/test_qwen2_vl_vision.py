@@ -23,7 +23,7 @@ from transformers import vision_utils as hf_vision
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
-from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models import hf_loading, layers, qwen2_vl_vision
 from metaembed_jax.models.qwen2_vl_vision import (
     VisionTower,
     dense_attention,
@@ -171,10 +171,12 @@ def test_matches_transformers(checkpoint, sizes, video):
     np.testing.assert_allclose(np.asarray(got), expected, atol=FLOAT32_TOLERANCE, rtol=0)
 
 
-def test_padding_does_not_change_real_rows(checkpoint):
+def test_padding_does_not_change_real_rows(checkpoint, monkeypatch):
     """Padding patch rows and all-zero grid rows leave the real rows unchanged (<= 1e-4 from HF);
-    padding output rows come after them and are zero."""
+    padding output rows come after them and are zero. Full attention runs in query chunks of 16
+    here (as it does on long packed sequences)."""
     model_type, visual, path = checkpoint
+    monkeypatch.setattr(qwen2_vl_vision, "DENSE_QUERY_CHUNK", 16)
     tower = hf_loading.load_hf(path).visual
     pixel_values, grid_thw = images_to_patches([(56, 56), (56, 112)])
     expected = hf_features(visual, pixel_values, grid_thw)
@@ -254,8 +256,9 @@ def test_rotary_matches_hf(model_type):
 
 @pytest.mark.parametrize("span", [4, 16])
 def test_local_attention_equals_dense(span):
-    """Banded attention = dense segment-masked attention when segments are runs <= span rows;
-    a long trailing run (padding) may differ and is not compared."""
+    """Banded attention = dense segment-masked attention when segments are runs <= span rows
+    (a long trailing run, like padding, may differ and is not compared); query-chunked dense
+    attention = one-shot dense attention everywhere."""
     rng = np.random.default_rng(span)
     lengths = rng.integers(1, span + 1, size=12)
     segments = np.repeat(np.arange(len(lengths)), lengths)
@@ -265,6 +268,9 @@ def test_local_attention_equals_dense(span):
     local = jax.jit(local_attention, static_argnums=4)(query, key, value, segments, span)
     dense = dense_attention(query, key, value, segments)
     np.testing.assert_allclose(local[:real], dense[:real], atol=1e-5)
+    # Query-chunked dense attention (long packed sequences) = one-shot dense attention.
+    chunked = jax.jit(dense_attention, static_argnums=4)(query, key, value, segments, 7)
+    np.testing.assert_allclose(chunked, dense, atol=1e-5)
 
 
 def test_layout_padding():

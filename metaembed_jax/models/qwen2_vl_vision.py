@@ -8,17 +8,18 @@ How it differs from the PyTorch reference, and why:
   static shapes and use segment ids instead (one segment per frame, as HF does; for Qwen2.5-VL's
   window blocks, one segment per window). Every layout array (rotary positions, segment ids,
   window permutation) is computed with jnp ops from `image_grid_thw`, so grid values may be traced.
-- Qwen2.5-VL mixes full-attention and window-attention blocks: one `nnx.scan` runs all blocks and
-  each block picks its segment ids from a flag computed from the scanned layer index.
+- Qwen2.5-VL mixes full-attention and window-attention blocks: one `nnx.scan` runs all blocks;
+  the layer index rides in the scan carry and each block picks, with `lax.cond`, full attention
+  within frames or window attention within windows.
 - Padding (CONTRACTS.md): all-zero rows of `image_grid_thw` are no image; patch rows past
   `sum(t*h*w)` are padding. Padding patches form a segment of their own (they never attend to or
   from real patches), sort after every real window, and their output rows (after the real ones)
   are set to zero.
 
 Cost: window blocks attend within a static band around each block of queries (linear in the
-packed length P); full-attention blocks (all of Qwen2-VL's, `fullatt_block_indexes` of
-Qwen2.5-VL's) are dense over the packed sequence with a segment mask, O(P**2) memory for the
-scores, where HF loops over images (O(sum of per-image P**2)).
+packed length P). Full-attention blocks (all of Qwen2-VL's, `fullatt_block_indexes` of
+Qwen2.5-VL's) compute every query against all P keys with a segment mask, in query chunks:
+O(P**2) compute where HF's per-image loop does O(sum of per-image P**2), O(chunk * P) memory.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ ACTIVATIONS = {
 }
 
 NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
+DENSE_QUERY_CHUNK = 512  # queries per step of full attention over a long packed sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,10 +267,26 @@ def local_attention(query, key, value, segments, span: int) -> jax.Array:
     return out.reshape(blocks * span, *out.shape[2:])[:num]
 
 
-def dense_attention(query, key, value, segments) -> jax.Array:
-    """Attention within segments over the whole packed sequence: [P, H, Dh] -> [P, H, Dh]."""
-    mask = (segments[:, None] == segments[None, :])[None, None]
-    return layers.dot_product_attention(query[None], key[None], value[None], mask)[0]
+def dense_attention(query, key, value, segments, chunk: int = DENSE_QUERY_CHUNK) -> jax.Array:
+    """Attention within segments over the whole packed sequence: [P, H, Dh] -> [P, H, Dh].
+    Queries go `chunk` at a time (a `lax.map`), so the scores take O(H * chunk * P) memory, not
+    O(H * P**2), when many images are packed together."""
+    num, heads, head_dim = query.shape
+    if num <= chunk:
+        mask = (segments[:, None] == segments[None, :])[None, None]
+        return layers.dot_product_attention(query[None], key[None], value[None], mask)[0]
+    blocks = -(-num // chunk)
+    extra = blocks * chunk - num
+    query = jnp.pad(query, ((0, extra), (0, 0), (0, 0))).reshape(blocks, chunk, heads, head_dim)
+    query_segments = jnp.pad(segments, (0, extra), constant_values=-1).reshape(blocks, chunk)
+
+    def one_chunk(args):
+        chunk_query, chunk_segments = args
+        mask = (chunk_segments[:, None] == segments[None, :])[None, None]
+        return layers.dot_product_attention(chunk_query[None], key[None], value[None], mask)[0]
+
+    out = jax.lax.map(one_chunk, (query, query_segments))
+    return out.reshape(blocks * chunk, heads, head_dim)[:num]
 
 
 class Segments(NamedTuple):
@@ -300,11 +318,11 @@ class VisionAttention(nnx.Module):
         query = layers.apply_rotary(query, cos, sin)
         key = layers.apply_rotary(key, cos, sin)
         if segments.windows is None:
-            out = dense_attention(query, key, value, segments.frames)
+            out = dense_attention(query, key, value, segments.frames, DENSE_QUERY_CHUNK)
         else:  # one branch runs: window blocks never pay for dense attention
             out = jax.lax.cond(
                 segments.full,
-                lambda: dense_attention(query, key, value, segments.frames),
+                lambda: dense_attention(query, key, value, segments.frames, DENSE_QUERY_CHUNK),
                 lambda: local_attention(query, key, value, segments.windows, self.window_span),
             )
         return self.proj(out.reshape(num_patches, -1))
