@@ -26,7 +26,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import _index_io
-from metaembed_jax.scoring import chunked_scores, default_chunk_size, resolve_budget
+from metaembed_jax.scoring import (
+    chunked_scores,
+    compute_dtype,
+    default_chunk_size,
+    resolve_budget,
+    score_block,
+)
 
 DTYPES = ("float32", "bfloat16", "int8")
 _HOST_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
@@ -117,16 +123,18 @@ def _exhaustive_fn(mesh, r_q, r_c, k, chunk_size, has_scales, has_mask):
 def _rerank_one(query, query_mask, block, scales, local_positions, *, r_q, r_c):
     """Exact scores of one query [R_q, D] against its own gathered candidates -> [S]."""
     candidates = block[local_positions, :r_c]  # one gather of [S, r_c, D]
-    cand_scales = None if scales is None else scales[local_positions, :r_c]
-    return chunked_scores(
-        query[None],
+    if candidates.dtype == jnp.uint16:
+        candidates = lax.bitcast_convert_type(candidates, jnp.bfloat16)
+    dtype = compute_dtype(query.dtype, candidates.dtype)
+    return score_block(
+        query[:r_q].astype(dtype),
+        None if query_mask is None else query_mask[None, :r_q],
         candidates,
-        None if query_mask is None else query_mask[None],
         None,
-        cand_scales,
+        None if scales is None else scales[local_positions, :r_c],
+        num_queries=1,
         r_q=r_q,
-        r_c=r_c,
-        chunk_size=candidates.shape[0],
+        dtype=dtype,
     )[0]
 
 
