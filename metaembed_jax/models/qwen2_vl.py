@@ -103,7 +103,7 @@ def text_config(config: Mapping[str, Any]) -> TextConfig:
         num_heads=num_heads,
         num_kv_heads=int(text.get("num_key_value_heads") or num_heads),
         head_dim=head_dim,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),  # transformers default
         rope_theta=theta,
         mrope_section=section,
     )
