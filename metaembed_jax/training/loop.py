@@ -74,26 +74,16 @@ def start_distributed(config) -> bool:
 
 
 def make_processor(config):
-    """The QwenVLProcessor of the run: the checkpoint's tokenizer, or the built-in one."""
-    from metaembed_jax.data.processing import QwenVLProcessor
+    """The processor of the run: the checkpoint's tokenizer, or the built-in one."""
+    from metaembed_jax.data.pipeline import processor_from_config
 
-    data = config.data
-    path = config.init_from or os.path.join(data.dir, "tokenizer")
+    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
             " --config <config>) or set config.init_from"
         )
-    return QwenVLProcessor.from_pretrained(
-        path,
-        min_pixels=data.min_pixels,
-        max_pixels=data.max_pixels,
-        length_buckets=tuple(data.length_buckets),
-        max_images=data.max_images if data.always_emit_pixels else None,
-        patch_size=data.patch_size,
-        temporal_patch_size=data.temporal_patch_size,
-        merge_size=data.merge_size,
-    )
+    return processor_from_config(config.data, path)
 
 
 def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:

@@ -47,7 +47,10 @@ def compute_loss(
 
 def _grads_one(state: TrainState, params, other, batch, groups, temperature, mesh):
     def loss_of(params):
-        model = nnx.merge(state.graphdef, params, state.frozen, other)
+        # Fresh Variable objects for the non-differentiated parts too: nnx transforms inside the
+        # model (scan over layers) refuse Variables created at an outer trace level.
+        frozen, rest = jax.tree.map(lambda x: x, (state.frozen, other))
+        model = nnx.merge(state.graphdef, params, frozen, rest)
         loss, aux = compute_loss(model, batch, groups, temperature, mesh)
         # Dropout RNG streams advanced in the forward pass: carry them to the next step.
         new_other = nnx.state(model, nnx.Not(nnx.Param))
@@ -77,7 +80,7 @@ def train_step(
     if count > 1:
         loss, group_losses = loss / count, group_losses / count
         grads = jax.tree.map(lambda g: g / count, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -99,7 +102,10 @@ def put_batch(batch, mesh: Mesh | None):
         if isinstance(x, jax.Array):
             return x
         x = np.asarray(x)
-        return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+        # Every process holds the whole host batch (tests, benchmarks): each takes its shards.
+        return jax.make_array_from_callback(
+            x.shape, sharding.batch_sharding(mesh, x.ndim), lambda index: x[index]
+        )
 
     return jax.tree.map(put, batch)
 

@@ -120,7 +120,10 @@ def random_side(
         patches = sum(t * h * w for t, h, w in grids)
         dim = 3 * TEMPORAL_PATCH * PATCH_SIZE**2
         features["pixel_values"] = rng.normal(size=(patches, dim)).astype(np.float32)
-        features["image_grid_thw"] = np.asarray(grids, np.int32)
+        # One grid row per example, as the pipeline emits: trailing all-zero rows = no image.
+        grid_rows = np.zeros((batch, 3), np.int32)
+        grid_rows[: len(grids)] = grids
+        features["image_grid_thw"] = grid_rows
     return features
 
 
