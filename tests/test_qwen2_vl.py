@@ -340,3 +340,22 @@ def test_image_token_count_mismatch_is_a_clear_error(checkpoint):
     batch["input_ids"][0, -1] = IMAGE_PAD
     with pytest.raises(ValueError, match="image_pad"):
         model(**batch)
+
+
+def test_sharded_load_matches_transformers(checkpoint):
+    """Loaded straight onto a (data, fsdp, tensor) = (2, 2, 2) mesh by logical axis names, the
+    jitted forward still equals HF's (one model type: the placement does not depend on it)."""
+    from metaembed_jax import sharding
+
+    model_type, hf_model, path, _ = checkpoint
+    if model_type != "qwen2_5_vl":
+        pytest.skip("placement is model-type independent; checked on qwen2_5_vl")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    model = load_hf(path, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    kernel = model.layers.self_attn.q_proj.kernel[...]  # [layers, embed, heads * head_dim]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    batch = make_batch(MIXED_ROWS, MIXED_SIZES)
+    diff = max_diff_on_real_tokens(
+        jax_forward(model, batch), hf_last_hidden(hf_model, batch), batch["attention_mask"]
+    )
+    assert diff <= TOLERANCE_F32, f"max abs diff {diff}"
