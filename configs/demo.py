@@ -8,6 +8,7 @@ Variants (the paper's ablations) via the config argument:
 """
 
 from metaembed_jax.training.config import base_config
+from metaembed_jax.training.recipes import apply_variant
 from metaembed_jax.training.testing import tiny_hf_config
 
 
@@ -46,13 +47,4 @@ def get_config(variant: str | None = None):
     config.data.min_pixels = 28 * 28
     config.data.length_buckets = (32, 64, 128)
 
-    if variant in (None, "", "mmr"):
-        pass
-    elif variant == "nommr":
-        config.loss.variant = "nommr"
-    elif variant == "single":
-        config.loss.variant = "single"
-        config.model.readout = "last_token"
-    else:
-        raise ValueError(f"configs/demo.py variant {variant!r}; expected mmr, nommr or single")
-    return config
+    return apply_variant(config, variant)

@@ -1,0 +1,14 @@
+"""MetaEmbed on Qwen2.5-VL-3B with the reference recipe (see qwen2_5_vl_7b.py).
+
+`config.init_from`: local copy of Qwen/Qwen2.5-VL-3B-Instruct. Variants `:nommr`, `:single`.
+"""
+
+from metaembed_jax.training.recipes import reference_recipe
+
+
+def get_config(variant: str | None = None):
+    config = reference_recipe("checkpoints/Qwen2.5-VL-3B-Instruct", variant)
+    # 3B fits data parallelism with 2-way FSDP on 16 GB+ accelerators.
+    config.mesh.data = -1
+    config.mesh.fsdp = 2
+    return config
