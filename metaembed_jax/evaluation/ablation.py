@@ -71,11 +71,14 @@ def claims(
     lines = []
     if mmr in variants:
         series = _series(variants[mmr], budgets, column)
-        rises = all(b[1] >= a[1] for a, b in zip(series, series[1:], strict=False))
-        values = ", ".join(f"{b} {100 * v:.1f}" for b, v in series)
-        lines.append(
-            f"[{'yes' if rises else 'no'}] {mmr}: quality rises with the budget ({values})"
-        )
+        if series:
+            rises = series[-1][1] > series[0][1]
+            monotone = all(b[1] >= a[1] for a, b in zip(series, series[1:], strict=False))
+            values = ", ".join(f"{b} {100 * v:.1f}" for b, v in series)
+            lines.append(
+                f"[{'yes' if rises else 'no'}] {mmr}: quality rises with the budget, largest vs "
+                f"smallest (monotone: {'yes' if monotone else 'no'}): {values}"
+            )
     if mmr in variants and nommr in variants:
         small = budgets[0]
         m, n = _score(variants[mmr], small, column), _score(variants[nommr], small, column)
