@@ -301,10 +301,22 @@ class Qwen2VLBackbone(nnx.Module):
         )
 
     def decode(self, inputs_embeds, attention_mask, position_ids) -> jax.Array:
-        """The decoder stack + final norm: `[B, L, H]` embeddings -> last hidden states."""
+        """The decoder stack + final norm: `[B, L, H]` embeddings -> last hidden states.
+
+        `position_ids` `[3, B, L]` (M-RoPE, from `position_ids`), or `[B, L]` for plain text
+        positions, used on all three axes as transformers does.
+        """
         cfg = self.config
         hidden = jnp.asarray(inputs_embeds).astype(self.dtype)
-        length = hidden.shape[1]
+        batch, length = hidden.shape[:2]
+        position_ids = jnp.asarray(position_ids)
+        if position_ids.shape == (batch, length):
+            position_ids = jnp.broadcast_to(position_ids, (3, batch, length))
+        if position_ids.shape != (3, batch, length):
+            raise ValueError(
+                f"position_ids shape {position_ids.shape}; expected (3, {batch}, {length}) "
+                f"or ({batch}, {length})"
+            )
         real = jnp.asarray(attention_mask).astype(bool)
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None, None] & real[:, None, None, :]  # [B, 1, L, S]
