@@ -300,6 +300,11 @@ class MultiVectorIndex:
                 if "scales" not in entry:
                     raise ValueError(f"{path!r}: int8 shard without scales")
                 scales = _index_io.read_array(path, entry["scales"], mmap=mmap, verify=verify)
+                if scales.shape != vectors.shape[:2] or scales.dtype != np.float32:
+                    raise ValueError(
+                        f"{path!r}: scales of {entry['vectors']['file']} do not "
+                        f"match its vectors {vectors.shape}"
+                    )
             index._blocks.append((vectors, scales))
         index._ids = list(manifest["ids"])
         return index
@@ -312,7 +317,8 @@ class MultiVectorIndex:
         sharding = NamedSharding(mesh, P(_mesh_axes(mesh)))
         if not self.streaming:
             if mesh not in self._device_cache:
-                self._device_cache.clear()  # one placement at a time: it is a full copy
+                # One placement at a time: each is a full copy of the index.
+                self._device_cache = {k: v for k, v in self._device_cache.items() if k == "ids"}
                 vectors = np.concatenate([v for v, _ in self._blocks])
                 scales = (
                     None if self.dtype != "int8" else np.concatenate([s for _, s in self._blocks])
@@ -398,8 +404,14 @@ class MultiVectorIndex:
             candidates = jax.device_put(jnp.sort(candidates, axis=1), replicated)
             values, positions = self._rerank(queries, query_mask, (r_q, r_c), k, candidates, mesh)
         positions = np.clip(np.asarray(positions), 0, len(self) - 1)
-        ids = np.asarray(self._ids, dtype=object if isinstance(self._ids[0], str) else np.int64)
-        return np.asarray(values, np.float32), ids[positions]
+        return np.asarray(values, np.float32), self._ids_array()[positions]
+
+    def _ids_array(self) -> np.ndarray:
+        """The ids as one numpy array (int64 if all ints, else object), cached until `add`."""
+        if "ids" not in self._device_cache:
+            all_ints = all(isinstance(i, int) for i in self._ids)
+            self._device_cache["ids"] = np.asarray(self._ids, np.int64 if all_ints else object)
+        return self._device_cache["ids"]
 
     def _exhaustive(self, queries, query_mask, budget, k, mesh, chunk_size):
         r_q, r_c = budget

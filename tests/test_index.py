@@ -103,6 +103,17 @@ def test_two_stage_full_shortlist_equals_exhaustive_and_reranks_exactly(data):
         np.testing.assert_allclose(scores[row], sub_scores[0], atol=5e-5)
 
 
+def test_mixed_ids_come_back_as_given(data):
+    queries, candidates = data
+    ids = [f"s{i}" if i % 2 else i for i in range(203)]
+    index = MultiVectorIndex.build(candidates, ids=ids, dtype="float32")
+    _, found = index.search(queries, (2, 4), k=6)
+    _, positions = reference_search(queries, candidates, (2, 4), 6)
+    assert found.tolist() == [[ids[p] for p in row] for row in positions]
+    with pytest.raises(ValueError, match="ints or strs"):
+        MultiVectorIndex.build(candidates[:2], ids=[1.5, 2.5])
+
+
 def test_search_argument_errors(data):
     queries, candidates = data
     index = MultiVectorIndex.build(candidates, dtype="float32")
