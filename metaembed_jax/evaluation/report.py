@@ -107,8 +107,14 @@ def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def plot_scaling(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = ""):
-    """Quality vs budget (one line per column) beside latency and index size vs budget."""
+def plot_scaling(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    title: str = "",
+    averages: Sequence[str] = (),
+):
+    """Quality vs budget (one line per column, `averages` drawn thicker) beside latency and
+    index size vs budget (second y axis)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -127,6 +133,7 @@ def plot_scaling(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], tit
             *zip(*points, strict=True),
             marker="o",
             linestyle=styles[(number // 10) % len(styles)],
+            linewidth=3.0 if column in averages else 1.5,
             label=column,
         )
     quality_axis.set(xlabel="budget (r_q, r_c)", ylabel="score x100", title="quality vs budget")
@@ -179,6 +186,9 @@ def report(
     write_results(Path(eval_dir) / "results.json", results)
     if plot:
         plot_scaling(
-            Path(eval_dir) / "scaling.png", rows, title=str((model_info or {}).get("name", ""))
+            Path(eval_dir) / "scaling.png",
+            rows,
+            title=str((model_info or {}).get("name", "")),
+            averages=results["average_columns"],
         )
     return format_table(rows), results
