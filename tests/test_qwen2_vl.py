@@ -377,3 +377,88 @@ def test_local_segment_attention_equals_masked_attention(block_size):
         query, key, value, segments, block_size
     )
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example image layout ([B, P_ex, D] / [B, N_ex, 3]) against the packed one and transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def to_per_example(batch, rows, patches_per_example, images_per_example):
+    """The packed batch's images regrouped per example (numpy): example b's patches, then zero
+    rows up to `patches_per_example`; its grid rows, then zero rows up to `images_per_example`."""
+    pixel_values, grid = batch["pixel_values"], batch["image_grid_thw"]
+    dim = pixel_values.shape[1]
+    out_pixels = np.zeros((len(rows), patches_per_example, dim), np.float32)
+    out_grid = np.zeros((len(rows), images_per_example, 3), np.int32)
+    image, patch = 0, 0
+    for b, segments in enumerate(rows):
+        count = sum(1 for s in segments if s == "img")
+        example_grid = grid[image : image + count]
+        size = int(np.prod(example_grid, axis=-1).sum())
+        out_pixels[b, :size] = pixel_values[patch : patch + size]
+        out_grid[b, :count] = example_grid
+        image, patch = image + count, patch + size
+    return {**batch, "pixel_values": out_pixels, "image_grid_thw": out_grid}
+
+
+def test_pack_example_images_equals_stable_argsort():
+    """Real patches first in batch order (a stable argsort of "is padding"), then zeros; grid
+    rows flattened; rows rounded up to the multiple; also under jit with a traced grid."""
+    rng = np.random.default_rng(0)
+    grid = np.array([[[1, 2, 2], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]], [[1, 2, 4], [1, 2, 2]]])
+    counts = np.prod(grid, -1).sum(-1)  # 4, 0, 12 of 13 rows each
+    pixels = rng.normal(size=(3, 13, 5)).astype(np.float32)
+    padding = np.arange(13)[None, :] >= counts[:, None]
+    pixels[padding] = 0.0
+    order = np.argsort(padding.reshape(-1), kind="stable")
+    expected = np.concatenate([pixels.reshape(-1, 5)[order], np.zeros((1, 5), np.float32)])
+    for fn in (qwen.pack_example_images, jax.jit(qwen.pack_example_images, static_argnums=2)):
+        packed, flat_grid = fn(pixels, grid, 4)
+        np.testing.assert_array_equal(np.asarray(packed), expected)  # 39 rows -> 40
+        np.testing.assert_array_equal(np.asarray(flat_grid), grid.reshape(-1, 3))
+
+
+def test_per_example_layout_equals_packed_and_transformers(checkpoint):
+    """Examples with 1, 0 and 2 images, patch rows and grid rows zero-padded per example (zero
+    grid rows then sit between real ones once flattened): hidden states equal the packed
+    layout's and HF's (<= 1e-4), and position ids equal get_rope_index, jitted."""
+    _, hf_model, _, model = checkpoint
+    packed = make_batch(MIXED_ROWS, MIXED_SIZES)
+    per_example = to_per_example(packed, MIXED_ROWS, 40, 3)
+    ours = np.asarray(jax_forward(model, per_example))
+    reference = hf_last_hidden(hf_model, packed)
+    mask = packed["attention_mask"]
+    assert max_diff_on_real_tokens(ours, reference, mask) <= TOLERANCE_F32
+    same = max_diff_on_real_tokens(ours, np.asarray(jax_forward(model, packed)), mask)
+    assert same <= 1e-5, same
+    input_ids = torch.from_numpy(packed["input_ids"]).long()
+    expected, _ = hf_model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=(input_ids == IMAGE_PAD).int(),
+        image_grid_thw=torch.from_numpy(packed["image_grid_thw"]).long(),
+        attention_mask=torch.from_numpy(mask),
+    )
+    positions = jax.jit(model.position_ids)(
+        per_example["input_ids"], mask, per_example["image_grid_thw"]
+    )
+    np.testing.assert_array_equal(np.asarray(positions), expected.numpy())
+
+
+def test_per_example_layout_errors_name_the_example(checkpoint):
+    """Mixed layouts, a batch size that differs from input_ids, and an example whose tokens
+    disagree with its own grid are refused with the example named."""
+    _, _, _, model = checkpoint
+    packed = make_batch(MIXED_ROWS, MIXED_SIZES)
+    per_example = to_per_example(packed, MIXED_ROWS, 40, 3)
+    with pytest.raises(ValueError, match="packed layout"):
+        model(**{**per_example, "pixel_values": packed["pixel_values"]})
+    with pytest.raises(ValueError, match="batch size 3"):
+        model(**{**per_example, "image_grid_thw": per_example["image_grid_thw"][:2]})
+    swapped = per_example["image_grid_thw"][[1, 0, 2]]  # example 0's image moved to example 1
+    with pytest.raises(ValueError, match="example 0: input_ids hold"):
+        model(**{**per_example, "image_grid_thw": swapped})
+    with pytest.raises(
+        ValueError, match="example 0: pixel_values has 20 patches; image_grid_thw needs 24"
+    ):
+        model(**{**per_example, "pixel_values": per_example["pixel_values"][:, :20]})

@@ -203,6 +203,37 @@ class DecoderLayer(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def pack_example_images(
+    pixel_values: jax.Array, image_grid_thw: jax.Array, multiple: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example image layout -> the packed (HF) layout, jit-able with traced grids.
+
+    pixel_values `[B, P_ex, D]` (example b's patches first, then zero rows), image_grid_thw
+    `[B, N_ex, 3]` (zero rows = no image) -> (`[B * P_ex (rounded up to multiple), D]` with every
+    real patch first, in batch then image order, then zero rows; `[B * N_ex, 3]`). Grid rows just
+    flatten: zero rows may then sit between real ones, which every reader of the packed grid
+    skips (they contribute no patches and no tokens). Static shapes: the packed row r < total
+    real patches is gathered from its example (found by a search over the per-example counts),
+    rows past the total are zeros. Equivalent to a stable argsort of "is padding" over the
+    flattened patches, at O(P log B) instead of a sort.
+    """
+    batch, per_example, dim = pixel_values.shape
+    grid = jnp.asarray(image_grid_thw, jnp.int32)
+    counts = jnp.prod(grid, axis=-1).sum(axis=-1)  # real patches per example [B]
+    ends = jnp.cumsum(counts)
+    rows = -(-batch * per_example // multiple) * multiple
+    if batch * per_example == 0:
+        return jnp.zeros((rows, dim), pixel_values.dtype), grid.reshape(-1, 3)
+    packed_row = jnp.arange(rows, dtype=jnp.int32)
+    example = jnp.minimum(jnp.searchsorted(ends, packed_row, side="right"), batch - 1)
+    source = example * per_example + packed_row - (ends - counts)[example]
+    is_real = packed_row < ends[-1]
+    flat = pixel_values.reshape(batch * per_example, dim)
+    gathered = flat[jnp.clip(jnp.where(is_real, source, 0), 0, batch * per_example - 1)]
+    packed = jnp.where(is_real[:, None], gathered, jnp.zeros((), flat.dtype))
+    return packed, grid.reshape(-1, 3)
+
+
 def _is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
@@ -257,41 +288,75 @@ class Qwen2VLBackbone(nnx.Module):
         return self.config.hidden_size
 
     def _check_images(self, input_ids, pixel_values, image_grid_thw) -> None:
-        """Clear errors for inputs whose image tokens, grids and patches disagree (only when the
-        values are known, i.e. outside jit; inside jit the shapes are trusted)."""
+        """Clear errors for inputs whose layouts, image tokens, grids and patches disagree. Ranks
+        and batch sizes are always checked; values only when known (outside jit)."""
+        grid_rank, pixel_rank = np.ndim(image_grid_thw), np.ndim(pixel_values)
+        if (grid_rank, pixel_rank) not in ((2, 2), (3, 3)):
+            raise ValueError(
+                f"pixel_values {np.shape(pixel_values)} / image_grid_thw "
+                f"{np.shape(image_grid_thw)}: expected the packed layout [P, D] / [N, 3] or the "
+                "per-example layout [B, P_ex, D] / [B, N_ex, 3]"
+            )
+        batch = np.shape(input_ids)[0]
+        if grid_rank == 3 and not (
+            np.shape(pixel_values)[0] == np.shape(image_grid_thw)[0] == batch
+        ):
+            raise ValueError(
+                f"per-example pixel_values {np.shape(pixel_values)} / image_grid_thw "
+                f"{np.shape(image_grid_thw)} must lead with the batch size {batch} of input_ids"
+            )
         if not _is_concrete(input_ids, pixel_values, image_grid_thw):
             return
-        grid = np.asarray(image_grid_thw).reshape(-1, 3)
-        patches = int(np.prod(grid, axis=-1).sum())
-        expected_tokens = patches // self.spatial_merge_size**2
-        tokens = int((np.asarray(input_ids) == self.image_token_id).sum())
-        if tokens != expected_tokens:
-            raise ValueError(
-                f"input_ids hold {tokens} <|image_pad|> tokens but image_grid_thw {grid.tolist()} "
-                f"needs {expected_tokens} (prod(grid) / merge**2 per image)"
-            )
-        if np.shape(pixel_values)[0] < patches:
-            raise ValueError(
-                f"pixel_values has {np.shape(pixel_values)[0]} patches; image_grid_thw needs "
-                f"{patches}"
-            )
+        # Packed: one "example" holding the whole batch. Per example: row b's tokens and patches
+        # must match its own grid rows (a per-row mismatch would shift every later image).
+        ids = np.asarray(input_ids)
+        if grid_rank == 2:
+            ids, image_grid_thw = ids.reshape(1, -1), np.asarray(image_grid_thw)[None]
+        grids = np.asarray(image_grid_thw)
+        for row, grid in enumerate(grids):
+            patches = int(np.prod(grid, axis=-1).sum())
+            expected_tokens = patches // self.spatial_merge_size**2
+            tokens = int((ids[row] == self.image_token_id).sum())
+            where = f"example {row}: " if grid_rank == 3 else ""
+            if tokens != expected_tokens:
+                raise ValueError(
+                    f"{where}input_ids hold {tokens} <|image_pad|> tokens but image_grid_thw "
+                    f"{grid.tolist()} needs {expected_tokens} (prod(grid) / merge**2 per image)"
+                )
+            available = np.shape(pixel_values)[grid_rank - 2]
+            if available < patches:
+                raise ValueError(
+                    f"{where}pixel_values has {available} patches; image_grid_thw needs {patches}"
+                )
 
     def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """Token embeddings `[B, L, H]` (compute dtype), with the vision tower's merged features
-        written, in order, into the `<|image_pad|>` positions."""
+        written, in order, into the `<|image_pad|>` positions.
+
+        Images in either layout of CONTRACTS.md: packed (`pixel_values [P, D]`,
+        `image_grid_thw [N, 3]`, HF's) or per example (`[B, P_ex, D]`, `[B, N_ex, 3]`), which is
+        packed here by `pack_example_images`."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         embeds = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         if pixel_values is None or image_grid_thw is None:
             return embeds
         self._check_images(input_ids, pixel_values, image_grid_thw)
-        grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
-        features = self.visual(jnp.asarray(pixel_values), grid).astype(self.dtype)
+        pixel_values = jnp.asarray(pixel_values)
+        grid = jnp.asarray(image_grid_thw, jnp.int32)
+        if grid.ndim == 3:
+            pixel_values, grid = pack_example_images(
+                pixel_values, grid, multiple=self.spatial_merge_size**2
+            )
+        features = self.visual(pixel_values, grid).astype(self.dtype)
+        if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
+            return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
         rows = jnp.clip(layout["ordinal"], 0, features.shape[0] - 1)
         return jnp.where(layout["is_image"][..., None], features[rows], embeds)
 
     def position_ids(self, input_ids, attention_mask, image_grid_thw=None) -> jax.Array:
-        """M-RoPE position ids `[3, B, L]` int32, as transformers' `get_rope_index`."""
+        """M-RoPE position ids `[3, B, L]` int32, as transformers' `get_rope_index`
+        (`image_grid_thw` packed `[N, 3]` or per example `[B, N_ex, 3]`)."""
         return rope_index(
             input_ids,
             attention_mask,

@@ -22,11 +22,12 @@ def image_token_layout(
 ) -> dict[str, jax.Array]:
     """Where each `<|image_pad|>` token sits among the images of the batch.
 
-    input_ids `[B, L]`; image_grid_thw `[N, 3]` (zero rows = no image). Image tokens are assigned
-    to images in batch order (row-major over `[B, L]`), as transformers' iterator over the grids
-    does. Returns `[B, L]` arrays: `is_image`, `ordinal` (index among all image tokens of the
-    batch = row of the merged vision features), `local` (index within its image), and the
-    image's merged `grid_h`, `grid_w` and token `count`.
+    input_ids `[B, L]`; image_grid_thw `[N, 3]`, or per example `[B, N_ex, 3]` (flattened to
+    `[B * N_ex, 3]`: the same images in the same order; zero rows = no image). Image tokens are
+    assigned to images in batch order (row-major over `[B, L]`), as transformers' iterator over
+    the grids does. Returns `[B, L]` arrays: `is_image`, `ordinal` (index among all image
+    tokens of the batch = row of the merged vision features), `local` (index within its image),
+    and the image's merged `grid_h`, `grid_w` and token `count`.
     """
     batch, length = input_ids.shape
     is_image = input_ids == image_token_id
@@ -61,6 +62,7 @@ def rope_index(
     """3-D M-RoPE position ids `[3, B, L]` int32, equal to transformers' `get_rope_index`
     (images; Qwen2-VL and Qwen2.5-VL agree for images: the temporal step of a still image is 1).
 
+    `image_grid_thw`: packed `[N, 3]` or per-example `[B, N_ex, 3]` (CONTRACTS.md).
     Text-only inputs (`image_grid_thw` None or empty) get ordinary 1-D positions counted over
     real tokens (left padding skipped), repeated on the 3 axes.
     """
@@ -68,7 +70,8 @@ def rope_index(
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     real = jnp.asarray(attention_mask).astype(bool)
-    if image_grid_thw is None or np.shape(image_grid_thw)[0] == 0:
+    # [N, 3] (packed) or [B, N_ex, 3] (per example): both flatten to the packed grid order.
+    if image_grid_thw is None or np.size(image_grid_thw) == 0:
         text_positions = jnp.cumsum(real.astype(jnp.int32), axis=1) - 1
         text_positions = jnp.where(real, text_positions, 0)
         return jnp.broadcast_to(text_positions, (3, *input_ids.shape)).astype(jnp.int32)
