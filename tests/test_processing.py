@@ -201,6 +201,62 @@ def test_check_features_detects_grid_mismatch(tokenizer):
         check_features(out, proc.image_token_id)
 
 
+def test_per_example_layout_regroups_the_packed_output(tokenizer):
+    """image_layout="per_example": same input_ids / mask as the packed layout; example b's
+    patches (0, 1 and 2 images) then zero rows up to the patch bucket, its grid rows then zero
+    rows up to max_images; check_features accepts it and names the row of a mismatch."""
+    options = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, length_buckets=(96, 512))
+    packed = QwenVLProcessor(tokenizer, **options)(BATCH_TEXTS, BATCH_IMAGES, side="query")
+    proc = QwenVLProcessor(
+        tokenizer, **options, image_layout="per_example", patch_buckets=(16, 32), max_images=3
+    )
+    out = proc(BATCH_TEXTS, BATCH_IMAGES, side="query")
+    np.testing.assert_array_equal(out["input_ids"], packed["input_ids"])
+    np.testing.assert_array_equal(out["attention_mask"], packed["attention_mask"])
+    assert out["pixel_values"].shape == (4, 32, 1176) and out["image_grid_thw"].shape == (4, 3, 3)
+    grid, image, patch = packed["image_grid_thw"], 0, 0
+    for b, images in enumerate(BATCH_IMAGES):
+        example_grid = grid[image : image + len(images)]
+        size = int(np.prod(example_grid, axis=-1).sum())
+        np.testing.assert_array_equal(out["image_grid_thw"][b, : len(images)], example_grid)
+        assert not out["image_grid_thw"][b, len(images) :].any()
+        np.testing.assert_array_equal(
+            out["pixel_values"][b, :size], packed["pixel_values"][patch : patch + size]
+        )
+        assert not out["pixel_values"][b, size:].any()
+        image, patch = image + len(images), patch + size
+    assert patch > 32  # the batch would not fit one example's bucket: buckets are per example
+    check_features(out, proc.image_token_id)
+    swapped = {**out, "image_grid_thw": out["image_grid_thw"][[0, 2, 1, 3]]}
+    with pytest.raises(
+        ValueError, match="row 1: 2 image tokens in input_ids, image_grid_thw needs 8"
+    ):
+        check_features(swapped, proc.image_token_id)
+    unpadded = QwenVLProcessor(tokenizer, **options, image_layout="per_example")
+    shapes = unpadded(BATCH_TEXTS, BATCH_IMAGES)
+    most = max(int(np.prod(out["image_grid_thw"][b], -1).sum()) for b in range(4))
+    assert shapes["pixel_values"].shape == (4, most, 1176)
+    assert shapes["image_grid_thw"].shape == (4, 2, 3)  # the most images of one example
+    assert set(unpadded(["hello"])) == {"input_ids", "attention_mask"}
+
+
+def test_per_example_layout_errors(tokenizer):
+    """Per-example limits name the row: too many images, too many patches for the buckets."""
+    proc = QwenVLProcessor(
+        tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, image_layout="per_example",
+        patch_buckets=(8,), max_images=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="row 'b' has 2 images, more than max_images=1"):
+        proc(["a", "b"], [[_image(28, 28)], [_image(28, 28)] * 2], row_ids=["a", "b"])
+    with pytest.raises(ValueError, match="row 'b' has 16 image patches, more than the largest"):
+        proc(["a", "b"], [[_image(28, 28)], [_image(56, 56)]], row_ids=["a", "b"])
+    text_only = proc(["hello"])
+    assert text_only["pixel_values"].shape == (1, 8, 1176) and not text_only["pixel_values"].any()
+    assert text_only["image_grid_thw"].shape == (1, 1, 3) and not text_only["image_grid_thw"].any()
+    with pytest.raises(ValueError, match="image_layout must be one of"):
+        QwenVLProcessor(tokenizer, image_layout="ragged")
+
+
 def test_tokenizer_without_image_token_rejected():
     """A tokenizer lacking the Qwen vision tokens is refused up front."""
     from tokenizers import Tokenizer, models, pre_tokenizers

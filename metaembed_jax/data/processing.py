@@ -12,11 +12,18 @@ candidates; one vision block per image, images before the text):
                image.<|im_end|><|endoftext|>
   interleaved: as image, with {prefix}{text} in place of "Describe the image."
 
-Static shapes: `input_ids` is left-padded to the smallest of `length_buckets` that fits;
-`pixel_values` is padded with zero rows to the smallest of `patch_buckets` that fits;
-`image_grid_thw` is padded with zero rows to `max_images` rows. An input longer than the largest
-bucket (or `max_length`) has its text truncated from the end (`truncation="text"`, the default;
-image and template tokens are never cut) or raises (`truncation="error"`).
+Image layouts (CONTRACTS.md), `image_layout=`:
+  "packed" (HF's, the default): `pixel_values [P, D]` = every image of the batch, in order;
+      `image_grid_thw [N, 3]`.
+  "per_example": `pixel_values [B, P_ex, D]` = each example's own patches then zero rows;
+      `image_grid_thw [B, N_ex, 3]` = each example's images then zero rows. The batch is the
+      leading axis of every array, so it shards over devices and processes like `input_ids`.
+
+Static shapes: `input_ids` is left-padded to the smallest of `length_buckets` that fits; the
+patch axis (P, or P_ex) is padded with zero rows to the smallest of `patch_buckets` that fits;
+the image axis (N, or N_ex) is padded with zero rows to `max_images` rows. An input longer than
+the largest bucket (or `max_length`) has its text truncated from the end (`truncation="text"`,
+the default; image and template tokens are never cut) or raises (`truncation="error"`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ QUERY_PREFIX = "Query: "
 CANDIDATE_PREFIX = ""
 IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
+IMAGE_LAYOUTS = ("packed", "per_example")
 _IMAGE_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 
 
@@ -116,10 +124,13 @@ class QwenVLProcessor:
       length_buckets: allowed sequence lengths L; None pads to the batch's longest row.
       max_length: longest allowed row; default max(length_buckets) (None if no buckets: no limit).
       truncation: "text" (cut the end of the user text of a too-long row) or "error" (raise).
-      patch_buckets: allowed patch counts P for `pixel_values`; None = no padding.
-      max_images: pad `image_grid_thw` to this many rows (and always emit both image arrays,
-        zero-sized/all-zero for text-only batches, so the batch structure is static); None = no
-        padding, and text-only batches omit the image arrays.
+      patch_buckets: allowed sizes of the patch axis (P of the batch, or P_ex per example);
+        None = no padding (per example: the largest example's count).
+      max_images: pad the image axis of `image_grid_thw` (N of the batch, or N_ex per example)
+        to this many rows (and always emit both image arrays, zero-sized/all-zero for text-only
+        batches, so the batch structure is static); None = no padding (per example: the most
+        images of any example), and text-only batches omit the image arrays.
+      image_layout: "packed" (HF's) or "per_example" (see the module docstring).
       query_prefix, candidate_prefix, image_instruction: the prompt template pieces.
     """
 
@@ -138,7 +149,10 @@ class QwenVLProcessor:
         query_prefix: str = QUERY_PREFIX,
         candidate_prefix: str = CANDIDATE_PREFIX,
         image_instruction: str = IMAGE_INSTRUCTION,
+        image_layout: str = "packed",
     ):
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
         if truncation not in ("text", "error"):
             raise ValueError(f"truncation must be 'text' or 'error', got {truncation!r}")
         for name, buckets in (("length_buckets", length_buckets), ("patch_buckets", patch_buckets)):
@@ -159,6 +173,7 @@ class QwenVLProcessor:
         self.truncation = truncation
         self.patch_buckets = tuple(sorted(patch_buckets)) if patch_buckets else None
         self.max_images = max_images
+        self.image_layout = image_layout
         self.prefixes = {"query": query_prefix, "candidate": candidate_prefix}
         self.image_instruction = image_instruction
         self.merge_size = int(image_processor.merge_size)
@@ -251,7 +266,7 @@ class QwenVLProcessor:
         Returns:
           {"input_ids" int32 [B, L], "attention_mask" int32 [B, L]} plus, when the batch has an
           image or `max_images` is set, "pixel_values" float32 [P, C*T*ps*ps] and
-          "image_grid_thw" int32 [N, 3].
+          "image_grid_thw" int32 [N, 3] (per-example layout: [B, P_ex, C*T*ps*ps], [B, N_ex, 3]).
 
         Raises:
           ValueError: unknown side, length mismatch, an example with empty text and no image,
@@ -320,6 +335,9 @@ class QwenVLProcessor:
             image_index += num_images
         features = self._pad_rows(rows)
         self._check_image_tokens(features["input_ids"], grid)
+        if self.image_layout == "per_example":
+            counts = [len(row_images) for row_images in images]
+            return {**features, **self._per_example_images(pixel_values, grid, counts, row_ids)}
         return {**features, **self._pad_images(pixel_values, grid)}
 
     # ----------------------------------------------------------------------------- pieces
@@ -399,6 +417,39 @@ class QwenVLProcessor:
             pixel_values = np.concatenate([pixel_values, padding])
         return {"pixel_values": pixel_values, "image_grid_thw": grid.astype(np.int32)}
 
+    def _per_example_images(self, pixel_values, grid, counts, row_ids) -> dict[str, np.ndarray]:
+        """The batch's packed images regrouped per example: [B, P_ex, D] and [B, N_ex, 3]."""
+        if len(grid) == 0 and self.max_images is None:
+            return {}
+        patches = np.prod(grid, axis=-1) if len(grid) else np.zeros(0, np.int64)
+        image_ends = np.cumsum(counts)
+        patch_ends = np.concatenate([[0], np.cumsum(patches)])[image_ends]
+        patch_starts = np.concatenate([[0], patch_ends[:-1]])
+        per_example = patch_ends - patch_starts
+        most = int(per_example.max())
+        num_images = max(counts) if self.max_images is None else self.max_images
+        rows = most
+        if self.patch_buckets:
+            rows = _smallest_fitting(self.patch_buckets, most)
+            if rows is None:
+                row = row_ids[int(np.argmax(per_example))]
+                raise ValueError(
+                    f"row {row!r} has {most} image patches, more than the largest patch bucket "
+                    f"{self.patch_buckets[-1]} (per example); raise patch_buckets or lower "
+                    "max_pixels"
+                )
+        out_pixels = np.zeros((len(counts), rows, pixel_values.shape[1]), np.float32)
+        out_grid = np.zeros((len(counts), num_images, 3), np.int32)
+        for b, count in enumerate(counts):
+            if count > num_images:
+                raise ValueError(
+                    f"row {row_ids[b]!r} has {count} images, more than max_images={num_images}"
+                )
+            first = image_ends[b] - count
+            out_grid[b, :count] = grid[first : first + count]
+            out_pixels[b, : per_example[b]] = pixel_values[patch_starts[b] : patch_ends[b]]
+        return {"pixel_values": out_pixels, "image_grid_thw": out_grid}
+
     def _check_image_tokens(self, input_ids: np.ndarray, grid: np.ndarray) -> None:
         found = int(np.sum(input_ids == self.image_token_id))
         expected = int(np.sum(self.num_image_tokens(grid))) if len(grid) else 0
@@ -437,18 +488,26 @@ def check_features(features: dict, image_token_id: int, merge_size: int = 2) -> 
         raise ValueError("features need 'input_ids' and 'attention_mask'")
     if input_ids.ndim != 2 or input_ids.shape != mask.shape:
         raise ValueError(f"input_ids {input_ids.shape} / attention_mask {mask.shape}: need [B, L]")
-    grid = features.get("image_grid_thw")
-    expected = 0 if grid is None else int(np.sum(np.prod(grid, axis=-1)) // merge_size**2)
-    found = int(np.sum((input_ids == image_token_id) & (mask == 1)))
-    if found != expected:
-        raise ValueError(f"{found} image tokens in input_ids, image_grid_thw needs {expected}")
-    pixel_values = features.get("pixel_values")
-    if grid is not None and pixel_values is not None:
-        patches = int(np.sum(np.prod(grid, axis=-1)))
-        if pixel_values.shape[0] < patches:
+    grid, pixel_values = features.get("image_grid_thw"), features.get("pixel_values")
+    if grid is None:
+        grid = np.zeros((0, 3), np.int32)
+    # Packed [N, 3] checks the batch as one; per-example [B, N_ex, 3] checks each row.
+    per_example = grid.ndim == 3
+    if per_example and len(grid) != len(input_ids):
+        raise ValueError(f"image_grid_thw {grid.shape} must lead with the batch {len(input_ids)}")
+    grids = grid if per_example else grid[None]
+    tokens = ((input_ids == image_token_id) & (mask == 1)).reshape(len(grids), -1).sum(-1)
+    for b, (example_grid, found) in enumerate(zip(grids, tokens, strict=True)):
+        where = f"row {b}: " if per_example else ""
+        patches = int(np.sum(np.prod(example_grid, axis=-1)))
+        if found != patches // merge_size**2:
             raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw needs {patches}"
+                f"{where}{found} image tokens in input_ids, image_grid_thw needs "
+                f"{patches // merge_size**2}"
             )
+        rows = None if pixel_values is None else pixel_values.shape[int(per_example)]
+        if rows is not None and rows < patches:
+            raise ValueError(f"{where}pixel_values has {rows} rows, image_grid_thw needs {patches}")
 
 
 RECORD_FIELDS = (
