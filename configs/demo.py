@@ -42,9 +42,9 @@ def get_config(variant: str | None = None):
     config.checkpoint.keep = 2
     config.mesh.data = -1  # all local devices (one on a plain CPU run)
 
-    # Small images keep the vision tower cheap: at most 56 x 56 px = 4 merged image tokens.
-    config.data.max_pixels = 56 * 56
-    config.data.min_pixels = 28 * 28
+    # Images at their generated size: 112 x 112 px = 16 merged image tokens.
+    config.data.max_pixels = 112 * 112
+    config.data.min_pixels = 56 * 56
     config.data.length_buckets = (32, 64, 128)
 
     return apply_variant(config, variant)

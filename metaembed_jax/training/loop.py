@@ -161,6 +161,9 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     finally:
         writer.close()
         checkpointer.close()
+        close = getattr(train_iterator, "close", None)
+        if close is not None:  # stop the input pipeline's threads / worker processes
+            close()
     return rows
 
 
