@@ -139,16 +139,21 @@ def test_two_processes_see_disjoint_shards_covering_the_split(data_config, proce
     assert seen[0] | seen[1] == set(range(NUM_RECORDS))
 
 
-def test_batch_equals_processor_on_records(data_config, processor):
+@pytest.mark.parametrize("layout", ["per_example", "packed"])
+def test_batch_equals_processor_on_records(data_config, layout):
     """Each side of a batch = processor(texts, images, side) on the batch's records, with
-    pixel_values / image_grid_thw zero-padded to the static shapes."""
+    pixel_values / image_grid_thw zero-padded to the static shapes of the image layout."""
+    config = data_config.copy_and_resolve_references()
+    config.image_layout = layout
+    processor = pipeline.processor_from_config(config)
+    assert processor.image_layout == layout
     iterator = pipeline.make_train_iterator(
-        data_config, processor, mesh=None, global_batch_size=4, seed=0
+        config, processor, mesh=None, global_batch_size=4, seed=0
     )
     batch = take(iterator, 1)[0]
-    source = builders.open_pairs(pipeline.dataset_dir(data_config))
+    source = builders.open_pairs(pipeline.dataset_dir(config))
     records = [source[i] for i in query_indices(batch, processor)]
-    patch_rows = 4 * (56 * 56 // 14**2)  # batch * max_images * patches of a max_pixels image
+    per_image = 56 * 56 // 14**2  # patches of a max_pixels image (max_images = 1)
     for name, side in (("query", "query"), ("positive", "candidate"), ("negative", "candidate")):
         texts = [r[f"{name}_text"] for r in records]
         images = [
@@ -158,18 +163,69 @@ def test_batch_equals_processor_on_records(data_config, processor):
         got = batch[name]
         np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
         np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
-        assert got["pixel_values"].shape == (patch_rows, 3 * 2 * 14 * 14)
-        assert got["image_grid_thw"].shape == (4, 3)
-        grid = expected.get("image_grid_thw", np.zeros((0, 3), np.int32))
-        real = int(np.prod(grid, axis=-1).sum())
-        np.testing.assert_array_equal(got["image_grid_thw"][: len(grid)], grid)
-        assert not got["image_grid_thw"][len(grid) :].any()
-        if real:
-            np.testing.assert_array_equal(
-                got["pixel_values"][:real], expected["pixel_values"][:real]
-            )
-        assert not got["pixel_values"][real:].any()
+        if layout == "per_example":  # one block per example: [B, P_ex, D], [B, max_images, 3]
+            assert got["pixel_values"].shape == (4, per_image, 3 * 2 * 14 * 14)
+            assert got["image_grid_thw"].shape == (4, 1, 3)
+            grid = expected.get("image_grid_thw", np.zeros((4, 0, 3), np.int32))
+            pixels = expected.get("pixel_values", np.zeros((4, 0, 3 * 2 * 14 * 14)))
+        else:  # one block for the batch: [batch * max_images * per_image, D], [4, 3]
+            assert got["pixel_values"].shape == (4 * per_image, 3 * 2 * 14 * 14)
+            assert got["image_grid_thw"].shape == (4, 3)
+            grid = expected.get("image_grid_thw", np.zeros((0, 3), np.int32))[None]
+            pixels = expected.get("pixel_values", np.zeros((0, 3 * 2 * 14 * 14)))[None]
+            got = {k: v[None] for k, v in got.items()}
+        for b in range(len(grid)):
+            real = int(np.prod(grid[b], axis=-1).sum())
+            np.testing.assert_array_equal(got["image_grid_thw"][b, : len(grid[b])], grid[b])
+            assert not got["image_grid_thw"][b, len(grid[b]) :].any()
+            np.testing.assert_array_equal(got["pixel_values"][b, :real], pixels[b, :real])
+            assert not got["pixel_values"][b, real:].any()
     assert not batch["negative"]["image_grid_thw"].any()  # text-only side: all-zero, same shapes
+
+
+def test_static_shapes_refuse_the_other_layout(data_config):
+    """Per-example static shapes given packed features (or the reverse): a ValueError naming
+    the layout and the fix, not a silent mis-read."""
+    config = data_config.copy_and_resolve_references()
+    config.image_layout = "packed"
+    packed = pipeline.processor_from_config(config)
+    features = packed(["a", ""], [[], [Image.new("RGB", (28, 28))]])
+    with pytest.raises(ValueError, match="image_layout='per_example' needs 3 dims"):
+        pipeline.StaticShapes(data_config, 2)(features)
+    per_example = pipeline.processor_from_config(data_config)
+    features = per_example(["a", ""], [[], [Image.new("RGB", (28, 28))]])
+    with pytest.raises(ValueError, match="image_layout='packed' needs 2 dims"):
+        pipeline.StaticShapes(config, 2)(features)
+    config.image_layout = "ragged"
+    with pytest.raises(ValueError, match="image_layout='ragged': expected one of"):
+        pipeline.StaticShapes(config, 2)
+
+
+def test_several_processes_pad_to_the_largest_buckets(data_config, processor):
+    """With process_count > 1 each process pads to the largest length and patch bucket (the
+    processes cannot agree on a bucket per step), left padding preserved."""
+    config = data_config.copy_and_resolve_references()
+    config.patch_buckets = (4, 8, 16)
+    several = pipeline.make_train_iterator(
+        config, processor, mesh=None, global_batch_size=4, seed=0, process_index=0,
+        process_count=2,
+    )  # fmt: skip
+    batch = take(several, 1)[0]
+    source = builders.open_pairs(pipeline.dataset_dir(config))
+    records = [source[i] for i in query_indices(batch, processor)]
+    for name in ("query", "positive", "negative"):
+        assert batch[name]["input_ids"].shape[1] == 32  # largest of length_buckets (16, 32)
+        assert batch[name]["pixel_values"].shape[1] == 16
+    # Negatives are short texts: the processor picks bucket 16, the pipeline left-pads to 32.
+    expected = processor([r["negative_text"] for r in records], None, side="candidate")
+    length = expected["input_ids"].shape[1]
+    assert length == 16
+    got = batch["negative"]
+    np.testing.assert_array_equal(got["input_ids"][:, -length:], expected["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"][:, -length:], expected["attention_mask"])
+    assert (got["input_ids"][:, :-length] == processor.pad_token_id).all()
+    assert not got["attention_mask"][:, :-length].any()
+    several.close()
 
 
 def test_global_arrays_on_8_device_mesh(data_config, processor):
@@ -259,7 +315,8 @@ def test_iterate_features_for_evaluation(data_config, processor):
         images = [[sources.decode_png(i["image"])] if i["image"] else [] for i in chunk]
         expected = processor([i["text"] for i in chunk], images, side="candidate")
         np.testing.assert_array_equal(features["input_ids"], expected["input_ids"])
-        assert features["image_grid_thw"].shape == (2, 3)
+        assert features["image_grid_thw"].shape == (2, 1, 3)  # per example: [B, max_images, 3]
+        assert features["pixel_values"].shape == (2, 16, 3 * 2 * 14 * 14)
 
 
 @pytest.mark.slow
@@ -278,7 +335,8 @@ def test_worker_process_gives_the_same_batches(data_config, processor):
 
 def test_text_only_data_and_multiprocess_image_guard(data_config, processor, monkeypatch):
     """max_images=0: text batches carry no image arrays and an image is refused; with several
-    JAX processes, image inputs are refused (per-process patch blocks would mis-align)."""
+    JAX processes, packed image inputs are refused (per-process patch blocks would mis-align),
+    per-example ones accepted."""
     config = data_config.copy_and_resolve_references()
     config.max_images = 0
     items = [{"text": "caption 1"}, {"text": "caption 2"}]
@@ -292,16 +350,19 @@ def test_text_only_data_and_multiprocess_image_guard(data_config, processor, mon
         )
     monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    with pytest.raises(ValueError, match="2 processes with image inputs"):
+    packed = data_config.copy_and_resolve_references()
+    packed.image_layout = "packed"
+    with pytest.raises(ValueError, match="2 processes with image inputs.*need config.data"):
         pipeline.make_train_iterator(
-            data_config, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0
+            packed, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0
         )
+    assert pipeline._check_batch(data_config, mesh, 16, 2) == (8, 4)
 
 
 # ----------------------------------------------------------------------------- two real processes
 
 _PROCESS_SCRIPT = """
-import json, sys
+import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -312,40 +373,41 @@ from jax.sharding import Mesh
 from metaembed_jax.data import pipeline
 from metaembed_jax.data.config import get_data_config
 config = get_data_config()
-config.update(dir=data_dir, max_images=0, length_buckets=(16, 32), read_threads=1)
+config.update(dir=data_dir, min_pixels=28 * 28, max_pixels=56 * 56, length_buckets=(16, 32),
+              read_threads=1)
 processor = pipeline.processor_from_config(config)
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
 iterator = pipeline.make_train_iterator(config, processor, mesh=mesh, global_batch_size=8, seed=4)
-batches = []
-for _ in range(2):
+saved = {}
+for step in range(2):
     batch = next(iterator)
-    array = batch["query"]["input_ids"]
-    local = np.concatenate([np.asarray(s.data) for s in sorted(
-        array.addressable_shards, key=lambda s: s.index[0].start)])
-    starts = sorted({s.index[0].start for s in array.addressable_shards})
-    batches.append({"shape": list(array.shape), "starts": starts, "local": local.tolist(),
-                    "spec": [list(axes) for axes in array.sharding.spec]})
-json.dump(batches, open(out, "w"))
+    for side in ("query", "positive"):
+        for key, array in batch[side].items():
+            shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)
+            name = f"{step}/{side}/{key}"
+            saved[name] = np.concatenate([np.asarray(s.data) for s in shards])
+            saved[name + "/starts"] = np.array(sorted({s.index[0].start for s in shards}))
+            saved[name + "/shape"] = np.array(array.shape)
+            saved[name + "/spec"] = np.array(repr(tuple(array.sharding.spec)))
+np.savez(out, **saved)
 iterator.close()
 """
 
 
 @pytest.mark.slow
 def test_two_jax_processes_build_global_batches(data_config, processor, tmp_path):
-    """Two real JAX processes (gloo, 4 CPU devices each, text-only data): each step's global
-    input_ids [8, L] is sharded over (data, fsdp), each process holds exactly its own rows, and
-    those rows equal the simulated shard i/2 of the same pipeline."""
+    """Two real JAX processes (gloo, 4 CPU devices each) on mixed text / image data: every
+    global array of a step (input_ids [8, L], per-example pixel_values [8, P_ex, D],
+    image_grid_thw [8, 1, 3]) is sharded over (data, fsdp), each process holds exactly its own
+    rows, and those rows equal the simulated shard i/2 of the same pipeline."""
     import socket
     import subprocess
     import sys
 
-    text_dir = tmp_path / "text"
-    rows = [
-        (str(i), {**record(i), "query_text": f"query {i}", "query_image": b""}) for i in range(16)
-    ]
-    rows = [(k, {**r, "positive_text": f"caption {k}", "positive_image": b""}) for k, r in rows]
-    builders.write_pairs(text_dir / "synthetic", {"train": rows})
-    (text_dir / "tokenizer").symlink_to(Path(data_config.dir) / "tokenizer")
+    mixed_dir = tmp_path / "mixed"
+    rows = [(str(i), record(i)) for i in range(16)]  # even: text -> image, odd: image -> text
+    builders.write_pairs(mixed_dir / "synthetic", {"train": rows})
+    (mixed_dir / "tokenizer").symlink_to(Path(data_config.dir) / "tokenizer")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -355,7 +417,7 @@ def test_two_jax_processes_build_global_batches(data_config, processor, tmp_path
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, script, str(port), str(i), text_dir, tmp_path / f"{i}.json"],
+            [sys.executable, script, str(port), str(i), mixed_dir, tmp_path / f"{i}.npz"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         for i in range(2)
@@ -364,15 +426,26 @@ def test_two_jax_processes_build_global_batches(data_config, processor, tmp_path
         output = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, output[-3000:]
     config = data_config.copy_and_resolve_references()
-    config.update(dir=str(text_dir), max_images=0)
+    config.update(dir=str(mixed_dir))
     for index in range(2):
-        got = json.loads((tmp_path / f"{index}.json").read_text())
+        got = np.load(tmp_path / f"{index}.npz")
         simulated = pipeline.make_train_iterator(
             config, processor, mesh=None, global_batch_size=8, seed=4,
             process_index=index, process_count=2,
         )  # fmt: skip
-        for step in got:
-            expected = next(simulated)["query"]["input_ids"]
-            assert step["shape"][0] == 8 and step["spec"] == [["data", "fsdp"]]
-            assert step["starts"] == [4 * index + r for r in range(4)]
-            np.testing.assert_array_equal(np.asarray(step["local"]), expected)
+        for step in range(2):
+            expected = next(simulated)
+            images = 0
+            for side in ("query", "positive"):
+                assert set(expected[side]) == {
+                    "input_ids", "attention_mask", "pixel_values", "image_grid_thw"
+                }  # fmt: skip
+                for key, rows_expected in expected[side].items():
+                    name = f"{step}/{side}/{key}"
+                    assert tuple(got[name + "/shape"]) == (8, *rows_expected.shape[1:])
+                    assert str(got[name + "/spec"]) == "(('data', 'fsdp'),)"
+                    assert list(got[name + "/starts"]) == [4 * index + r for r in range(4)]
+                    np.testing.assert_array_equal(got[name], rows_expected)
+                images += int(expected[side]["image_grid_thw"].any(-1).sum())
+            assert images == 4  # each of the 4 rows: an image query or an image positive
+        simulated.close()

@@ -42,16 +42,27 @@ def get_data_config() -> ConfigDict:
     data.patch_size = 14
     data.temporal_patch_size = 2
     data.merge_size = 2
-    # Most images one example may carry (query or candidate). Fixes the number of
-    # `image_grid_thw` rows per batch (= batch size * max_images, zero rows = no image).
-    # 0 = text-only data: batches carry no image arrays (needed for multi-process runs).
+    # Most images one example may carry (query or candidate). Fixes the image axis of
+    # `image_grid_thw`: [B, max_images, 3] per example (batch * max_images rows packed); zero
+    # rows = no image. 0 = text-only data: batches carry no image arrays.
     data.max_images = 1
+    # How batches lay out their images (CONTRACTS.md "Model inputs"; the backbone reads both):
+    # "per_example": pixel_values [B, P_ex, D] (each example's patches, then zero rows) and
+    #   image_grid_thw [B, max_images, 3]. The batch leads every array, so image batches shard
+    #   over the data axes and over several JAX processes like input_ids (multi-host training).
+    # "packed": HF's layout, pixel_values [P, D] of all images of the batch, image_grid_thw
+    #   [batch * max_images, 3]; single process only (per-process blocks would mis-align).
+    data.image_layout = "per_example"
 
     # --- static shapes (one compiled program per bucket combination) ---
-    # Sequence lengths the processor left-pads `input_ids` to: the smallest bucket that fits.
+    # Sequence lengths the processor left-pads `input_ids` to: the smallest bucket that fits
+    # (with several processes: always the largest, so every process builds the same shapes).
     data.length_buckets = (64, 128, 256, 512)
-    # Row counts `pixel_values` is zero-padded to: the smallest bucket that fits the batch's
-    # patches. Empty tuple = pad to batch_size * max_images * (max_pixels / patch_size**2).
+    # Sizes the patch axis of `pixel_values` is zero-padded to: the smallest bucket that fits.
+    # per_example: patches of ONE example (P_ex); empty tuple = max_images * (max_pixels /
+    # patch_size**2), rounded up to a multiple of merge_size**2. packed: patches of the whole
+    # batch; empty tuple = batch_size * max_images * (max_pixels / patch_size**2). With several
+    # processes the largest bucket is always used (every process must build the same shapes).
     data.patch_buckets = ()
     # Emit pixel_values / image_grid_thw (zero-filled) for a side even when a batch of it holds
     # no image, so every step sees one pytree structure (no recompilation on text-only batches).

@@ -11,9 +11,11 @@ Training (`make_train_iterator`), per process:
 
 The processor is any callable `processor(texts, images, side) -> features` (CONTRACTS.md), e.g.
 `QwenVLProcessor`; it left-pads `input_ids` to a length bucket. This module pads the image side to
-static shapes: `pixel_values` rows to a patch bucket and `image_grid_thw` rows to
-`batch * max_images` (zero rows = no image), both rounded up to a multiple of the process's batch
-shards so every array splits evenly over the devices.
+static shapes (`StaticShapes`, per `config.data.image_layout`): per example, `pixel_values`
+`[B, P_ex, D]` with P_ex a patch bucket and `image_grid_thw` `[B, max_images, 3]` (zero rows = no
+image); packed, `pixel_values` rows to a patch bucket and `image_grid_thw` rows to
+`batch * max_images`, both rounded up to a multiple of the process's batch shards so every array
+splits evenly over the devices.
 
 The iterator's state (`get_state()`, a small JSON-able dict) restores the exact position: a
 resumed run sees the batches it would have seen. The order depends on (seed, process_count,
@@ -21,10 +23,14 @@ num_workers); keep them fixed across a resume. With n > 0 workers grain deals th
 out to the workers (element i to worker i mod n) and interleaves their batches: still
 deterministic and exactly resumable, but epoch boundaries are then only approximate.
 
-Several JAX processes: each contributes its own block of every array. For `input_ids` etc. that
-is the global batch; image arrays would be per-process blocks (real patches, then padding), which
-the backbone does not read, so image inputs with more than one process are refused for now
-(text-only data: `max_images=0`).
+Several JAX processes: each contributes its own block of every array, so every array must lead
+with the batch. `config.data.image_layout="per_example"` (the default) gives the image arrays
+that form (`pixel_values [B, P_ex, D]`, `image_grid_thw [B, N_ex, 3]`; the backbone packs them
+inside jit). The "packed" layout (one `[P, D]` block per batch) would become per-process blocks
+(real patches, then padding) that the backbone misreads, so it is refused with several processes.
+Every process must produce the same static shapes, and processes cannot agree on a bucket per
+step without talking: with more than one process every batch is padded to the largest length and
+patch bucket.
 
 Bad rows are caught when a dataset is built (`builders` / `sources`, where
 `config.data.skip_bad_rows` applies); a record that still fails here (e.g. a corrupted file)
@@ -54,6 +60,7 @@ Processor = Callable[..., dict[str, Any]]
 # Dataset name -> directory under config.data.dir (what build.py writes there).
 DATASET_DIRS = {"synthetic": "synthetic", "mmeb": "mmeb_train"}
 _SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
+IMAGE_LAYOUTS = ("packed", "per_example")
 
 
 def dataset_dir(data_config) -> Path:
@@ -109,19 +116,35 @@ class DecodeRecord:
 class StaticShapes:
     """Zero-pads a side's features so a batch of `batch_size` always has the same image shapes.
 
-    pixel_values -> [patch bucket, patch_dim], image_grid_thw -> [batch * max_images, 3], both
-    rounded up to `multiple` rows. With `always_emit_pixels`, text-only batches get all-zero
-    arrays of those shapes (one pytree structure for every step).
+    Layout `config.data.image_layout` (CONTRACTS.md):
+    - "per_example": pixel_values -> [B, patch bucket, patch_dim] (buckets per example),
+      image_grid_thw -> [B, max_images, 3]. The features must already be per example (a
+      processor built with `image_layout="per_example"`, as `processor_from_config` does).
+    - "packed": pixel_values -> [patch bucket, patch_dim] (buckets for the whole batch),
+      image_grid_thw -> [batch * max_images, 3], both rounded up to `multiple` rows.
+    With `always_emit_pixels`, text-only batches get all-zero arrays of those shapes (one pytree
+    structure for every step). `same_shapes`: always the largest patch bucket.
     """
 
-    def __init__(self, data_config, batch_size: int, multiple: int = 1):
+    def __init__(self, data_config, batch_size: int, multiple: int = 1, same_shapes: bool = False):
+        self.layout = image_layout(data_config)
         self.patch_dim = 3 * data_config.temporal_patch_size * data_config.patch_size**2
-        self.image_rows = _round_up(batch_size * data_config.max_images, multiple)
-        per_image = math.ceil(data_config.max_pixels / data_config.patch_size**2)
-        default = batch_size * data_config.max_images * per_image
+        self.max_images = int(data_config.max_images)
+        per_image = _round_up(
+            math.ceil(data_config.max_pixels / data_config.patch_size**2),
+            data_config.merge_size**2,
+        )
+        if self.layout == "per_example":
+            self.image_rows = self.max_images
+            default, multiple = self.max_images * per_image, 1  # batch axis already divides
+        else:
+            self.image_rows = _round_up(batch_size * self.max_images, multiple)
+            default = batch_size * self.max_images * per_image
         self.patch_buckets = tuple(
             _round_up(b, multiple) for b in sorted(data_config.patch_buckets or (default,))
         )
+        if same_shapes:  # several processes: each must pick the same shape without talking
+            self.patch_buckets = self.patch_buckets[-1:]
         self.always_emit_pixels = data_config.always_emit_pixels
 
     def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
@@ -135,15 +158,12 @@ class StaticShapes:
             return features
         if grid is None and not self.always_emit_pixels:
             return features
+        if self.layout == "per_example":
+            return self._per_example(features)
         grid = np.zeros((0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
         pixels = features.get("pixel_values")
         pixels = np.zeros((0, self.patch_dim), np.float32) if pixels is None else pixels
-        pixels = np.asarray(pixels, np.float32)
-        if pixels.shape[1] != self.patch_dim:
-            raise ValueError(
-                f"pixel_values rows have {pixels.shape[1]} values, expected {self.patch_dim} "
-                "(3 * temporal_patch_size * patch_size**2 of config.data)"
-            )
+        pixels = self._check_pixels(pixels, 2)
         real_rows = int(np.prod(grid, axis=-1).sum()) if len(grid) else 0
         if len(pixels) < real_rows:
             raise ValueError(
@@ -160,14 +180,74 @@ class StaticShapes:
         features["image_grid_thw"] = _pad_rows(grid, self.image_rows)
         return features
 
+    def _per_example(self, features: dict[str, Any]) -> dict[str, Any]:
+        batch = len(features["input_ids"])
+        grid, pixels = features.get("image_grid_thw"), features.get("pixel_values")
+        grid = np.zeros((batch, 0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
+        pixels = np.zeros((batch, 0, self.patch_dim), np.float32) if pixels is None else pixels
+        pixels = self._check_pixels(pixels, 3)
+        if grid.ndim != 3 or len(grid) != batch or len(pixels) != batch:
+            raise ValueError(
+                f"image_grid_thw {grid.shape} / pixel_values {pixels.shape}: expected "
+                f"[{batch}, N_ex, 3] / [{batch}, P_ex, D] (config.data.image_layout="
+                "'per_example')"
+            )
+        real = np.prod(grid, axis=-1).sum(axis=-1)  # patches per example
+        if (real > pixels.shape[1]).any():
+            raise ValueError(
+                f"pixel_values has {pixels.shape[1]} rows per example, image_grid_thw needs "
+                f"{int(real.max())}"
+            )
+        if grid[:, self.image_rows :].any():
+            raise ValueError(
+                f"an example has more than config.data.max_images={self.image_rows} images"
+            )
+        rows = self._bucket(int(real.max()) if batch else 0)
+        # Past each example's real patches / images there are only zeros: safe to cut or extend.
+        features["pixel_values"] = _pad_axis1(pixels, rows)
+        features["image_grid_thw"] = _pad_axis1(grid, self.image_rows)
+        return features
+
+    def _check_pixels(self, pixels, ndim: int) -> np.ndarray:
+        pixels = np.asarray(pixels, np.float32)
+        if pixels.ndim != ndim:
+            hint = (
+                "build the processor with image_layout='per_example' (processor_from_config does)"
+                if self.layout == "per_example"
+                else "use a processor with image_layout='packed'"
+            )
+            raise ValueError(
+                f"pixel_values has shape {pixels.shape} but config.data.image_layout="
+                f"{self.layout!r} needs {ndim} dims: {hint}"
+            )
+        if pixels.shape[-1] != self.patch_dim:
+            raise ValueError(
+                f"pixel_values rows have {pixels.shape[-1]} values, expected {self.patch_dim} "
+                "(3 * temporal_patch_size * patch_size**2 of config.data)"
+            )
+        return pixels
+
     def _bucket(self, rows: int) -> int:
         for bucket in self.patch_buckets:
             if rows <= bucket:
                 return bucket
+        scope = "an example has" if self.layout == "per_example" else "batch has"
         raise ValueError(
-            f"batch has {rows} image patches, more than the largest patch bucket "
+            f"{scope} {rows} image patches, more than the largest patch bucket "
             f"{self.patch_buckets[-1]} (config.data.patch_buckets / max_pixels)"
         )
+
+
+def image_layout(data_config) -> str:
+    """`config.data.image_layout` ("packed" for configs written before the field existed)."""
+    layout = data_config.get("image_layout", "packed")
+    if layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"config.data.image_layout={layout!r}: expected one of {IMAGE_LAYOUTS}")
+    return layout
+
+
+def _pad_axis1(array: np.ndarray, size: int) -> np.ndarray:
+    return np.swapaxes(_pad_rows(np.swapaxes(array, 0, 1), size), 0, 1)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -182,13 +262,24 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class Collate:
-    """List of decoded examples -> {"query": features, "positive": ..., "negative"?: ...}."""
+    """List of decoded examples -> {"query": features, "positive": ..., "negative"?: ...}.
 
-    def __init__(self, processor: Processor, static_shapes: StaticShapes, hard_negatives: bool):
+    `length`: left-pad `input_ids` / `attention_mask` to this many positions (several processes:
+    the largest length bucket, so every process builds the same global shape)."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        static_shapes: StaticShapes,
+        hard_negatives: bool,
+        length: int | None = None,
+    ):
         self.processor = processor
         self.static_shapes = static_shapes
         self.hard_negatives = hard_negatives
         self.row_ids = _accepts(processor, "row_ids")
+        self.length = length
+        self.pad_token_id = int(getattr(processor, "pad_token_id", 0))
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = {}
@@ -201,8 +292,24 @@ class Collate:
             images = [example[name][1] for example in examples]
             has_images = any(images)
             features = self.processor(texts, images if has_images else None, side=side, **extra)
-            batch[name] = self.static_shapes(dict(features))
+            batch[name] = self._pad_length(self.static_shapes(dict(features)))
         return batch
+
+    def _pad_length(self, features: dict[str, Any]) -> dict[str, Any]:
+        if self.length is None:
+            return features
+        length = features["input_ids"].shape[1]
+        if length > self.length:
+            raise ValueError(
+                f"input_ids has {length} positions, more than the largest length bucket "
+                f"{self.length} (config.data.length_buckets)"
+            )
+        extra = ((0, 0), (self.length - length, 0))  # left padding, as the processor's
+        features["input_ids"] = np.pad(
+            features["input_ids"], extra, constant_values=self.pad_token_id
+        )
+        features["attention_mask"] = np.pad(features["attention_mask"], extra)
+        return features
 
 
 def _accepts(function: Callable, name: str) -> bool:
@@ -226,6 +333,7 @@ def processor_from_config(data_config, path: str | os.PathLike | None = None):
         patch_size=data_config.patch_size,
         temporal_patch_size=data_config.temporal_patch_size,
         merge_size=data_config.merge_size,
+        image_layout=image_layout(data_config),
     )
 
 
@@ -252,8 +360,12 @@ def build_train_dataset(
     shard_count: int,
     multiple: int = 1,
     source_name: str = "",
+    same_shapes: bool = False,
 ) -> grain.IterDataset:
-    """The per-process grain dataset of host batches (numpy) for shard `shard_index`."""
+    """The per-process grain dataset of host batches (numpy) for shard `shard_index`.
+
+    `same_shapes`: pad every batch to the largest length and patch bucket (several processes
+    must build arrays of one global shape; they cannot agree on a bucket per step)."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, {shard_count})")
     indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
@@ -266,8 +378,9 @@ def build_train_dataset(
     )
     collate = Collate(
         processor,
-        StaticShapes(data_config, local_batch_size, multiple),
+        StaticShapes(data_config, local_batch_size, multiple, same_shapes),
         data_config.hard_negatives,
+        max(data_config.length_buckets) if same_shapes and data_config.length_buckets else None,
     )
     dataset = decoded.to_iter_dataset(read).batch(
         local_batch_size, drop_remainder=True, batch_fn=collate
@@ -365,14 +478,15 @@ def _check_batch(data_config, mesh, global_batch_size: int, process_count: int) 
             f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
             f"(mesh axes {tuple(data_config.batch_axes)})"
         )
-    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0:
-        # Each process can only place its own patches: the global pixel_values would be
+    packed = image_layout(data_config) == "packed"
+    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0 and packed:
+        # Packed, each process can only place its own patches: the global pixel_values would be
         # per-process blocks [real_0, pad_0, real_1, pad_1, ...], while the backbone reads
         # patches past sum(t*h*w) of the whole grid as padding. Refuse rather than mis-align.
         raise ValueError(
             f"{jax.process_count()} processes with image inputs (config.data.max_images="
-            f"{data_config.max_images}) are not supported yet: pixel_values / image_grid_thw "
-            "would be laid out per process. Use one process, or max_images=0 for text-only data."
+            f"{data_config.max_images}) need config.data.image_layout='per_example': packed "
+            "pixel_values / image_grid_thw would be laid out per process."
         )
     return local_batch_size, multiple
 
@@ -419,6 +533,7 @@ def make_train_iterator(
         shard_count=process_count,
         multiple=multiple,
         source_name=repr(source),
+        same_shapes=process_count > 1,
     )
     logging.info(
         "train pipeline: %s, shard %d/%d, %d examples/process/step",
