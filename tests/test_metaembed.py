@@ -188,3 +188,30 @@ def test_bad_inputs_are_clear_errors(model):
         model.embed("query", input_ids=ids, attention_mask=mask[:, 1:])
     with pytest.raises(ValueError, match="readout="):
         MetaEmbed(model.backbone, readout="mean", rngs=nnx.Rngs(0))
+
+
+def test_per_example_image_layout_equals_packed(checkpoint, model):
+    """`embed` with pixel_values [B, P_ex, D] / image_grid_thw [B, N_ex, 3] (examples with 1, 0
+    and 1 images, zero-padded patch and grid rows), jitted, equals the packed layout and HF."""
+    _, hf_model = checkpoint
+    ids, mask, pixels, grids = image_batch()
+    ids = np.concatenate([ids[:1], left_padded([[12, 13, 14]], 16)[0], ids[1:]])
+    mask = np.concatenate([mask[:1], left_padded([[12, 13, 14]], 16)[1], mask[1:]])
+    per_pixels = np.zeros((3, 36, pixels.shape[1]), np.float32)  # 16 and 32 real patches
+    per_pixels[0, :16], per_pixels[2, :32] = pixels[:16], pixels[16:]
+    per_grids = np.zeros((3, 2, 3), np.int32)
+    per_grids[0, 0], per_grids[2, 0] = grids
+    reference = hf_meta_states(hf_model, model.meta_tokens[...], ids, mask, pixels, grids)
+
+    @nnx.jit(static_argnums=1)
+    def embed(model, side, features):
+        return model.embed(side, **features)
+
+    per_example = dict(
+        input_ids=ids, attention_mask=mask, pixel_values=per_pixels, image_grid_thw=per_grids
+    )
+    packed = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids)
+    for side, vectors in (("query", slice(None, R_Q)), ("candidate", slice(R_Q, None))):
+        ours = np.asarray(embed(model, side, per_example))
+        np.testing.assert_allclose(ours, np.asarray(embed(model, side, packed)), atol=1e-5)
+        np.testing.assert_allclose(ours, reference[:, vectors], atol=1e-4)
