@@ -65,10 +65,13 @@ def test_step_on_a_mesh_equals_one_device(one_device, shape):
 
 
 def test_lora_trains_adapters_and_meta_tokens_only():
-    """With LoRA (dropout on) the base weights stay bit-identical; adapters and meta tokens move."""
+    """The reference recipe's setting (LoRA with dropout, bf16 compute over f32 master weights,
+    full remat): base weights stay bit-identical; adapters and meta tokens move; loss finite."""
     config = small_config()
     config.lora.enabled = True
     config.lora.dropout = 0.1
+    config.model.dtype = "bfloat16"
+    config.model.remat = "full"
     batches = [testing.random_batch(i) for i in range(2)]
     history, params, frozen_before, frozen_after = run_steps(config, None, batches, lora=True)
     assert all(np.isfinite(h["loss"]) for h in history)
@@ -89,6 +92,18 @@ def test_lora_trains_adapters_and_meta_tokens_only():
     ]
     assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)
     assert len(jax.tree.leaves(frozen_before)) > 10
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(params))  # master weights
+
+
+def test_gradient_accumulation_averages_micro_batches(one_device):
+    """A step over (b0, b1) reports the mean of the losses each micro-batch gives on its own."""
+    config, batch, (want_history, _, _, _) = one_device
+    other = testing.random_batch(1, image_every=2)
+    other_history, _, _, _ = run_steps(config, None, [other])
+    history, _, _, _ = run_steps(config, None, [(batch, other)])
+    want = (want_history[0]["group_losses"] + other_history[0]["group_losses"]) / 2
+    np.testing.assert_allclose(history[0]["group_losses"], want, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["loss"], want.mean(), rtol=1e-5)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):

@@ -1,0 +1,164 @@
+"""Train-step throughput: the JAX step vs a PyTorch reference, same model, weights, batch, loss.
+
+The reference is transformers' Qwen2.5-VL (eager PyTorch on CPU) with the same random weights
+(saved by transformers, loaded by our loader), the meta tokens appended as extra embedding rows,
+the same MMR loss (a torch transcription) and torch.optim.AdamW with the same clipping. Batches
+are text-only (query / positive / hard negative), left-padded. One process, CPU.
+MFU = XLA's FLOP count of the compiled step / step time / a measured float32 matmul peak.
+
+    python benchmarks/bench_train_step.py [--hidden 128 --layers 2 --batch 16 --length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from ml_collections import ConfigDict
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from metaembed_jax.losses import MMR_GROUPS
+from metaembed_jax.training import testing
+from metaembed_jax.training.model import build_model
+from metaembed_jax.training.state import create_train_state, make_optimizer
+from metaembed_jax.training.step import TrainStep
+
+
+def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+    """float32 FLOP/s of a jitted square matmul (best of `repeats`)."""
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def torch_mmr_loss(q, pos, neg, groups, tau):
+    """The MMR loss (DESIGN.md) in torch: q [B,Rq,D], pos [B,Rc,D], neg [B,Rc,D]."""
+    losses = []
+    targets = torch.arange(q.shape[0])
+    for r_q, r_c, _ in groups:
+        qg = q[:, :r_q]
+        in_batch = torch.einsum("qid,cjd->qcij", qg, pos[:, :r_c]).amax(-1).sum(-1)
+        own_neg = torch.einsum("qid,qjd->qij", qg, neg[:, :r_c]).amax(-1).sum(-1)
+        logits = torch.cat([in_batch, own_neg[:, None]], dim=1) / tau
+        losses.append(torch.nn.functional.cross_entropy(logits, targets))
+    weights = torch.tensor([w for _, _, w in groups])
+    return (weights * torch.stack(losses)).sum() / len(groups)
+
+
+class TorchMetaEmbed(torch.nn.Module):
+    def __init__(self, hf_model, meta_tokens: np.ndarray, r_q: int):
+        super().__init__()
+        self.model = hf_model.model
+        self.meta = torch.nn.Parameter(torch.from_numpy(np.array(meta_tokens)))
+        self.r_q = r_q
+
+    def embed(self, side, input_ids, attention_mask):
+        content = self.model.get_input_embeddings()(input_ids)
+        batch, count = input_ids.shape[0], self.meta.shape[0]
+        embeds = torch.cat([content, self.meta[None].expand(batch, -1, -1)], dim=1)
+        mask = torch.cat([attention_mask, torch.ones(batch, count, dtype=attention_mask.dtype)], 1)
+        # Text-only: positions = running count of real tokens (left padding), meta continuing.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions[None].expand(3, -1, -1)
+        hidden = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state[:, -count:]
+        hidden = hidden[:, : self.r_q] if side == "query" else hidden[:, self.r_q :]
+        return torch.nn.functional.normalize(hidden.float(), dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    hf_dict = testing.tiny_hf_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+    config = testing.tiny_config()
+    config.model.hf_config = ConfigDict(hf_dict)
+    config.train.batch_size = args.batch
+    config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"
+    torch.manual_seed(0)
+    hf_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_dict)).float()
+    with tempfile.TemporaryDirectory() as checkpoint:
+        hf_model.save_pretrained(checkpoint)
+        config.init_from = checkpoint
+        model = build_model(config)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    state = create_train_state(model, tx, lora=False)
+    step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
+    batches = [
+        testing.random_batch(i, batch=args.batch, length=args.length, vocab=1024)
+        for i in range(args.steps + 1)
+    ]
+    jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+
+    torch_model = TorchMetaEmbed(hf_model, np.asarray(model.meta_tokens[...]), 16)
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def torch_step(batch):
+        tensors = {
+            k: {n: torch.from_numpy(np.asarray(a)).long() for n, a in v.items()}
+            for k, v in batch.items()
+        }
+        q = torch_model.embed("query", **tensors["query"])
+        pos = torch_model.embed("candidate", **tensors["positive"])
+        neg = torch_model.embed("candidate", **tensors["negative"])
+        loss = torch_mmr_loss(q, pos, neg, MMR_GROUPS, 0.03)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    # First step: both from identical weights and batch -> the same loss (a parity check).
+    state, metrics = step(state, jax_batches[0])
+    jax_first, torch_first = float(metrics["loss"]), torch_step(batches[0])
+    jax_times, torch_times = [], []
+    for batch, jax_batch in zip(batches[1:], jax_batches[1:], strict=True):
+        start = time.perf_counter()
+        state, metrics = step(state, jax_batch)
+        jax.block_until_ready(metrics["loss"])
+        jax_times.append(time.perf_counter() - start)
+        torch_times.append(_timed(lambda b=batch: torch_step(b)))
+    compiled = step._jitted(state, jax_batches[0]).lower(state, jax_batches[0]).compile()
+    cost = compiled.cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    peak = matmul_peak()
+    jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
+    print(
+        f"config: hidden {args.hidden}, layers {args.layers}, batch {args.batch} x 3 sides, "
+        f"length {args.length} + 80 meta tokens, CPU x{jax.device_count()} (provisional: shared "
+        "machine)"
+    )
+    print(f"first-step loss: jax {jax_first:.6f}  torch {torch_first:.6f}")
+    print(f"{'impl':<8}{'step (s)':>10}{'examples/s':>12}{'MFU':>8}")
+    for name, seconds in (("jax", jax_s), ("torch", torch_s)):
+        mfu = flops / seconds / peak if peak else float("nan")
+        print(f"{name:<8}{seconds:>10.4f}{args.batch / seconds:>12.1f}{mfu:>8.1%}")
+    print(
+        f"speed-up jax / torch: {torch_s / jax_s:.2f}x   (step FLOPs {flops:.3g}, "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
