@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from metaembed_jax import sharding
 from metaembed_jax.models import hf_loading, layers
 
 
@@ -138,10 +139,8 @@ def test_lora_adapters_start_fresh_and_base_loads(tmp_path):
 def test_placed_on_mesh_by_logical_rules(tmp_path):
     tensors = toy_tensors()
     write_checkpoint(tmp_path, tensors)
-    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), devices=jax.devices()[:8])
-    model = hf_loading.load_hf(
-        tmp_path, mesh=mesh, rules=[("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor")]
-    )
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
+    model = hf_loading.load_hf(tmp_path, mesh=mesh)  # the project's rules table by default
     kernel = model.layers.proj.kernel[...]  # [2 layers, 4, 6]: 6 not divisible by 4 devices
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     embed = model.embed[...]  # [10, 4]: vocab 10 not divisible by 4 -> replicated, embed by fsdp

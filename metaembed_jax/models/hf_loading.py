@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import mmap
 import os
 import re
@@ -30,6 +29,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+from metaembed_jax import sharding
 
 # ---------------------------------------------------------------------------------------------
 # Safetensors, read directly (header + memory map), so bfloat16 needs neither torch nor a copy.
@@ -251,26 +252,6 @@ def _assemble(reader, sources, shape, np_dtype, path: str, problems: list[str]):
     return array
 
 
-def logical_sharding(axes, mesh, rules, shape=None) -> jax.sharding.NamedSharding:
-    """Logical axis names -> NamedSharding on `mesh` via `rules` ((logical, mesh axes) pairs).
-
-    A mesh axis is used once per array; with `shape`, a dimension that the mesh axes do not
-    divide evenly stays replicated (e.g. a vocabulary of 151,936 over 3 devices) instead of failing.
-    """
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for dim, name in enumerate(axes):
-        mesh_axes = table.get(name)
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and a in mesh.shape)
-        if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
-            mesh_axes = ()
-        used.update(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-
 def _iter_variables(state) -> Iterator[tuple[str, Any]]:
     for path, variable in nnx.to_flat_state(state):
         yield _path_string(path), variable
@@ -307,8 +288,9 @@ def load_hf(
 ) -> nnx.Module:
     """A Hugging Face checkpoint directory -> Flax NNX backbone with its weights.
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`
-    and logical-axis `rules`, each parameter is placed directly onto its sharding.
+    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`,
+    each parameter is placed directly onto the sharding its logical axis names get from `rules`
+    (default: `sharding.LOGICAL_AXIS_RULES`).
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
@@ -342,9 +324,12 @@ def load_hf(
         value = _assemble(reader, sources, variable.shape, np.dtype(variable.dtype), name, problems)
         if value is None:
             continue
-        if mesh is not None and rules is not None:
+        if mesh is not None:
             axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-            values[name] = jax.device_put(value, logical_sharding(axes, mesh, rules, value.shape))
+            spec = sharding.logical_to_spec(
+                axes, value.shape, mesh, rules or sharding.LOGICAL_AXIS_RULES
+            )
+            values[name] = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
         else:
             values[name] = jnp.asarray(value)
     for target, sources in by_target.items():
