@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
+ABLATION_DIR ?= runs/ablation
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
@@ -28,6 +29,16 @@ demo: $(VENV)/.runtime
 	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
 	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
 	$(BIN)/python eval.py --config configs/demo.py --workdir $(WORKDIR)
+
+# The paper's ablation at demo scale: MMR vs loss on the full budget only vs one vector.
+ablation: $(VENV)/.runtime
+	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
+	for variant in mmr nommr single; do \
+	  $(BIN)/python train.py --config configs/demo.py:$$variant --workdir $(ABLATION_DIR)/$$variant || exit 1; \
+	  $(BIN)/python eval.py --config configs/demo.py:$$variant --workdir $(ABLATION_DIR)/$$variant || exit 1; \
+	done
+	$(BIN)/python -m metaembed_jax.evaluation.ablation --names MMR nommr single \
+	  --workdirs $(ABLATION_DIR)/mmr $(ABLATION_DIR)/nommr $(ABLATION_DIR)/single
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q

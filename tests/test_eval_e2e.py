@@ -24,7 +24,6 @@ FIXTURE = REPO / "tests" / "fixtures" / "vidore"
 BUDGETS = ((1, 1), (2, 4), (4, 8))
 
 CONFIG_FILE = """
-from ml_collections import ConfigDict
 from metaembed_jax.training.testing import tiny_config
 
 
@@ -35,7 +34,6 @@ def get_config():
     config.data.min_pixels, config.data.max_pixels = 28 * 28, 56 * 56
     config.data.length_buckets = (32, 64)
     config.data.beir.roots = ({fixture!r},)
-    config.eval = ConfigDict()
     config.eval.budgets = {budgets!r}
     config.eval.builtin = False
     config.eval.batch_size = 4

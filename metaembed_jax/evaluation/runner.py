@@ -31,19 +31,11 @@ from metaembed_jax.evaluation.encode import (
 DEFAULT_BUDGETS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
 
-def eval_option(config, name: str, default: Any) -> Any:
-    """`config.eval.<name>`, or `default` when the config has no such field."""
-    section = config.get("eval") if hasattr(config, "get") else None
-    if section is None:
-        return default
-    return section.get(name, default)
-
-
 def configured_budgets(config) -> tuple[tuple[int, int], ...]:
     """`config.eval.budgets`; by default the paper's five, or (1, 1) for a single-vector model
     (which has no other budget). An explicit budget beyond the trained sizes is kept, and
     refused by `check_budgets`."""
-    budgets = eval_option(config, "budgets", None)
+    budgets = config.eval.budgets
     if budgets is not None:
         return tuple(tuple(b) for b in budgets)
     return ((1, 1),) if trained_sizes(config) == (1, 1) else DEFAULT_BUDGETS
@@ -102,10 +94,10 @@ def run_suites(
 ) -> list[dict[str, Any]]:
     """Every evaluation set the config names, as report suites."""
     suites = []
-    if eval_option(config, "builtin", True):
+    if config.eval.builtin:
         from metaembed_jax.data.pipeline import dataset_dir
 
-        split = eval_option(config, "split", "test")
+        split = config.eval.split
         if config.data.name != "synthetic":
             logging.info("config.data.name=%r: no built-in split to evaluate", config.data.name)
         else:
@@ -148,7 +140,7 @@ def evaluate(
     cache = EmbeddingCache(
         eval_dir / "cache",
         model_fingerprint=model_fingerprint,
-        index_dtype=eval_option(config, "index_dtype", "float32"),
+        index_dtype=config.eval.index_dtype,
     )
     suites = run_suites(encode, config, budgets, cache)
     return report.report(
@@ -156,7 +148,7 @@ def evaluate(
         suites,
         [budget_key(b) for b in budgets],
         model_info=model_info,
-        plot=eval_option(config, "plot", True),
+        plot=config.eval.plot,
     )
 
 
@@ -266,7 +258,7 @@ class LazyEncoder:
         processor = processor_from_config(config.data, config.init_from or None)
         model = restore_model(config, self.run_dir, self.step, mesh, len(processor.tokenizer))
         shards = sharding.batch_shards(mesh)
-        batch_size = -(-int(eval_option(config, "batch_size", 16)) // shards) * shards
+        batch_size = -(-int(config.eval.batch_size) // shards) * shards
         return ModelEncoder(
             model,
             processor,

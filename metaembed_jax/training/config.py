@@ -109,6 +109,20 @@ def base_config() -> ConfigDict:
 
     # Input pipeline (metaembed_jax/data/config.py documents every field).
     config.data = get_data_config()
+
+    config.eval = ConfigDict()
+    # Budgets (r_q, r_c) scored by eval.py. None: the paper's five, (1,1) (2,4) (4,8) (8,16)
+    # (16,64), or only (1,1) for the single-vector readout. Any r_q <= R_q, r_c <= R_c is allowed.
+    config.eval.budgets = None
+    # Items encoded per jitted call (rounded up to a multiple of the batch shards).
+    config.eval.batch_size = 16
+    # Storage of the cached candidate index: "float32", "bfloat16" or "int8".
+    config.eval.index_dtype = "float32"
+    # Evaluate the built-in dataset's `split` ("validation" or "test"), per task type.
+    config.eval.builtin = True
+    config.eval.split = "test"
+    # Write DIR/eval/scaling.png (quality, latency and index size vs budget).
+    config.eval.plot = True
     return config
 
 
