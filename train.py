@@ -6,7 +6,7 @@ from the latest checkpoint in DIR by itself. Multi-host: run the same command on
 README); `jax.distributed` starts from the cluster environment or `--config.distributed.*`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from metaembed_jax.training.loop import train
@@ -19,10 +19,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    # absl's default verbosity (warnings) keeps orbax's per-save INFO lines off the console;
+    # progress is the tqdm bar, and `--verbosity=0` shows the INFO lines again.
     rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if rows:
-        logging.info("last logged step %d: loss %.4f", rows[-1]["step"], rows[-1]["loss"])
+        print(f"last logged step {rows[-1]['step']}: loss {rows[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":
