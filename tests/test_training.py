@@ -146,3 +146,6 @@ def test_invalid_configs_fail_at_start_with_a_clear_message(tmp_path):
     config.loss.variant = "single"
     with pytest.raises(ValueError, match="readout 'last_token'"):
         validate_config(config)
+    config = small_config()
+    with pytest.raises(ValueError, match="tokenizer has 100000 tokens"):
+        build_model(config, vocab_size=100_000)

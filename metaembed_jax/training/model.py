@@ -42,6 +42,12 @@ def hf_config_dict(config, vocab_size: int | None = None) -> dict[str, Any]:
     """`config.model.hf_config` as a plain dict; a vocab size of 0 means "the tokenizer's"."""
     hf = config.model.hf_config.to_dict()
     text = hf.get("text_config", hf)
+    if text.get("vocab_size") and vocab_size and vocab_size > text["vocab_size"]:
+        # Token ids past the embedding table would embed as NaN under jit, silently.
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but config.model.hf_config has vocab_size "
+            f"{text['vocab_size']}; set it to 0 (= the tokenizer's size) or >= {vocab_size}"
+        )
     if not text.get("vocab_size"):
         if not vocab_size:
             raise ValueError(
