@@ -17,9 +17,10 @@ def get_config(variant: str | None = None):
     config.seed = 0
     # Random initialisation (no checkpoint); vocab_size 0 = the built-in tokenizer's size.
     config.init_from = ""
-    # Tiny Qwen2.5-VL: 2 decoder layers of width 64, a 1-block vision tower of width 64.
+    # Tiny Qwen2.5-VL: 2 decoder layers of width 128 (learns much faster per step than width 64
+    # for little extra cost at these lengths), a 1-block vision tower of width 64.
     config.model.hf_config = tiny_hf_config(
-        vocab_size=0, hidden=64, layers=2, vision_hidden=64, vision_depth=1
+        vocab_size=0, hidden=128, layers=2, vision_hidden=64, vision_depth=1
     )
     config.model.num_query_tokens = 16
     config.model.num_candidate_tokens = 64
@@ -35,16 +36,28 @@ def get_config(variant: str | None = None):
     config.optimizer.weight_decay = 0.01
     config.loss.temperature = 0.05
 
-    config.train.steps = 200
+    config.train.steps = 300
     config.train.batch_size = 32
     config.train.log_every = 10
     config.checkpoint.every = 100
     config.checkpoint.keep = 2
     config.mesh.data = -1  # all local devices (one on a plain CPU run)
 
-    # Images at their generated size: 112 x 112 px = 16 merged image tokens.
-    config.data.max_pixels = 112 * 112
+    # A dataset a from-scratch model can learn in minutes on CPU: scenes only (document pages
+    # are unreadable at this resolution), 1-2 objects without words on a 2 x 2 grid, 56 px
+    # images = 4 patches of 28 px = 4 merged image tokens, one per grid cell.
+    synthetic = config.data.synthetic
+    synthetic.tasks = ("text_to_image", "image_to_text", "composed")
+    synthetic.image_size = 56
+    synthetic.grid_size = 2
+    synthetic.min_objects = 1
+    synthetic.max_objects = 2
+    synthetic.word_prob = 0.0
+    synthetic.num_train = 4096
+    synthetic.num_val = 48
+    synthetic.num_test = 192  # 64 queries per task, 128 corpus items per task
+    config.data.max_pixels = 56 * 56
     config.data.min_pixels = 56 * 56
-    config.data.length_buckets = (32, 64, 128)
+    config.data.length_buckets = (32, 64)
 
     return apply_variant(config, variant)
