@@ -107,13 +107,20 @@ def _exhaustive_fn(mesh, r_q, r_c, k, chunk_size, has_scales, has_mask):
         values, positions = _local_top_k(scores, positions, limit, k)
         return _gather_merge(values, positions, axes, k)
 
+    return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=2)
+
+
+def _jit_sharded(local, mesh, axes, has_mask, has_scales, *, num_replicated):
+    """`local(queries, query_mask, block, scales, *replicated)` jitted under shard_map: the
+    candidate block (and its scales) split over the mesh axes, everything else replicated,
+    outputs (the merged top-k) replicated."""
     shard_spec = P(axes)
     in_specs = (P(), P() if has_mask else None, shard_spec, shard_spec if has_scales else None)
     return jax.jit(
         jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(*in_specs, P(), P()),
+            in_specs=(*in_specs, *([P()] * num_replicated)),
             out_specs=(P(), P()),
             check_vma=False,
         )
@@ -163,17 +170,7 @@ def _rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
         positions = jnp.take_along_axis(shortlist, order, axis=1)
         return _gather_merge(values, positions, axes, k)
 
-    shard_spec = P(axes)
-    in_specs = (P(), P() if has_mask else None, shard_spec, shard_spec if has_scales else None)
-    return jax.jit(
-        jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(*in_specs, P(), P(), P()),
-            out_specs=(P(), P()),
-            check_vma=False,
-        )
-    )
+    return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=3)
 
 
 def _default_mesh() -> Mesh:
