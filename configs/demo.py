@@ -30,13 +30,13 @@ def get_config(variant: str | None = None):
     # From scratch: full training of every weight, a higher learning rate, short warm-up.
     config.lora.enabled = False
     config.optimizer.lr = 2e-3
-    config.optimizer.warmup_steps = 20
+    config.optimizer.warmup_steps = 40
     config.optimizer.schedule = "cosine"
     config.optimizer.end_factor = 0.05
     config.optimizer.weight_decay = 0.01
     config.loss.temperature = 0.05
 
-    config.train.steps = 300
+    config.train.steps = 400
     config.train.batch_size = 32
     config.train.log_every = 10
     config.checkpoint.every = 100
