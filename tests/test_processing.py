@@ -14,7 +14,6 @@ from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from metaembed_jax.data.processing import (
     BadRecordError,
     QwenVLProcessor,
-    RecordChecker,
     check_features,
     decode_image,
 )
@@ -304,7 +303,8 @@ def _record(**overrides):
 
 
 def test_records_and_bad_rows(tokenizer):
-    """process_records encodes each side; bad rows raise naming the row or are skipped+counted."""
+    """process_records encodes each side; bad rows raise naming the row and the field (skipping
+    and counting bad rows happens when a dataset is built: tests/test_builders.py)."""
     proc = QwenVLProcessor(tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     records = [_record(), _record(query_id="q1", query_text="a blue square")]
     query = proc.process_records(records, "query")
@@ -316,15 +316,13 @@ def test_records_and_bad_rows(tokenizer):
     np.testing.assert_array_equal(positive["pixel_values"], reference["pixel_values"])
     bad = [_record(query_id="q2", positive_image=b"\x89PNG broken"), _record(query_text="")]
     with pytest.raises(BadRecordError, match="row 'q2'.*positive.*cannot be decoded"):
-        RecordChecker()(bad[0])
+        proc.process_records(bad[:1], "positive")
     with pytest.raises(BadRecordError, match="query has empty text and no image"):
         proc.process_records(bad[1:], "query")
     missing = _record()
     del missing["positive_text"]
-    checker = RecordChecker(on_error="skip")
-    kept = [r for r in records + bad + [missing] if checker(r)]
-    assert len(kept) == 2 and checker.num_bad == 3 and checker.num_seen == 5
-    assert "missing column 'positive_text'" in checker.bad_rows[-1][1]
+    with pytest.raises(BadRecordError, match="missing column 'positive_text'"):
+        proc.process_records([missing], "positive")
     with pytest.raises(FileNotFoundError, match="row 7: image file '/nonexistent.png'"):
         decode_image("/nonexistent.png", row=7)
 

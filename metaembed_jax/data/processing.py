@@ -542,55 +542,6 @@ def _record_side(record: dict, side_key: str, index) -> tuple[str, list]:
     return text, images
 
 
-def check_record(record: dict, *, index=None, require_negative: bool = False) -> None:
-    """Checks a training record: columns present, every side has text or a decodable image.
-
-    Raises:
-      BadRecordError / FileNotFoundError: naming the row (its `query_id`, else `index`) and field.
-    """
-    sides = ("query", "positive")
-    if require_negative or not _side_empty(record, "negative"):
-        sides = ("query", "positive", "negative")
-    for side_key in sides:
-        _record_side(record, side_key, index)
-
-
-def _side_empty(record: dict, side_key: str) -> bool:
-    text, image = record.get(f"{side_key}_text"), record.get(f"{side_key}_image")
-    return not (text or "").strip() and _is_empty_image(image)
-
-
-class RecordChecker:
-    """Filter for bad records: `on_error="raise"` re-raises, `"skip"` counts and returns False.
-
-    `checker(record) -> bool` (True = keep). `num_bad` and `bad_rows` ((row, message) pairs,
-    the first 100) report what was skipped: nothing is dropped silently.
-    """
-
-    def __init__(self, on_error: str = "raise", require_negative: bool = False):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error = on_error
-        self.require_negative = require_negative
-        self.num_seen = 0
-        self.num_bad = 0
-        self.bad_rows: list[tuple[object, str]] = []
-
-    def __call__(self, record: dict) -> bool:
-        index = self.num_seen
-        self.num_seen += 1
-        try:
-            check_record(record, index=index, require_negative=self.require_negative)
-        except (BadRecordError, FileNotFoundError) as error:
-            if self.on_error == "raise":
-                raise
-            self.num_bad += 1
-            if len(self.bad_rows) < 100:
-                self.bad_rows.append((record.get("query_id", index), str(error)))
-            return False
-        return True
-
-
 def _single_token_id(tokenizer, token: str) -> int:
     encoded = tokenizer.encode(token, add_special_tokens=False)
     if len(encoded) != 1:
