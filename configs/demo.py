@@ -45,7 +45,7 @@ def get_config(variant: str | None = None):
 
     # A dataset a from-scratch model can learn in minutes on CPU: scenes only (document pages
     # are unreadable at this resolution), 1-2 objects without words on a 2 x 2 grid, 56 px
-    # images = 4 patches of 28 px = 4 merged image tokens, one per grid cell.
+    # images = 16 patches of 14 px = 4 merged image tokens (28 px each), one per grid cell.
     synthetic = config.data.synthetic
     synthetic.tasks = ("text_to_image", "image_to_text", "composed")
     synthetic.image_size = 56
