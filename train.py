@@ -6,7 +6,7 @@ from the latest checkpoint in DIR by itself. Multi-host: run the same command on
 README); `jax.distributed` starts from the cluster environment or `--config.distributed.*`.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metaembed_jax.training.loop import train
@@ -19,8 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # absl's default verbosity (warnings) keeps orbax's per-save INFO lines off the console;
-    # progress is the tqdm bar, and `--verbosity=0` shows the INFO lines again.
+    # Warnings only unless --verbosity is given: orbax logs several INFO lines per checkpoint
+    # save, which would bury the progress bar (`--verbosity=0` shows them).
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if rows:
         print(f"last logged step {rows[-1]['step']}: loss {rows[-1]['loss']:.4f}")
