@@ -12,10 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from metaembed_jax.evaluation.encode import EmbeddingCache, Encode, budget_key
-from metaembed_jax.evaluation.retrieval import evaluate_corpus
+from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
+from metaembed_jax.evaluation.vidore import evaluate_vidore
 
 
 def split_by_task(tables: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -46,30 +44,8 @@ def evaluate_tables(
 
     Returns `{"suite", "tasks": {task: result}, "averages": {budget: {"avg": value}}}`.
     """
-    tasks = {
-        task: evaluate_corpus(
-            encode,
-            parts["corpus"],
-            parts["queries"],
-            parts["qrels"],
-            budgets,
-            name=f"{suite}/{task}",
-            cache=cache,
-        )
-        for task, parts in split_by_task(tables).items()
-    }
-    return {"suite": suite, "tasks": tasks, "averages": mean_averages(tasks, budgets)}
-
-
-def mean_averages(tasks: Mapping[str, Any], budgets: Sequence[Sequence[int]]) -> dict:
-    """`{budget: {"avg": mean of the tasks' primary metrics}}`."""
-    averages = {}
-    for budget in budgets:
-        key = budget_key(budget)
-        values = [t["by_budget"][key][t["metric"]] for t in tasks.values() if key in t["by_budget"]]
-        if values:
-            averages[key] = {"avg": float(np.mean(values))}
-    return averages
+    # Each task is its own corpus: the same protocol as a set of BEIR datasets.
+    return evaluate_vidore(encode, split_by_task(tables), budgets, suite=suite, cache=cache)
 
 
 def evaluate_builtin(

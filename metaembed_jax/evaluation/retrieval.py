@@ -117,3 +117,14 @@ def evaluate_corpus(
         "metric": f"ndcg@{ndcg_k}",
         "by_budget": by_budget,
     }
+
+
+def mean_averages(tasks: Mapping[str, Any], budgets: Sequence[Sequence[int]]) -> dict:
+    """`{budget: {"avg": mean of the tasks' primary metrics}}`."""
+    averages = {}
+    for budget in budgets:
+        key = budget_key(budget)
+        values = [t["by_budget"][key][t["metric"]] for t in tasks.values() if key in t["by_budget"]]
+        if values:
+            averages[key] = {"avg": float(np.mean(values))}
+    return averages

@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaembed_jax.evaluation.builtin import mean_averages
 from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
-from metaembed_jax.evaluation.retrieval import evaluate_corpus, qrels_from_rows
+from metaembed_jax.evaluation.retrieval import evaluate_corpus, mean_averages, qrels_from_rows
 
 
 def read_beir_dir(root: str | os.PathLike) -> dict[str, Any]:
