@@ -361,24 +361,6 @@ def test_sharded_load_matches_transformers(checkpoint):
     assert diff <= TOLERANCE_F32, f"max abs diff {diff}"
 
 
-@pytest.mark.parametrize("block_size", [5, 8, 200])
-def test_local_segment_attention_equals_masked_attention(block_size):
-    """The blocked segment attention (for packed vision patches) equals full attention with a
-    same-segment mask when segments are contiguous and at most `block_size` long."""
-    rng = np.random.default_rng(block_size)
-    lengths = rng.integers(1, min(block_size, 50) + 1, 40)
-    segments = np.repeat(np.arange(len(lengths)), lengths)[:101]  # cut: P not a block multiple
-    num_tokens = len(segments)
-    query = rng.normal(size=(num_tokens, 4, 8)).astype(np.float32)
-    key, value = (rng.normal(size=(num_tokens, 2, 8)).astype(np.float32) for _ in range(2))
-    mask = (segments[:, None] == segments[None, :])[None, None]
-    expected = layers.dot_product_attention(query[None], key[None], value[None], mask)[0]
-    ours = jax.jit(layers.local_segment_attention, static_argnums=4)(
-        query, key, value, segments, block_size
-    )
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-example image layout ([B, P_ex, D] / [B, N_ex, 3]) against the packed one and transformers
 # ---------------------------------------------------------------------------------------------

@@ -197,51 +197,6 @@ def dot_product_attention(
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def local_segment_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    segments: jax.Array,
-    block_size: int,
-) -> jax.Array:
-    """Attention of every token to the tokens of its own segment, in O(P * 3 * block_size).
-
-    query `[P, Hq, Dh]`, key/value `[P, Hkv, Dh]`, segments `[P]` int. Exact (equal to
-    `dot_product_attention` with mask `segments[:, None] == segments[None, :]`) when every
-    segment is contiguous and at most `block_size` tokens long: the sequence is cut into blocks of
-    `block_size` and a block's queries only see keys of the previous, same and next blocks, which
-    then hold the whole of their segment. Longer segments (e.g. shared padding ids) get attention
-    restricted to those neighbours: finite, but only meaningful for ignored tokens.
-    Packed vision patches (window or per-image attention) are the intended use.
-    """
-    num_tokens = query.shape[0]
-    if block_size <= 0:
-        raise ValueError(f"block_size={block_size}; expected a positive int")
-    block_size = min(block_size, num_tokens)
-    num_blocks = -(-num_tokens // block_size)
-    pad = num_blocks * block_size - num_tokens
-
-    def blocks(x):  # [P, ...] -> [n, C, ...], zero padded
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(num_blocks, block_size, *x.shape[1:])
-
-    def neighbours(x):  # [n, C, ...] -> [n, 3C, ...]: previous, same, next block
-        return jnp.concatenate([jnp.roll(x, 1, axis=0), x, jnp.roll(x, -1, axis=0)], axis=1)
-
-    valid = blocks(jnp.ones((num_tokens,), bool))
-    index = jnp.arange(num_blocks)
-    # Rolled-in blocks from the other end of the sequence are not neighbours.
-    in_range = jnp.stack([index > 0, jnp.ones_like(index, bool), index < num_blocks - 1], axis=1)
-    key_valid = neighbours(valid) & jnp.repeat(in_range, block_size, axis=1)
-    segment_blocks = blocks(jnp.asarray(segments))
-    mask = segment_blocks[:, :, None] == neighbours(segment_blocks)[:, None, :]
-    mask = (mask & key_valid[:, None, :])[:, None]  # [n, 1, C, 3C]
-    out = dot_product_attention(
-        blocks(query), neighbours(blocks(key)), neighbours(blocks(value)), mask
-    )
-    return out.reshape(num_blocks * block_size, *out.shape[2:])[:num_tokens]
-
-
 def stack_layers(
     make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
 ) -> nnx.Module:
