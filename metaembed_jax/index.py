@@ -3,8 +3,9 @@
 Storage dtypes: float32, bfloat16 (kept on the host and devices as its raw 16-bit words, see
 `scoring.bfloat16_words`) and int8 with one float32 scale per vector (symmetric, absmax / 127).
 
-Search runs on a device mesh: the candidate axis is split over all devices of the mesh, each
-device scores its shard (chunked MaxSim, float32 accumulation) and keeps a local top-k, and one
+Search runs on a device mesh, which may span several processes: the candidate axis is split over
+all devices of the mesh (each process reads only the rows of its own devices), each device scores
+its shard (chunked MaxSim, float32 accumulation) and keeps a local top-k, and one
 all-gather + top-k merges them. Ties go to the lower position on every path (shards and blocks are
 merged in position order), so results equal the single-device ones. An index loaded with
 ``mmap=True`` is streamed from disk one file shard at a time, so it can exceed RAM.
@@ -154,6 +155,8 @@ def _rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
     def local(queries, query_mask, block, scales, offset, limit, shortlist):
         n_local = block.shape[0]
         start = offset + lax.axis_index(axes) * n_local
+        # Sorted positions: ties of the exact scores then resolve to the lower position.
+        shortlist = jnp.sort(shortlist, axis=1)
         local_positions = shortlist - start
         owned = (local_positions >= 0) & (local_positions < n_local) & (shortlist < limit)
         local_positions = jnp.clip(local_positions, 0, n_local - 1)
@@ -174,7 +177,8 @@ def _rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
 
 
 def _default_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()[:1]), ("index",))
+    # This process's first device: with several processes, each then searches on its own.
+    return Mesh(np.array(jax.local_devices()[:1]), ("index",))
 
 
 def _check_ids(ids, count: int, start: int) -> list:
@@ -309,21 +313,25 @@ class MultiVectorIndex:
     # ----------------------------------------------------------------------------- search
     def _device_blocks(self, mesh: Mesh):
         """Yield (offset, vectors, scales, limit) blocks placed on ``mesh``, rows split evenly
-        over its devices (zero rows pad to a multiple of the device count; never returned)."""
+        over its devices (zero rows pad to a multiple of the device count; never returned).
+
+        Each process reads only the rows its own devices hold (`_place_rows`), so on a mesh that
+        spans several processes a memory-mapped index is read from disk once in total, not once
+        per process.
+        """
         devices = mesh.devices.size
         sharding = NamedSharding(mesh, P(_mesh_axes(mesh)))
+        has_scales = self.dtype == "int8"
         if not self.streaming:
             if mesh not in self._device_cache:
                 # One placement at a time: each is a full copy of the index.
                 self._device_cache = {k: v for k, v in self._device_cache.items() if k == "ids"}
-                vectors = np.concatenate([v for v, _ in self._blocks])
-                scales = (
-                    None if self.dtype != "int8" else np.concatenate([s for _, s in self._blocks])
-                )
                 rows = -(-max(1, len(self)) // devices) * devices
+                vectors = [v for v, _ in self._blocks]
+                scales = [s for _, s in self._blocks] if has_scales else None
                 self._device_cache[mesh] = (
-                    jax.device_put(_pad_rows(vectors, rows), sharding),
-                    None if scales is None else jax.device_put(_pad_rows(scales, rows), sharding),
+                    _place_rows(vectors, rows, sharding),
+                    None if scales is None else _place_rows(scales, rows, sharding),
                 )
             yield (0, *self._device_cache[mesh], len(self))
             return
@@ -334,10 +342,8 @@ class MultiVectorIndex:
         for vectors, scales in self._blocks:
             count = vectors.shape[0]
             if count:
-                placed = jax.device_put(_pad_rows(vectors, rows), sharding)
-                placed_scales = (
-                    None if scales is None else jax.device_put(_pad_rows(scales, rows), sharding)
-                )
+                placed = _place_rows([vectors], rows, sharding)
+                placed_scales = None if scales is None else _place_rows([scales], rows, sharding)
                 yield offset, placed, placed_scales, offset + count
             offset += count
 
@@ -383,10 +389,9 @@ class MultiVectorIndex:
         if not (isinstance(k, int | np.integer) and 1 <= k <= len(self)):
             raise ValueError(f"k must be an int in [1, {len(self)}] (index size), got {k!r}")
         mesh = _default_mesh() if mesh is None else mesh
-        replicated = NamedSharding(mesh, P())
-        queries = jax.device_put(jnp.asarray(queries, jnp.float32), replicated)
+        queries = _replicate(np.asarray(queries, np.float32), mesh)
         if query_mask is not None:
-            query_mask = jax.device_put(jnp.asarray(query_mask, bool), replicated)
+            query_mask = _replicate(np.asarray(query_mask, bool), mesh)
         if coarse_budget is None:
             values, positions = self._exhaustive(
                 queries, query_mask, (r_q, r_c), k, mesh, chunk_size
@@ -397,8 +402,6 @@ class MultiVectorIndex:
             if size < k:
                 raise ValueError(f"shortlist must be >= k={k}, got {shortlist!r}")
             _, candidates = self._exhaustive(queries, query_mask, coarse, size, mesh, chunk_size)
-            # Sorted positions: ties of the exact scores then resolve to the lower position.
-            candidates = jax.device_put(jnp.sort(candidates, axis=1), replicated)
             values, positions = self._rerank(queries, query_mask, (r_q, r_c), k, candidates, mesh)
         positions = np.clip(np.asarray(positions), 0, len(self) - 1)
         return np.asarray(values, np.float32), self._ids_array()[positions]
@@ -449,8 +452,35 @@ def _merge_pairs(first, second, k):
     return _merge(values, positions, min(k, values.shape[1]))
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    if array.shape[0] == rows:
-        return array
-    padding = np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)
-    return np.concatenate([array, padding])
+def _host_rows(blocks: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the concatenation of ``blocks``; rows past the end are zeros."""
+    pieces, offset = [], 0
+    for block in blocks:
+        low, high = max(start - offset, 0), min(stop - offset, block.shape[0])
+        if low < high:
+            pieces.append(np.asarray(block[low:high]))
+        offset += block.shape[0]
+    missing = (stop - start) - sum(piece.shape[0] for piece in pieces)
+    if missing:
+        pieces.append(np.zeros((missing, *blocks[0].shape[1:]), blocks[0].dtype))
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _place_rows(blocks: list[np.ndarray], rows: int, sharding: NamedSharding) -> jax.Array:
+    """The concatenated ``blocks``, zero-padded to ``rows``, as one global array with
+    ``sharding`` (split over the first axis). Only the rows of this process's devices are read
+    from the host arrays (which may be memmaps)."""
+    shape = (rows, *blocks[0].shape[1:])
+
+    def fetch(index):
+        start, stop, _ = index[0].indices(rows)
+        return _host_rows(blocks, start, stop)
+
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+def _replicate(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds identically, replicated on all devices of
+    ``mesh`` (which may span several processes)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()), lambda i: array[i])

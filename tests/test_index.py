@@ -271,3 +271,98 @@ def test_streamed_mmap_index_equals_in_memory(data, tmp_path):
             np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     _, ids = streamed.search(candidates[10:11, :16], (16, 64), k=11)
     assert ids[0].tolist() == [10, *range(150, 160)]
+
+
+# ----------------------------------------------------------------------------- two real processes
+
+_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, process_id, index_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+import numpy as np
+from jax.sharding import Mesh
+from metaembed_jax import index as index_module
+from metaembed_jax.index import MultiVectorIndex
+
+read = []  # every host row range this process reads to place the index on its devices
+host_rows = index_module._host_rows
+index_module._host_rows = lambda blocks, a, b: read.append((a, b)) or host_rows(blocks, a, b)
+queries = np.load(f"{index_dir}/queries.npy")
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("host", "device"))
+saved = {}
+for dtype in ("float32", "bfloat16", "int8"):
+    for mmap in (False, True):
+        index = MultiVectorIndex.load(f"{index_dir}/{dtype}", mmap=mmap)
+        name = f"{dtype}/{mmap}"
+        read.clear()
+        saved[name + "/exhaustive"] = index.search(queries, (4, 8), k=15, mesh=mesh)
+        saved[name + "/two_stage"] = index.search(
+            queries, (16, 64), k=5, coarse_budget=(1, 1), shortlist=30, mesh=mesh
+        )
+        tie_query = np.load(f"{index_dir}/tie.npy")
+        saved[name + "/ties"] = index.search(tie_query, (16, 64), k=11, mesh=mesh)
+        saved[name + "/read"] = (np.array(read),)
+# (scores, ids) -> "<key>/s", "<key>/p"; the read log -> "<key>/s"
+np.savez(out, **{f"{key}/{part}": array for key, value in saved.items()
+                 for part, array in zip("sp", value)})
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_search_their_own_rows_and_match_one_device(data, tmp_path):
+    """Two real JAX processes (gloo, 4 CPU devices each) load the same saved index (in memory
+    and memory-mapped, with 40-row file shards) and search it on one 2x4 mesh: results equal
+    the single-device search, and each process reads only the rows its own devices hold."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    queries, candidates = data
+    tie_query = candidates[10:11, :16]
+    np.save(tmp_path / "queries.npy", queries)
+    np.save(tmp_path / "tie.npy", tie_query)
+    want = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        index = MultiVectorIndex.build(candidates, dtype=dtype)
+        index.save(tmp_path / dtype, shard_rows=40)
+        want[dtype] = {
+            "exhaustive": index.search(queries, (4, 8), k=15),
+            "two_stage": index.search(queries, (16, 64), k=5, coarse_budget=(1, 1), shortlist=30),
+            "ties": index.search(tie_query, (16, 64), k=11),
+        }
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "process.py"
+    script.write_text(_PROCESS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(port), str(i), tmp_path, tmp_path / f"{i}.npz"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        output = proc.communicate(timeout=600)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    # Rows placed per search: in memory the whole index padded to 208 (26 per device); streamed,
+    # each 40-row file shard (5 per device). Each process must read only its half.
+    placed_rows = {False: -(-len(candidates) // 8) * 8, True: 40}
+    for process_id in range(2):
+        got = np.load(tmp_path / f"{process_id}.npz", allow_pickle=False)
+        for dtype, searches in want.items():
+            for mmap in (False, True):
+                for kind, (scores, ids) in searches.items():
+                    key = f"{dtype}/{mmap}/{kind}"
+                    np.testing.assert_array_equal(got[key + "/p"], ids, err_msg=key)
+                    np.testing.assert_allclose(got[key + "/s"], scores, rtol=1e-6, atol=1e-6)
+                read, rows = got[f"{dtype}/{mmap}/read/s"], placed_rows[mmap]
+                own = (process_id * rows // 2, (process_id + 1) * rows // 2)
+                assert len(read) and (read[:, 0] >= own[0]).all(), (dtype, mmap, read)
+                assert (read[:, 1] <= own[1]).all(), (dtype, mmap, read)
