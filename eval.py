@@ -27,8 +27,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from metaembed_jax.cli import warnings_only_unless_verbosity_given
     from metaembed_jax.evaluation import runner
 
+    warnings_only_unless_verbosity_given()
     table, _ = runner.run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     print(table)
 

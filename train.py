@@ -6,9 +6,10 @@ from the latest checkpoint in DIR by itself. Multi-host: run the same command on
 README); `jax.distributed` starts from the cluster environment or `--config.distributed.*`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from metaembed_jax.cli import warnings_only_unless_verbosity_given
 from metaembed_jax.training.loop import train
 
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).")
@@ -19,10 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Warnings only unless --verbosity is given: orbax logs several INFO lines per checkpoint
-    # save, which would bury the progress bar (`--verbosity=0` shows them).
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    warnings_only_unless_verbosity_given()
     rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if rows:
         print(f"last logged step {rows[-1]['step']}: loss {rows[-1]['loss']:.4f}")

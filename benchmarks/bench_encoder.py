@@ -8,7 +8,7 @@ the layer stacks are scanned, so it should stay nearly flat.
 
     python -m benchmarks.bench_encoder [--batch 8] [--repeats 5] [--threads N]
 
-Prints a markdown table. Figures measured on a shared machine are provisional.
+Prints a markdown table and the machine's load (a loaded machine inflates absolute times).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 
+from benchmarks import machine_load
 from metaembed_jax.models import from_config, load_hf
 
 
@@ -214,7 +215,7 @@ def main(args) -> None:
     print(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, threads {args.threads}, float32; "
-        "figures from a shared machine are provisional\n"
+        f"{machine_load.describe()}\n"
     )
     rows = throughput(args)
     print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up |")

@@ -29,6 +29,7 @@ import torch
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import machine_load  # noqa: E402
 from metaembed_jax.index import MultiVectorIndex  # noqa: E402
 from metaembed_jax.scoring import maxsim  # noqa: E402
 
@@ -191,7 +192,7 @@ def print_scoring_table(rows, peaks):
 
 # ------------------------------------------------------------------------------------- recall
 def synthetic_stand_in(rng, num_queries, num_candidates, dim, cluster_size=20):
-    """SYNTHETIC stand-in for embeddings of a trained MMR model (none exists yet).
+    """SYNTHETIC stand-in for embeddings of a trained MMR model (used without --embeddings).
 
     Candidates come in clusters of ``cluster_size`` near-duplicates of a topic (so a query's
     top-10 are semantically related, as with a real model, not random near-ties); each
@@ -225,40 +226,42 @@ def recall(found: np.ndarray, reference: np.ndarray) -> float:
     )
 
 
-def bench_two_stage(queries, candidates, shortlists, repeats, label):
-    """Two-stage (coarse (1,1) + exact rerank) vs exhaustive (16,64), k=10, per index dtype."""
+def bench_two_stage(queries, candidates, coarse_budgets, shortlists, repeats, label):
+    """Two-stage (coarse budget + exact rerank) vs exhaustive (16,64), k=10, per index dtype."""
     fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
     rows = []
     for dtype_name in ("float32", "bfloat16"):
         index = MultiVectorIndex.build(candidates, dtype=dtype_name)
         exhaustive_time = best_time(lambda i=index: i.search(queries, fine, k=10), repeats)
         _, exact_ids = index.search(queries, fine, k=10)
-        for shortlist in shortlists:
+        for coarse in coarse_budgets:
+            for shortlist in shortlists:
 
-            def two_stage(i=index, s=shortlist):
-                return i.search(queries, fine, k=10, coarse_budget=(1, 1), shortlist=s)
+                def two_stage(i=index, c=coarse, s=shortlist):
+                    return i.search(queries, fine, k=10, coarse_budget=c, shortlist=s)
 
-            seconds = best_time(two_stage, repeats)
-            rows.append(
-                (
-                    label,
-                    dtype_name,
-                    shortlist,
-                    exhaustive_time / len(queries) * 1e3,
-                    seconds / len(queries) * 1e3,
-                    exhaustive_time / seconds,
-                    recall(two_stage()[1], exact_ids),
+                seconds = best_time(two_stage, repeats)
+                rows.append(
+                    (
+                        label,
+                        dtype_name,
+                        coarse,
+                        shortlist,
+                        exhaustive_time / len(queries) * 1e3,
+                        seconds / len(queries) * 1e3,
+                        exhaustive_time / seconds,
+                        recall(two_stage()[1], exact_ids),
+                    )
                 )
-            )
         del index
     print(f"\n**Two-stage vs exhaustive {fine}, k=10, data: {label}**\n")
     print(
-        "| data | index dtype | shortlist | exhaustive ms/query | two-stage ms/query | speed-up "
-        "| recall@10 vs exhaustive |"
+        "| data | index dtype | coarse budget | shortlist | exhaustive ms/query | two-stage "
+        "ms/query | speed-up | recall@10 vs exhaustive |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print("| {} | {} | {} | {:.2f} | {:.2f} | {:.1f}x | {:.3f} |".format(*row))
+        print("| {} | {} | {} | {} | {:.2f} | {:.2f} | {:.1f}x | {:.3f} |".format(*row))
 
 
 def bench_quantised(queries, candidates, label):
@@ -297,6 +300,9 @@ def parse_args():
     parser.add_argument("--dims", default="512,2048")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shortlists", default="100,300,1000")
+    parser.add_argument(
+        "--coarse-budgets", default="1x1", help="two-stage first passes, e.g. 1x1,2x4"
+    )
     parser.add_argument("--embeddings", help=".npz with queries [Nq,R_q,D], candidates [Nc,R_c,D]")
     parser.add_argument("--skip-scoring", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
@@ -313,7 +319,7 @@ def main():
         f"# bench_scoring: jax {jax.__version__} ({jax.devices()[0].platform}, "
         f"{os.cpu_count()} cores), torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
-    print("Figures are PROVISIONAL: measured on a shared machine while other jobs ran.\n")
+    print(f"at start: {machine_load.describe()}\n")
     peers = load_peers()
     print(f"agreement check, max |ours - pylate| at (4, 8): {check_agreement(peers):.2e}")
     if not args.skip_scoring:
@@ -349,8 +355,9 @@ def main():
             queries, candidates = synthetic_stand_in(
                 rng, args.num_queries, args.num_candidates, 512
             )
-            label = "SYNTHETIC stand-in (no trained model yet)"
-        bench_two_stage(queries, candidates, shortlists, args.repeats, label)
+            label = "SYNTHETIC stand-in (pass --embeddings for a trained model's)"
+        coarse = [tuple(int(r) for r in b.split("x")) for b in args.coarse_budgets.split(",")]
+        bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label)
         bench_quantised(queries, candidates, label)
         rng = np.random.default_rng(8)
         bench_quantised(
@@ -358,6 +365,7 @@ def main():
             unit_vectors(rng, (args.num_candidates, R_C, 512)),
             "random unit vectors",
         )
+    print(f"\nat end: {machine_load.describe()}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from ml_collections import ConfigDict
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from benchmarks import machine_load
 from metaembed_jax.losses import MMR_GROUPS
 from metaembed_jax.training import testing
 from metaembed_jax.training.model import build_model
@@ -146,8 +147,8 @@ def main():
     jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
     print(
         f"config: hidden {args.hidden}, layers {args.layers}, batch {args.batch} x 3 sides, "
-        f"length {args.length} + 80 meta tokens, CPU x{jax.device_count()} (provisional: shared "
-        "machine)"
+        f"length {args.length} + 80 meta tokens, CPU x{jax.device_count()}; "
+        f"{machine_load.describe()}"
     )
     print(f"first-step loss: jax {jax_first:.6f}  torch {torch_first:.6f}")
     print(f"{'impl':<8}{'step (s)':>10}{'examples/s':>12}{'MFU':>8}")

@@ -418,7 +418,9 @@ class MultiVectorIndex:
         best = None
         for offset, vectors, scales, limit in self._device_blocks(mesh):
             n_local = vectors.shape[0] // mesh.devices.size
-            chunk = chunk_size or default_chunk_size(queries.shape[0] * r_q, r_c, n_local)
+            chunk = chunk_size or default_chunk_size(
+                queries.shape[0] * r_q, r_c, n_local, self.dim, vectors.dtype.itemsize
+            )
             search = _exhaustive_fn(
                 mesh,
                 r_q,

@@ -21,11 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Number of float32 similarities per chunk block [Nq * r_q, chunk * r_c]: 128K floats = 512 KiB,
-# about one core's L2. Tuned on a 2-core AVX-512 CPU (benchmarks/bench_scoring.py): blocks of
-# 64K-128K floats scored 1.2-2x faster than 2M-8M ones at budgets (8,16) and (16,64), because the
-# block is reduced (max, sum) while still in cache; the per-chunk loop overhead stays negligible.
+# Chunk sizing (candidates per chunk), tuned with benchmarks/bench_scoring.py on a 2-core AVX-512
+# CPU. Three bounds:
+# - the float32 similarity block [Nq * r_q, chunk * r_c] holds at most 128K floats (512 KiB,
+#   about one core's L2): blocks of 64K-128K scored 1.2-2x faster than 2M-8M ones at (8,16) and
+#   (16,64), because the block is reduced (max, sum) while still in cache;
+# - the candidate slice [chunk, r_c, D] is at most 2 MiB: at (1, 1) with D=2048, 4096-candidate
+#   chunks (32 MiB) ran 3x slower than 256-1024;
+# - at least 8 candidates: at (16, 64) the block bound alone gives 4, and the bfloat16 matmul then
+#   ran at ~74% of its peak instead of ~84% (float32: no change).
 DEFAULT_BLOCK_ELEMENTS = 128 * 1024
+MAX_SLICE_BYTES = 2 << 20
+MIN_CHUNK_CANDIDATES = 8
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -100,9 +107,13 @@ def compute_dtype(query_dtype, candidate_dtype):
     return jnp.dtype(jnp.float32)
 
 
-def default_chunk_size(num_query_rows: int, r_c: int, num_candidates: int) -> int:
-    """Candidates per chunk so that the [num_query_rows, chunk * r_c] block is ~512 KiB."""
-    chunk = DEFAULT_BLOCK_ELEMENTS // max(1, num_query_rows * r_c)
+def default_chunk_size(
+    num_query_rows: int, r_c: int, num_candidates: int, dim: int, itemsize: int
+) -> int:
+    """Candidates per chunk within the bounds above (and at most ``num_candidates``)."""
+    by_block = DEFAULT_BLOCK_ELEMENTS // max(1, num_query_rows * r_c)
+    by_slice = MAX_SLICE_BYTES // max(1, r_c * dim * itemsize)
+    chunk = max(MIN_CHUNK_CANDIDATES, min(by_block, by_slice))
     return int(max(1, min(chunk, num_candidates)))
 
 
@@ -143,7 +154,7 @@ def _slice_rows(x, start, size, r):
 def chunked_scores(
     queries, candidates, query_mask, candidate_mask, candidate_scales, *, r_q, r_c, chunk_size
 ):
-    """Traceable core of `maxsim` (call it inside jit / shard_map).
+    """Traceable core of `maxsim` (call it inside jit / shard_map); 1 <= chunk_size <= Nc.
 
     ``candidates`` [Nc, >= r_c, D] may be float32, int8, or uint16 holding raw bfloat16 words
     (how the index keeps bfloat16 vectors, see below). Returns [Nq, Nc] float32.
@@ -164,15 +175,17 @@ def chunked_scores(
             _slice_rows(candidate_scales, start, size, r_c),
         )
 
-    num_full = num_candidates // chunk_size
-    parts = []
-    if num_full:
-        full = lax.map(lambda i: chunk_scores(i * chunk_size, chunk_size), jnp.arange(num_full))
-        parts.append(full.transpose(1, 0, 2).reshape(num_queries, num_full * chunk_size))
-    if num_candidates > num_full * chunk_size:
-        start = num_full * chunk_size
-        parts.append(chunk_scores(start, num_candidates - start))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    # Every chunk has the same size: the last one is shifted back to end at the last candidate
+    # (overlapping its predecessor, whose scores it rewrites with the same values). A separate,
+    # smaller remainder chunk made XLA:CPU run bfloat16 scoring ~3x slower (jax 0.10.2).
+    num_chunks = -(-num_candidates // chunk_size)
+
+    def body(i, scores):
+        start = jnp.minimum(i * chunk_size, num_candidates - chunk_size)
+        return lax.dynamic_update_slice(scores, chunk_scores(start, chunk_size), (0, start))
+
+    initial = jnp.zeros((num_queries, num_candidates), jnp.float32)
+    return lax.fori_loop(0, num_chunks, body, initial)
 
 
 def bfloat16_words(candidates, r_c=None):
@@ -237,7 +250,9 @@ def maxsim(
     r_q, r_c = resolve_budget(budget, queries.shape[1], candidates.shape[1])
     num_candidates = candidates.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(queries.shape[0] * r_q, r_c, num_candidates)
+        chunk_size = default_chunk_size(
+            queries.shape[0] * r_q, r_c, num_candidates, candidates.shape[2], candidates.itemsize
+        )
     elif not (isinstance(chunk_size, int | np.integer) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if num_candidates == 0 or queries.shape[0] == 0:
