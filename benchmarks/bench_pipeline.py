@@ -12,6 +12,7 @@ once under --data_dir (reused afterwards). Worker start-up is excluded (first ba
 
 import argparse
 import importlib.util
+import tempfile
 import time
 
 import jax
@@ -21,6 +22,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from benchmarks import machine_load  # noqa: E402
 from metaembed_jax.data import build, builders, pipeline  # noqa: E402
 
 
@@ -68,14 +70,20 @@ def grain_rate(config, processor, batch_size: int, batches: int, mesh) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.py")
-    parser.add_argument("--data_dir", default="/tmp/metaembed_bench_demo")
+    parser.add_argument(
+        "--data_dir", default=None, help="where to build the data (default: a fresh temp dir)"
+    )
     parser.add_argument("--num_train", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        run(args, args.data_dir or scratch)
 
-    config = demo_like_config(args.config, args.data_dir, args.num_train)
+
+def run(args, data_dir: str) -> None:
+    config = demo_like_config(args.config, data_dir, args.num_train)
     build.build_synthetic(config, progress=False)
     processor = pipeline.processor_from_config(config)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
@@ -100,7 +108,7 @@ def main() -> None:
     print(f"{'pipeline':32s} {'batches/s':>10s} {'examples/s':>11s} {'vs peer':>8s}")
     for name, rate in rows:
         print(f"{name:32s} {rate:10.2f} {rate * args.batch_size:11.1f} {rate / peer:7.2f}x")
-    print("(provisional: measured on a shared 2-core machine)")
+    print(machine_load.describe())
 
 
 if __name__ == "__main__":
