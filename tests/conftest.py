@@ -25,3 +25,50 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def run_two_processes(tmp_path):
+    """Runs `script` (Python source) as two real processes on 127.0.0.1, each called as
+    `script PORT PROCESS_ID *args`, and fails the test, with the output's tail, unless both
+    exit 0. The script itself calls `jax.distributed.initialize` with that port and id."""
+
+    def run(script: str, *args, timeout: float = 600) -> None:
+        path = tmp_path / "process.py"
+        path.write_text(textwrap.dedent(script))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+        env.pop("XLA_FLAGS", None)
+        port = str(_free_port())
+        command = [sys.executable, str(path), port]
+        procs = [
+            subprocess.Popen(
+                [*command, str(i), *map(str, args)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for proc in procs:
+            output = proc.communicate(timeout=timeout)[0]
+            assert proc.returncode == 0, output[-3000:]
+
+    return run

@@ -280,7 +280,7 @@ import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, process_id, index_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, process_id, index_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 import numpy as np
 from jax.sharding import Mesh
@@ -298,29 +298,27 @@ for dtype in ("float32", "bfloat16", "int8"):
         index = MultiVectorIndex.load(f"{index_dir}/{dtype}", mmap=mmap)
         name = f"{dtype}/{mmap}"
         read.clear()
-        saved[name + "/exhaustive"] = index.search(queries, (4, 8), k=15, mesh=mesh)
-        saved[name + "/two_stage"] = index.search(
-            queries, (16, 64), k=5, coarse_budget=(1, 1), shortlist=30, mesh=mesh
-        )
-        tie_query = np.load(f"{index_dir}/tie.npy")
-        saved[name + "/ties"] = index.search(tie_query, (16, 64), k=11, mesh=mesh)
-        saved[name + "/read"] = (np.array(read),)
-# (scores, ids) -> "<key>/s", "<key>/p"; the read log -> "<key>/s"
-np.savez(out, **{f"{key}/{part}": array for key, value in saved.items()
-                 for part, array in zip("sp", value)})
+        searches = {
+            "exhaustive": index.search(queries, (4, 8), k=15, mesh=mesh),
+            "two_stage": index.search(
+                queries, (16, 64), k=5, coarse_budget=(1, 1), shortlist=30, mesh=mesh
+            ),
+            "ties": index.search(np.load(f"{index_dir}/tie.npy"), (16, 64), k=11, mesh=mesh),
+        }
+        for kind, (scores, ids) in searches.items():
+            saved[f"{name}/{kind}/s"], saved[f"{name}/{kind}/p"] = scores, ids
+        saved[f"{name}/read"] = np.array(read)
+np.savez(f"{index_dir}/{process_id}.npz", **saved)
 """
 
 
 @pytest.mark.slow
-def test_two_processes_search_their_own_rows_and_match_one_device(data, tmp_path):
+def test_two_processes_search_their_own_rows_and_match_one_device(
+    data, tmp_path, run_two_processes
+):
     """Two real JAX processes (gloo, 4 CPU devices each) load the same saved index (in memory
     and memory-mapped, with 40-row file shards) and search it on one 2x4 mesh: results equal
     the single-device search, and each process reads only the rows its own devices hold."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     queries, candidates = data
     tie_query = candidates[10:11, :16]
     np.save(tmp_path / "queries.npy", queries)
@@ -334,23 +332,7 @@ def test_two_processes_search_their_own_rows_and_match_one_device(data, tmp_path
             "two_stage": index.search(queries, (16, 64), k=5, coarse_budget=(1, 1), shortlist=30),
             "ties": index.search(tie_query, (16, 64), k=11),
         }
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "process.py"
-    script.write_text(_PROCESS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(port), str(i), tmp_path, tmp_path / f"{i}.npz"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]  # fmt: skip
-    for proc in procs:
-        output = proc.communicate(timeout=600)[0].decode()
-        assert proc.returncode == 0, output[-3000:]
+    run_two_processes(_PROCESS_SCRIPT, tmp_path)
     # Rows placed per search: in memory the whole index padded to 208 (26 per device); streamed,
     # each 40-row file shard (5 per device). Each process must read only its half.
     placed_rows = {False: -(-len(candidates) // 8) * 8, True: 40}
@@ -362,7 +344,7 @@ def test_two_processes_search_their_own_rows_and_match_one_device(data, tmp_path
                     key = f"{dtype}/{mmap}/{kind}"
                     np.testing.assert_array_equal(got[key + "/p"], ids, err_msg=key)
                     np.testing.assert_allclose(got[key + "/s"], scores, rtol=1e-6, atol=1e-6)
-                read, rows = got[f"{dtype}/{mmap}/read/s"], placed_rows[mmap]
+                read, rows = got[f"{dtype}/{mmap}/read"], placed_rows[mmap]
                 own = (process_id * rows // 2, (process_id + 1) * rows // 2)
                 assert len(read) and (read[:, 0] >= own[0]).all(), (dtype, mmap, read)
                 assert (read[:, 1] <= own[1]).all(), (dtype, mmap, read)

@@ -6,7 +6,6 @@ the host batches of the same pipeline for the global arrays.
 
 import io
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -366,7 +365,7 @@ import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, index, data_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, index, data_dir, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index)
 import numpy as np
 from jax.sharding import Mesh
@@ -389,42 +388,24 @@ for step in range(2):
             saved[name + "/starts"] = np.array(sorted({s.index[0].start for s in shards}))
             saved[name + "/shape"] = np.array(array.shape)
             saved[name + "/spec"] = np.array(repr(tuple(array.sharding.spec)))
-np.savez(out, **saved)
+np.savez(f"{out_dir}/{index}.npz", **saved)
 iterator.close()
 """
 
 
 @pytest.mark.slow
-def test_two_jax_processes_build_global_batches(data_config, processor, tmp_path):
+def test_two_jax_processes_build_global_batches(
+    data_config, processor, tmp_path, run_two_processes
+):
     """Two real JAX processes (gloo, 4 CPU devices each) on mixed text / image data: every
     global array of a step (input_ids [8, L], per-example pixel_values [8, P_ex, D],
     image_grid_thw [8, 1, 3]) is sharded over (data, fsdp), each process holds exactly its own
     rows, and those rows equal the simulated shard i/2 of the same pipeline."""
-    import socket
-    import subprocess
-    import sys
-
     mixed_dir = tmp_path / "mixed"
     rows = [(str(i), record(i)) for i in range(16)]  # even: text -> image, odd: image -> text
     builders.write_pairs(mixed_dir / "synthetic", {"train": rows})
     (mixed_dir / "tokenizer").symlink_to(Path(data_config.dir) / "tokenizer")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "process.py"
-    script.write_text(_PROCESS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(port), str(i), mixed_dir, tmp_path / f"{i}.npz"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]  # fmt: skip
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0].decode()
-        assert proc.returncode == 0, output[-3000:]
+    run_two_processes(_PROCESS_SCRIPT, mixed_dir, tmp_path, timeout=300)
     config = data_config.copy_and_resolve_references()
     config.update(dir=str(mixed_dir))
     for index in range(2):

@@ -4,7 +4,6 @@ the losses of one process; SIGTERM leaves a checkpoint that restores to the step
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,12 +35,6 @@ def small_config():
     return scope["config"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def script(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "run.py"
     path.write_text(textwrap.dedent(body))
@@ -52,7 +45,7 @@ def env():
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
+def test_two_processes_give_the_losses_of_one(tmp_path, run_two_processes):
     body = f"""
     import json, sys
     import jax
@@ -70,20 +63,8 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     with open(f"{{workdir}}/rows_{{process_id}}.json", "w") as f:
         json.dump(rows, f)
     """
-    path, port, workdir = script(tmp_path, body), free_port(), tmp_path / "two"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(path), str(port), str(i), str(workdir)],
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    workdir = tmp_path / "two"
+    run_two_processes(body, workdir)
     want = loop.train(small_config(), tmp_path / "one", train_iterator=testing.RandomBatches(0))
     for i in range(2):
         rows = json.loads((workdir / f"rows_{i}.json").read_text())
