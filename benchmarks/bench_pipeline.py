@@ -11,7 +11,6 @@ once under --data_dir (reused afterwards). Worker start-up is excluded (first ba
 """
 
 import argparse
-import importlib.util
 import tempfile
 import time
 
@@ -24,14 +23,12 @@ from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks import machine_load  # noqa: E402
 from metaembed_jax.data import build, builders, pipeline  # noqa: E402
+from metaembed_jax.training.recipes import load_recipe  # noqa: E402
 
 
 def demo_like_config(config_file: str, data_dir: str, num_train: int):
     """config.data of `config_file` (configs/demo.py), built under `data_dir`, smaller train."""
-    spec = importlib.util.spec_from_file_location("bench_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    data = module.get_config().data
+    data = load_recipe(config_file).data
     data.dir = data_dir
     data.synthetic.update(num_train=num_train, num_val=16, num_test=16)
     return data

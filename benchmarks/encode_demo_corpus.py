@@ -13,7 +13,6 @@ them with the trained checkpoint, and saves ``queries [Nq, R_q, D]``, ``candidat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import sys
@@ -25,15 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metaembed_jax.data import synthetic  # noqa: E402
 from metaembed_jax.evaluation import runner  # noqa: E402
-
-
-def load_recipe(spec: str):
-    """``path.py`` or ``path.py:variant`` -> its get_config(...), as train.py / eval.py read it."""
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("recipe", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+from metaembed_jax.training.recipes import load_recipe  # noqa: E402
 
 
 def distinct_scenes(cfg: synthetic.SyntheticConfig, count: int, seed: int) -> list:

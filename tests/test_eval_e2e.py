@@ -17,6 +17,7 @@ from metaembed_jax.data.tokenizer import build_test_tokenizer
 from metaembed_jax.evaluation import runner, vidore
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.model import build_model
+from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def run(tmp_path_factory):
             budgets=BUDGETS,
         )
     )
-    config = _load_config(config_path)
+    config = load_recipe(config_path)
     mesh = sharding.make_mesh(config.mesh, devices=[__import__("jax").devices()[0]])
     model = build_model(config, mesh=mesh, vocab_size=len(tokenizer))
     tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
@@ -64,15 +65,6 @@ def run(tmp_path_factory):
     checkpointer.save(state, data_state={})
     checkpointer.close()
     return config, config_path, root / "run", model
-
-
-def _load_config(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_e2e_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _eval_py(config_path, workdir, *extra):

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from metaembed_jax.training.config import LORA_TARGETS, base_config
+
+
+def load_recipe(spec: str | os.PathLike):
+    """A recipe file's config, as train.py / eval.py read `--config`: ``path.py`` calls its
+    ``get_config()``, ``path.py:variant`` its ``get_config("variant")``."""
+    path, _, variant = os.fspath(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def apply_variant(config, variant: str | None):
