@@ -413,10 +413,19 @@ class MultiVectorIndex:
             self._device_cache["ids"] = np.asarray(self._ids, np.int64 if all_ints else object)
         return self._device_cache["ids"]
 
-    def _exhaustive(self, queries, query_mask, budget, k, mesh, chunk_size):
-        r_q, r_c = budget
+    def _merged_over_blocks(self, mesh, k, search_block):
+        """``search_block(vectors, scales, offset, limit) -> (values, positions)`` on every placed
+        block, the per-block top-k lists merged in position order (ties: lower position)."""
         best = None
         for offset, vectors, scales, limit in self._device_blocks(mesh):
+            found = search_block(vectors, scales, jnp.int32(offset), jnp.int32(limit))
+            best = found if best is None else _merge_pairs(best, found, k)
+        return best
+
+    def _exhaustive(self, queries, query_mask, budget, k, mesh, chunk_size):
+        r_q, r_c = budget
+
+        def search_block(vectors, scales, offset, limit):
             n_local = vectors.shape[0] // mesh.devices.size
             chunk = chunk_size or default_chunk_size(
                 queries.shape[0] * r_q, r_c, n_local, self.dim, vectors.dtype.itemsize
@@ -430,21 +439,16 @@ class MultiVectorIndex:
                 scales is not None,
                 query_mask is not None,
             )
-            found = search(
-                queries, query_mask, vectors, scales, jnp.int32(offset), jnp.int32(limit)
-            )
-            best = found if best is None else _merge_pairs(best, found, k)
-        return best
+            return search(queries, query_mask, vectors, scales, offset, limit)
+
+        return self._merged_over_blocks(mesh, k, search_block)
 
     def _rerank(self, queries, query_mask, budget, k, shortlist, mesh):
-        best = None
-        for offset, vectors, scales, limit in self._device_blocks(mesh):
+        def rerank_block(vectors, scales, offset, limit):
             rerank = _rerank_fn(mesh, *budget, k, scales is not None, query_mask is not None)
-            found = rerank(
-                queries, query_mask, vectors, scales, jnp.int32(offset), jnp.int32(limit), shortlist
-            )
-            best = found if best is None else _merge_pairs(best, found, k)
-        return best
+            return rerank(queries, query_mask, vectors, scales, offset, limit, shortlist)
+
+        return self._merged_over_blocks(mesh, k, rerank_block)
 
 
 def _merge_pairs(first, second, k):
