@@ -66,7 +66,7 @@ def build_synthetic(data_config, progress: bool = True) -> Path:
             if cfg.size(split) > 0
         }
         builders.write_pairs(directory, splits)
-    if not all(builders.is_built(builders.eval_path(directory, t)) for t in builders.EVAL_TABLES):
+    if not builders.eval_set_built(directory):
         tables = {}
         for name in EVAL_SPLITS:
             rows = synthetic.generate_eval_set(cfg, SYNTHETIC_SPLITS[name])

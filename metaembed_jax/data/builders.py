@@ -140,6 +140,11 @@ def is_built(path: str | os.PathLike) -> bool:
     return (Path(path) / "dataset_info.json").is_file()
 
 
+def eval_set_built(dataset_dir: str | os.PathLike) -> bool:
+    """True when every table of an evaluation set under `dataset_dir` is built."""
+    return all(is_built(eval_path(dataset_dir, table)) for table in EVAL_TABLES)
+
+
 def write_pairs(dataset_dir: str | os.PathLike, split_records: dict[str, Any]) -> Path:
     """Writes training pairs {split: records} under `dataset_dir` (skips if already built)."""
     path = pairs_path(dataset_dir)
@@ -207,7 +212,7 @@ def convert_mmeb_eval(
 ) -> sources.BadRows:
     """One MMEB evaluation dataset (parquet files) -> `RetrievalEval` split "test"."""
     bad_rows = sources.BadRows(skip=skip_bad_rows)
-    if all(is_built(eval_path(dataset_dir, table)) for table in EVAL_TABLES):
+    if eval_set_built(dataset_dir):
         return bad_rows
     tables = sources.mmeb_eval_records(files, image_root, dataset, bad_rows)
     write_eval_set(dataset_dir, {"test": tables})
@@ -220,7 +225,7 @@ def convert_beir(
 ) -> sources.BadRows:
     """A ViDoRe / BEIR directory (corpus, queries, qrels parquet) -> `RetrievalEval` "test"."""
     bad_rows = sources.BadRows(skip=skip_bad_rows)
-    if all(is_built(eval_path(dataset_dir, table)) for table in EVAL_TABLES):
+    if eval_set_built(dataset_dir):
         return bad_rows
     tables = sources.beir_records(root, bad_rows)
     write_eval_set(dataset_dir, {"test": tables})

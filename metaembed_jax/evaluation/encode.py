@@ -65,10 +65,15 @@ def budget_key(budget: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- items
 
 
+def _no_image(image: Any) -> bool:
+    """None and empty bytes (what the data builders store for a text-only item) mean no image."""
+    return image is None or (isinstance(image, bytes) and not image)
+
+
 def item_key(item: Item) -> tuple[str, str]:
     """A hashable identity of an item: its text and its image (path, or digest of its bytes)."""
     image = item.get("image")
-    if image is None or (isinstance(image, bytes) and not image):
+    if _no_image(image):
         image_key = ""
     elif isinstance(image, bytes):
         image_key = "sha1:" + hashlib.sha1(image).hexdigest()
@@ -104,7 +109,7 @@ def load_image(image: Any):
     """PIL RGB image from PNG/JPEG bytes, a path, or a PIL image; None for "no image"."""
     from PIL import Image
 
-    if image is None or (isinstance(image, bytes) and not image):
+    if _no_image(image):
         return None
     if isinstance(image, bytes):
         return Image.open(io.BytesIO(image)).convert("RGB")
@@ -181,8 +186,8 @@ class EmbeddingCache:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.unlink(missing_ok=True)  # an interrupted store is never read as valid
         if side == "query":
-            np.save(data_path, np.asarray(embeddings, np.float32))
-            stored = np.load(data_path)
+            stored = np.asarray(embeddings, np.float32)
+            np.save(data_path, stored)
         else:
             stored = index_class().build(np.asarray(embeddings), dtype=self.index_dtype)
             stored.save(str(data_path))
@@ -196,7 +201,6 @@ def encode_items(
     side: str,
     name: str,
     cache: EmbeddingCache | None = None,
-    index_dtype: str = "float32",
 ):
     """Encodes `items` on `side` through `cache` when given.
 
@@ -216,7 +220,7 @@ def encode_items(
         return cache.store(name, items, side, embeddings)
     if side == "query":
         return embeddings
-    return index_class().build(embeddings, dtype=index_dtype)
+    return index_class().build(embeddings, dtype="float32")
 
 
 # ----------------------------------------------------------------------------- model encoder
@@ -305,7 +309,7 @@ class ModelEncoder:
             raise ValueError(f"nothing to encode on side {side!r}: empty item list")
         order = sorted(
             range(len(items)),
-            key=lambda i: (item_key(items[i])[1] != "", len(items[i].get("text") or "")),
+            key=lambda i: (not _no_image(items[i].get("image")), len(items[i].get("text") or "")),
         )
         outputs = []
         starts = range(0, len(order), self.batch_size)

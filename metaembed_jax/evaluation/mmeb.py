@@ -11,7 +11,6 @@ the meta-task means), computed over the datasets present.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from metaembed_jax.evaluation.encode import (
     encode_items,
     unique_items,
 )
-from metaembed_jax.evaluation.retrieval import index_bytes_at
+from metaembed_jax.evaluation.retrieval import index_bytes_at, search_timed
 
 # The 36 MMEB datasets by meta-task (VLM2Vec, Table 1).
 META_TASKS: dict[str, tuple[str, ...]] = {
@@ -113,13 +112,7 @@ def _row_items(row: Mapping[str, Any], image_root: str | None):
 
 def score_matrix(index, query_embeddings: np.ndarray, budget) -> tuple[np.ndarray, float]:
     """Scores of every query against every indexed candidate: ([Nq, Nc] float32, seconds)."""
-    num_candidates = len(index)
-    # Warm-up with the same shapes: the timed call then excludes compilation.
-    index.search(query_embeddings, budget=budget, k=num_candidates)
-    start = time.perf_counter()
-    scores, positions = index.search(query_embeddings, budget=budget, k=num_candidates)
-    scores, positions = np.asarray(scores, np.float32), np.asarray(positions)
-    seconds = time.perf_counter() - start
+    scores, positions, seconds = search_timed(index, query_embeddings, budget, len(index))
     full = np.empty_like(scores)
     np.put_along_axis(full, positions, scores, axis=1)
     return full, seconds

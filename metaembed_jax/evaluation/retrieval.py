@@ -41,8 +41,7 @@ def _as_item(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def index_bytes_at(index, num_candidate_vectors: int) -> int:
     """Bytes an index holding only the first `r_c` vectors per candidate would take."""
-    full_vectors = index.num_vectors if hasattr(index, "num_vectors") else index.shape[1]
-    return int(round(index.nbytes * num_candidate_vectors / full_vectors))
+    return int(round(index.nbytes * num_candidate_vectors / index.num_vectors))
 
 
 def search_timed(index, query_embeddings: np.ndarray, budget, k: int):

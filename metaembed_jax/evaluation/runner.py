@@ -59,7 +59,7 @@ def mmeb_datasets(data_config) -> dict[str, Any]:
     datasets = {}
     for name in section.datasets:
         converted = Path(data_config.dir) / "mmeb_eval" / name
-        if all(builders.is_built(builders.eval_path(converted, t)) for t in builders.EVAL_TABLES):
+        if builders.eval_set_built(converted):
             datasets[name] = builders.read_eval_set(converted, "test")
             continue
         if not section.root:

@@ -31,9 +31,9 @@ def read_beir_dir(root: str | os.PathLike) -> dict[str, Any]:
 
 def read_dataset(path: str | os.PathLike) -> dict[str, Any]:
     """Tables of one dataset: a converted `RetrievalEval` dir or a raw BEIR parquet dir."""
-    from metaembed_jax.data.builders import EVAL_TABLES, eval_path, is_built, read_eval_set
+    from metaembed_jax.data.builders import eval_set_built, read_eval_set
 
-    if all(is_built(eval_path(path, table)) for table in EVAL_TABLES):
+    if eval_set_built(path):
         return read_eval_set(path, "test")
     if not Path(path).is_dir():
         raise FileNotFoundError(f"ViDoRe / BEIR dataset directory {os.fspath(path)!r} not found")

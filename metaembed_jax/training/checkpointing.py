@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from metaembed_jax.training.state import TrainState
@@ -136,9 +135,6 @@ class Checkpointer:
             if path.name.isdigit() and path.name not in kept and int(path.name) != newest:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -154,7 +150,3 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
     if len(kept) != len(lines):
         logging.info("metrics: dropping %d lines past step %d", len(lines) - len(kept), last_step)
         path.write_text("".join(line + "\n" for line in kept))
-
-
-def to_numpy(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -139,7 +139,3 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
         other=jax.tree.map(lambda _: replicated, state.other),
         opt_state=opt_shardings,
     )
-
-
-def count_params(tree: Any) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(tree)))
