@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from metaembed_jax.evaluation.report import format_score, render_table
+
 
 def load_results(workdir: str) -> dict[str, Any]:
     path = Path(workdir) / "eval" / "results.json"
@@ -41,18 +43,16 @@ def ablation_table(variants: Mapping[str, Mapping[str, Any]]) -> tuple[str, list
     budgets = list(dict.fromkeys(b for r in variants.values() for b in r["budgets"]))
     columns = list(dict.fromkeys(c for r in variants.values() for c in r["average_columns"]))
     header = ["budget"] + [f"{column} [{name}]" for column in columns for name in variants]
-    lines = [header]
-    for budget in budgets:
-        cells = [budget]
-        for column in columns:
-            for results in variants.values():
-                value = _score(results, budget, column)
-                cells.append("-" if value is None else f"{100 * value:.1f}")
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text), budgets, columns
+    body = [
+        [budget]
+        + [
+            format_score(_score(results, budget, column))
+            for column in columns
+            for results in variants.values()
+        ]
+        for budget in budgets
+    ]
+    return render_table(header, body), budgets, columns
 
 
 def _series(results, budgets, column) -> list[tuple[str, float]]:

@@ -77,25 +77,32 @@ def format_bytes(num_bytes: float) -> str:
     return f"{num_bytes:.1f} GiB"
 
 
+def format_score(value: float | None) -> str:
+    """A score x100 with one decimal; "-" when missing."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def render_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    """Right-aligned columns separated by two spaces, a dashed rule under the header."""
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths, strict=True))
+             for line in [header, *body]]  # fmt: skip
+    rule = "-" * len(lines[0])
+    return "\n".join([lines[0], rule, *lines[1:]])
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Plain-text table: rows = budgets, scores x100 with one decimal."""
     columns = list(dict.fromkeys(c for row in rows for c in row["scores"]))
     header = ["budget", *columns, "ms/query", "index"]
     body = []
     for row in rows:
-        cells = [row["budget"]]
-        for column in columns:
-            value = row["scores"].get(column)
-            cells.append("-" if value is None else f"{100 * value:.1f}")
+        cells = [row["budget"], *(format_score(row["scores"].get(c)) for c in columns)]
         latency = row["latency_ms_per_query"]
         cells.append("-" if latency is None else f"{latency:.3f}")
         cells.append(format_bytes(row["index_bytes"]))
         body.append(cells)
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in [header, *body]]  # fmt: skip
-    rule = "-" * len(lines[0])
-    return "\n".join([lines[0], rule, *lines[1:]])
+    return render_table(header, body)
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
