@@ -168,9 +168,7 @@ def _rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
             ),
             (queries, masks, local_positions),
         )
-        scores = jnp.where(owned, scores, -jnp.inf)
-        values, order = lax.top_k(scores, k)
-        positions = jnp.take_along_axis(shortlist, order, axis=1)
+        values, positions = _merge(jnp.where(owned, scores, -jnp.inf), shortlist, k)
         return _gather_merge(values, positions, axes, k)
 
     return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=3)
@@ -205,7 +203,8 @@ class MultiVectorIndex:
         self.streaming = streaming  # True: blocks stay on disk (memmaps), streamed per search
         self._blocks: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._ids: list = []
-        self._device_cache: dict = {}
+        self._device_cache: dict = {}  # mesh -> the placed (vectors, scales): one at a time
+        self._ids_cache: np.ndarray | None = None  # the ids as one array, until `add`
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -230,6 +229,7 @@ class MultiVectorIndex:
         self._blocks.append(quantize(np.asarray(embeddings), self.dtype))
         self._ids.extend(ids)
         self._device_cache.clear()
+        self._ids_cache = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -324,8 +324,7 @@ class MultiVectorIndex:
         has_scales = self.dtype == "int8"
         if not self.streaming:
             if mesh not in self._device_cache:
-                # One placement at a time: each is a full copy of the index.
-                self._device_cache = {k: v for k, v in self._device_cache.items() if k == "ids"}
+                self._device_cache.clear()  # one placement at a time: each is a full copy
                 rows = -(-max(1, len(self)) // devices) * devices
                 vectors = [v for v, _ in self._blocks]
                 scales = [s for _, s in self._blocks] if has_scales else None
@@ -408,10 +407,10 @@ class MultiVectorIndex:
 
     def _ids_array(self) -> np.ndarray:
         """The ids as one numpy array (int64 if all ints, else object), cached until `add`."""
-        if "ids" not in self._device_cache:
+        if self._ids_cache is None:
             all_ints = all(isinstance(i, int) for i in self._ids)
-            self._device_cache["ids"] = np.asarray(self._ids, np.int64 if all_ints else object)
-        return self._device_cache["ids"]
+            self._ids_cache = np.asarray(self._ids, np.int64 if all_ints else object)
+        return self._ids_cache
 
     def _merged_over_blocks(self, mesh, k, search_block):
         """``search_block(vectors, scales, offset, limit) -> (values, positions)`` on every placed
