@@ -134,17 +134,22 @@ class TrainStep:
         self.temperature = float(temperature)
         self.schedule = schedule
         self.state_shardings = None if mesh is None else state_shardings(state, mesh)
+        # The part of the compile-cache key fixed for this TrainStep (the state's structure does
+        # not change from step to step): built once, not on every step.
+        self._fixed_key = (
+            jax.tree.structure(state),
+            self.groups,
+            self.temperature,
+            self.schedule,
+            mesh,
+        )
 
     def _jitted(self, state, batch):
         shardings = jax.tree.map(lambda x: x.sharding, batch) if self.mesh is not None else None
         key = (
-            jax.tree.structure(state),
+            self._fixed_key,
             jax.tree.structure(batch),
             None if shardings is None else tuple(jax.tree.leaves(shardings)),
-            self.groups,
-            self.temperature,
-            self.schedule,
-            self.mesh,
         )
         if key in _COMPILED:
             return _COMPILED[key]
