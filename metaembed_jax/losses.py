@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from metaembed_jax import sharding
 from metaembed_jax.scoring import maxsim
 
 Group = tuple[int, int, float]
@@ -108,7 +109,7 @@ def mmr_loss(
     temperature: float = 0.03,
     *,
     mesh: Mesh | None = None,
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    batch_axes: tuple[str, ...] = sharding.BATCH_AXES,
 ) -> tuple[jax.Array, dict]:
     """Matryoshka multi-vector InfoNCE loss.
 
@@ -143,10 +144,8 @@ def mmr_loss(
 
 def _sharded_group_sums(q, pos, neg, groups, temperature, mesh, batch_axes):
     """`_group_cross_entropy_sums` on the global batch, computed shard by shard."""
-    axes = tuple(a for a in batch_axes if a in mesh.shape)
-    shards = 1
-    for a in axes:
-        shards *= mesh.shape[a]
+    axes = sharding.present_batch_axes(mesh, batch_axes)
+    shards = sharding.batch_shards(mesh, batch_axes)
     if q.shape[0] % shards:
         raise ValueError(
             f"batch {q.shape[0]} is not divisible by the {shards} shards of mesh axes {axes}"

@@ -82,9 +82,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=AUTO_AXES)
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch is split (product of the `data` and `fsdp` axes)."""
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+def present_batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:
+    """The batch axes (`data`, `fsdp` by default) that `mesh` has."""
+    return tuple(a for a in axes if a in mesh.shape)
+
+
+def batch_shards(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> int:
+    """How many ways the batch is split (product of the batch axes' sizes)."""
+    return int(np.prod([mesh.shape[a] for a in present_batch_axes(mesh, axes)]))
 
 
 def logical_to_spec(
@@ -147,10 +152,9 @@ def shard_state(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension split over `data` x `fsdp`, the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """Leading (batch) dimension split over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, P(present_batch_axes(mesh, axes), *([None] * (ndim - 1))))
 
 
 def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:

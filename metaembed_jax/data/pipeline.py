@@ -55,6 +55,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metaembed_jax.data import builders, sources
+from metaembed_jax.sharding import batch_shards
 
 Processor = Callable[..., dict[str, Any]]
 # Dataset name -> directory under config.data.dir (what build.py writes there).
@@ -344,9 +345,7 @@ def batch_shards_per_process(mesh: Mesh | None, batch_axes: Sequence[str]) -> in
     """Number of distinct batch slices held by this process's devices (1 without a mesh)."""
     if mesh is None:
         return 1
-    axes = [axis for axis in batch_axes if axis in mesh.shape]
-    total = math.prod(mesh.shape[axis] for axis in axes)
-    return max(1, total // jax.process_count())
+    return max(1, batch_shards(mesh, batch_axes) // jax.process_count())
 
 
 def build_train_dataset(

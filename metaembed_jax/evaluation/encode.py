@@ -262,8 +262,10 @@ class ModelEncoder:
         self.num_vectors = {side: model.num_vectors(side) for side in SIDES}
         self._batch_sharding = None
         if mesh is not None:
-            axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-            shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+            from metaembed_jax import sharding
+
+            axes = sharding.present_batch_axes(mesh, batch_axes)
+            shards = sharding.batch_shards(mesh, batch_axes)
             if self.batch_size % shards:
                 raise ValueError(
                     f"eval batch size {self.batch_size} must be a multiple of the {shards} "

@@ -249,15 +249,15 @@ class LazyEncoder:
 
     def _build(self):
         from metaembed_jax import sharding
-        from metaembed_jax.data.pipeline import StaticShapes, processor_from_config
+        from metaembed_jax.data.pipeline import StaticShapes
         from metaembed_jax.evaluation.encode import ModelEncoder
+        from metaembed_jax.training.loop import make_processor
 
         config = self.config
         mesh = sharding.make_mesh(config.mesh)
-        # The run's tokenizer: the checkpoint's own, or the built-in one under config.data.dir.
-        processor = processor_from_config(config.data, config.init_from or None)
+        processor = make_processor(config)  # the run's tokenizer, as training used it
         model = restore_model(config, self.run_dir, self.step, mesh, len(processor.tokenizer))
-        shards = sharding.batch_shards(mesh)
+        shards = sharding.batch_shards(mesh, tuple(config.data.batch_axes))
         batch_size = -(-int(config.eval.batch_size) // shards) * shards
         return ModelEncoder(
             model,
