@@ -17,6 +17,7 @@ skipped rows are counted, printed and listed in `<dataset dir>/bad_rows.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -59,17 +60,27 @@ def build_synthetic(data_config, progress: bool = True) -> Path:
     settings = json.loads(json.dumps(data_config.synthetic.to_dict()))  # tuples -> lists
     _check_build_config(directory, settings)
     cfg = synthetic.SyntheticConfig.from_mapping(data_config.synthetic, progress=progress)
-    if not builders.is_built(builders.pairs_path(directory)):
-        splits = {
-            name: (lambda split=split: _keyed(synthetic.iter_train_rows(cfg, split)))
-            for name, split in SYNTHETIC_SPLITS.items()
-            if cfg.size(split) > 0
-        }
-        builders.write_pairs(directory, splits)
+    eval_splits = {SYNTHETIC_SPLITS[name] for name in EVAL_SPLITS}
+
+    @functools.cache
+    def rendered(split: str) -> list[dict]:
+        # Validation / test records feed both the training pairs and the evaluation tables:
+        # rendered once. Train stays a stream (it may not fit in memory).
+        return synthetic.generate_train_rows(cfg, split)
+
+    def records(split: str):
+        return rendered(split) if split in eval_splits else synthetic.iter_train_rows(cfg, split)
+
+    splits = {
+        name: (lambda split=split: _keyed(records(split)))
+        for name, split in SYNTHETIC_SPLITS.items()
+        if cfg.size(split) > 0
+    }
+    builders.write_pairs(directory, splits)  # skips a finished build; the lambdas stay unread
     if not builders.eval_set_built(directory):
         tables = {}
         for name in EVAL_SPLITS:
-            rows = synthetic.generate_eval_set(cfg, SYNTHETIC_SPLITS[name])
+            rows = synthetic.eval_tables(rendered(SYNTHETIC_SPLITS[name]))
             tables[name] = {
                 "corpus": list(_keyed(rows["corpus"], "id")),
                 "queries": list(_keyed(rows["queries"], "id")),

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from tqdm.auto import tqdm
 
@@ -556,8 +556,13 @@ def generate_eval_set(cfg: SyntheticConfig, split: str = "test") -> dict[str, li
     Per task, the corpus holds every query's positive and its hard negative (as distractor);
     each query has one relevant item (score 1). Rows carry `task`; ids are unique overall.
     """
+    return eval_tables(iter_train_rows(cfg, split))
+
+
+def eval_tables(rows: Iterable[dict]) -> dict[str, list[dict]]:
+    """`generate_eval_set` of a split's already rendered records (`iter_train_rows`)."""
     corpus, queries, qrels = [], [], []
-    for row in iter_train_rows(cfg, split):
+    for row in rows:
         task = row["task"]
         queries.append(
             {
