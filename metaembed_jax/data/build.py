@@ -56,7 +56,7 @@ def build_synthetic(data_config, progress: bool = True) -> Path:
     from metaembed_jax.data import synthetic
 
     root = Path(data_config.dir)
-    directory = root / "synthetic"
+    directory = root / builders.DATASET_DIRS["synthetic"]
     settings = json.loads(json.dumps(data_config.synthetic.to_dict()))  # tuples -> lists
     _check_build_config(directory, settings)
     cfg = synthetic.SyntheticConfig.from_mapping(data_config.synthetic, progress=progress)
@@ -104,7 +104,7 @@ def build_mmeb_train(data_config) -> Path:
     files = list(data_config.mmeb_train.files)
     if not files:
         raise ValueError("config.data.name='mmeb' but config.data.mmeb_train.files is empty")
-    directory = Path(data_config.dir) / "mmeb_train"
+    directory = Path(data_config.dir) / builders.DATASET_DIRS["mmeb"]
     bad_rows = builders.convert_mmeb_train(
         files, data_config.mmeb_train.image_root, directory, data_config.skip_bad_rows
     )

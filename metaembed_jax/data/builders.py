@@ -127,6 +127,10 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
     )
 
 
+# Dataset name (config.data.name) -> its directory under config.data.dir.
+DATASET_DIRS = {"synthetic": "synthetic", "mmeb": "mmeb_train"}
+
+
 def pairs_path(dataset_dir: str | os.PathLike) -> Path:
     return Path(dataset_dir) / "retrieval_pairs" / VERSION
 
@@ -282,7 +286,7 @@ def _decode(value: Any) -> Any:
         return {
             key: item if key.endswith("image") else _decode(item) for key, item in value.items()
         }
-    if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, bytes):
+    if isinstance(value, (list, tuple, np.ndarray)):
         return [_decode(item) for item in value]
     if isinstance(value, bytes):
         return value.decode("utf-8")

@@ -58,19 +58,18 @@ from metaembed_jax.data import builders, sources
 from metaembed_jax.sharding import batch_shards
 
 Processor = Callable[..., dict[str, Any]]
-# Dataset name -> directory under config.data.dir (what build.py writes there).
-DATASET_DIRS = {"synthetic": "synthetic", "mmeb": "mmeb_train"}
 _SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
 IMAGE_LAYOUTS = ("packed", "per_example")
 
 
 def dataset_dir(data_config) -> Path:
     """Directory of the dataset `data_config.name` under `data_config.dir`."""
-    if data_config.name not in DATASET_DIRS:
+    dirs = builders.DATASET_DIRS
+    if data_config.name not in dirs:
         raise ValueError(
-            f"unknown config.data.name {data_config.name!r}: expected one of {sorted(DATASET_DIRS)}"
+            f"unknown config.data.name {data_config.name!r}: expected one of {sorted(dirs)}"
         )
-    return Path(data_config.dir) / DATASET_DIRS[data_config.name]
+    return Path(data_config.dir) / dirs[data_config.name]
 
 
 # ----------------------------------------------------------------------------- records

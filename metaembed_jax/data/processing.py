@@ -94,7 +94,7 @@ def decode_image(data, *, row=None, field: str | None = None) -> Image.Image:
 
 
 def _as_image_list(entry, row) -> list[Image.Image]:
-    if entry is None or (isinstance(entry, (bytes, bytearray)) and len(entry) == 0):
+    if _is_empty_image(entry):
         return []
     if isinstance(entry, (list, tuple)):
         return [decode_image(item, row=row) for item in entry if not _is_empty_image(item)]
@@ -197,13 +197,16 @@ class QwenVLProcessor:
         """
         image_kwargs = _read_image_config(path)
         for key in _IMAGE_KEYS:
-            if options.get(key) is not None:
-                image_kwargs[key] = options.pop(key)
-            options.pop(key, None)
-        min_pixels = min_pixels if min_pixels is not None else image_kwargs.pop("min_pixels", None)
-        max_pixels = max_pixels if max_pixels is not None else image_kwargs.pop("max_pixels", None)
-        image_kwargs.pop("min_pixels", None)
-        image_kwargs.pop("max_pixels", None)
+            value = options.pop(key, None)
+            if value is not None:
+                image_kwargs[key] = value
+        # The pixel bounds go to __init__, not to the image processor: arguments win.
+        config_min, config_max = (
+            image_kwargs.pop("min_pixels", None),
+            image_kwargs.pop("max_pixels", None),
+        )
+        min_pixels = config_min if min_pixels is None else min_pixels
+        max_pixels = config_max if max_pixels is None else max_pixels
         image_processor = Qwen2VLImageProcessorPil(**image_kwargs)
         return cls(
             load_tokenizer(path),
@@ -313,7 +316,7 @@ class QwenVLProcessor:
         row_ids = list(range(len(prompts))) if row_ids is None else row_ids
         flat_images = [image for row in images for image in row]
         pixel_values, grid = self.process_images(flat_images)
-        tokens_per_image = [int(np.prod(g)) // self.merge_size**2 for g in grid]
+        tokens_per_image = self.num_image_tokens(grid).tolist()
         # offsets (to find the text to truncate) need a fast (Rust) tokenizer
         with_offsets = text_spans is not None and getattr(self.tokenizer, "is_fast", False)
         encoded = self.tokenizer(list(prompts), return_offsets_mapping=with_offsets)
@@ -452,7 +455,7 @@ class QwenVLProcessor:
 
     def _check_image_tokens(self, input_ids: np.ndarray, grid: np.ndarray) -> None:
         found = int(np.sum(input_ids == self.image_token_id))
-        expected = int(np.sum(self.num_image_tokens(grid))) if len(grid) else 0
+        expected = int(np.sum(self.num_image_tokens(grid)))
         if found != expected:
             raise ValueError(
                 f"input_ids hold {found} {IMAGE_PAD} tokens but image_grid_thw {grid.tolist()} "
