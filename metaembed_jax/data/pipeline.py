@@ -59,6 +59,13 @@ from metaembed_jax.sharding import batch_shards
 
 Processor = Callable[..., dict[str, Any]]
 _SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
+
+
+def _active_sides(hard_negatives: bool) -> tuple[tuple[str, str], ...]:
+    """(example key, model side) pairs of a batch: the negative only with hard negatives."""
+    return tuple((name, side) for name, side in _SIDES if name != "negative" or hard_negatives)
+
+
 IMAGE_LAYOUTS = ("packed", "per_example")
 
 
@@ -84,13 +91,12 @@ class DecodeRecord:
 
     def __init__(self, source_name: str, hard_negatives: bool):
         self.source_name = source_name
-        self.hard_negatives = hard_negatives
+        self.names = [name for name, _ in _active_sides(hard_negatives)]
 
     def __call__(self, index_and_record: tuple[int, dict[str, Any]]) -> dict[str, Any]:
         index, record = index_and_record
-        sides = [name for name, _ in _SIDES if name != "negative" or self.hard_negatives]
         example = {"index": index}
-        for name in sides:
+        for name in self.names:
             try:
                 example[name] = self._item(record, name)
             except (sources.BadRowError, KeyError) as error:
@@ -276,7 +282,7 @@ class Collate:
     ):
         self.processor = processor
         self.static_shapes = static_shapes
-        self.hard_negatives = hard_negatives
+        self.sides = _active_sides(hard_negatives)
         self.row_ids = _accepts(processor, "row_ids")
         self.length = length
         self.pad_token_id = int(getattr(processor, "pad_token_id", 0))
@@ -285,9 +291,7 @@ class Collate:
         batch = {}
         # Record indices name the rows in the processor's own error messages.
         extra = {"row_ids": [example["index"] for example in examples]} if self.row_ids else {}
-        for name, side in _SIDES:
-            if name == "negative" and not self.hard_negatives:
-                continue
+        for name, side in self.sides:
             texts = [example[name][0] for example in examples]
             images = [example[name][1] for example in examples]
             has_images = any(images)
