@@ -125,9 +125,9 @@ def logical_to_spec(
     return P(*spec)
 
 
-def _variable_axes(variable: nnx.Variable) -> Sequence[str | None] | None:
-    metadata = variable.get_metadata()
-    axes = metadata.get("out_sharding", metadata.get("sharding_names"))
+def variable_axes(variable: nnx.Variable) -> Sequence[str | None] | None:
+    """The logical axis names of a variable (flax keeps them as `out_sharding`), or None."""
+    axes = variable.get_metadata().get("out_sharding")
     return None if axes is None else tuple(axes)
 
 
@@ -139,8 +139,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
 
     def one(leaf):
         if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value() if hasattr(leaf, "get_value") else leaf[...]
-            spec = logical_to_spec(_variable_axes(leaf), np.shape(value), mesh, rules)
+            spec = logical_to_spec(variable_axes(leaf), np.shape(leaf.get_value()), mesh, rules)
             return leaf.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, P())
 

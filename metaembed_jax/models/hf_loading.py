@@ -298,24 +298,15 @@ def load_hf(
     entry = backbone_entry(config)
 
     def build():
-        return entry.build(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype or dtype,
-            lora=lora,
-            remat=remat,
-            rngs=nnx.Rngs(0),
-        )
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat)
+        return from_config(config, rngs=nnx.Rngs(0), **kwargs)
 
-    graphdef, checkpoint_state, fresh_abstract = nnx.split(
-        nnx.eval_shape(build), CHECKPOINT_PARAMS, ...
-    )
+    graphdef, checkpoint_state, _ = nnx.split(nnx.eval_shape(build), CHECKPOINT_PARAMS, ...)
     # Only the small non-checkpoint state is materialised: XLA drops the unused base weights.
     fresh_state = jax.jit(lambda: nnx.state(build(), nnx.Not(CHECKPOINT_PARAMS)))()
     reader = SafetensorsReader(path)
     problems: list[str] = []
     by_target = _match_checkpoint_keys(reader, entry, config, problems)
-    values = {}
     for name, variable in _iter_variables(checkpoint_state):
         sources = by_target.pop(name, None)
         if sources is None:
@@ -325,20 +316,19 @@ def load_hf(
         if value is None:
             continue
         if mesh is not None:
-            axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
             spec = sharding.logical_to_spec(
-                axes, value.shape, mesh, rules or sharding.LOGICAL_AXIS_RULES
+                sharding.variable_axes(variable),
+                value.shape,
+                mesh,
+                rules or sharding.LOGICAL_AXIS_RULES,
             )
-            values[name] = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+            variable.set_value(jax.device_put(value, jax.sharding.NamedSharding(mesh, spec)))
         else:
-            values[name] = jnp.asarray(value)
+            variable.set_value(jnp.asarray(value))
     for target, sources in by_target.items():
         problems.append(f"rule target {target} (from {sources[0][1]}) is not a parameter")
     if problems:
         raise CheckpointMismatchError(
             f"{len(problems)} problem(s) loading {path}:\n  " + "\n  ".join(sorted(problems))
         )
-    for flat_path, variable in nnx.to_flat_state(checkpoint_state):
-        variable.set_value(values[_path_string(flat_path)])
-    del fresh_abstract
     return nnx.merge(graphdef, checkpoint_state, fresh_state)

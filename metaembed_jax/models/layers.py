@@ -29,6 +29,12 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+def check_remat(remat: str) -> None:
+    """Raise ValueError unless `remat` names a policy of REMAT_POLICIES."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+
 def make_param(
     rngs: nnx.Rngs,
     initializer: Callable[..., jax.Array],
@@ -221,8 +227,7 @@ def scan_layers(
     Compile time does not grow with depth. `remat` is a key of `REMAT_POLICIES`; anything other
     than "none" recomputes the layer in the backward pass under that policy.
     """
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    check_remat(remat)
 
     def body(carry, layer):
         return apply_layer(layer, carry)

@@ -254,8 +254,7 @@ class Qwen2VLBackbone(nnx.Module):
         remat: str = "none",
         rngs: nnx.Rngs,
     ):
-        if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+        layers.check_remat(remat)  # early: scan_layers checks only at call time
         model_type = _model_type(config)
         cfg = text_config(config)
         vision_config = dict(config.get("vision_config") or {})

@@ -398,8 +398,7 @@ class VisionTower(nnx.Module):
         rngs: nnx.Rngs,
     ):
         config = parse_vision_config(vision_config, model_type)
-        if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+        layers.check_remat(remat)  # early: scan_layers checks only at call time
         self.config = config
         self.dtype = dtype
         self.remat = remat
