@@ -23,7 +23,12 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.hf_loading import Rule, register_backbone
-from metaembed_jax.models.qwen2_vl_rope import image_token_layout, mrope_cos_sin, rope_index
+from metaembed_jax.models.qwen2_vl_rope import (
+    image_token_layout,
+    locate_in_runs,
+    mrope_cos_sin,
+    rope_index,
+)
 from metaembed_jax.models.qwen2_vl_vision import VisionTower, vision_rules
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -220,14 +225,13 @@ def pack_example_images(
     batch, per_example, dim = pixel_values.shape
     grid = jnp.asarray(image_grid_thw, jnp.int32)
     counts = jnp.prod(grid, axis=-1).sum(axis=-1)  # real patches per example [B]
-    ends = jnp.cumsum(counts)
     rows = -(-batch * per_example // multiple) * multiple
     if batch * per_example == 0:
         return jnp.zeros((rows, dim), pixel_values.dtype), grid.reshape(-1, 3)
     packed_row = jnp.arange(rows, dtype=jnp.int32)
-    example = jnp.minimum(jnp.searchsorted(ends, packed_row, side="right"), batch - 1)
-    source = example * per_example + packed_row - (ends - counts)[example]
-    is_real = packed_row < ends[-1]
+    example, offset = locate_in_runs(counts, packed_row)
+    source = example * per_example + offset
+    is_real = packed_row < jnp.sum(counts)
     flat = pixel_values.reshape(batch * per_example, dim)
     gathered = flat[jnp.clip(jnp.where(is_real, source, 0), 0, batch * per_example - 1)]
     packed = jnp.where(is_real[:, None], gathered, jnp.zeros((), flat.dtype))

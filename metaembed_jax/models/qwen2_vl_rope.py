@@ -17,6 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def locate_in_runs(counts: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Items laid out as consecutive runs of `counts[i]` items (images of patches or tokens,
+    examples of patches): the run holding each position of `index`, and the position within it.
+
+    Zero-count runs (padding rows) are skipped (`side="right"`); positions past the end land in
+    the last run. Used by every Qwen layout computation that maps a flat row to its image.
+    """
+    ends = jnp.cumsum(counts)
+    run = jnp.minimum(jnp.searchsorted(ends, index, side="right"), counts.shape[0] - 1)
+    return run, index - (ends - counts)[run]
+
+
 def image_token_layout(
     input_ids: jax.Array, image_grid_thw: jax.Array, image_token_id: int, spatial_merge_size: int
 ) -> dict[str, jax.Array]:
@@ -37,14 +49,11 @@ def image_token_layout(
     grid_h = grid[:, 1] // spatial_merge_size
     grid_w = grid[:, 2] // spatial_merge_size
     counts = grid_t * grid_h * grid_w  # image tokens per image; 0 for padding rows
-    ends = jnp.cumsum(counts)
-    # side="right" skips zero-count (padding) images sitting between real ones.
-    image = jnp.searchsorted(ends, ordinal, side="right")
-    image = jnp.clip(image, 0, grid.shape[0] - 1)
+    image, local = locate_in_runs(counts, ordinal)
     return {
         "is_image": is_image,
         "ordinal": ordinal,
-        "local": ordinal - (ends - counts)[image],
+        "local": local,
         "grid_h": grid_h[image],
         "grid_w": grid_w[image],
         "count": counts[image],

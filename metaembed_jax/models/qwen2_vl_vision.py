@@ -36,6 +36,7 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.hf_loading import Rule
+from metaembed_jax.models.qwen2_vl_rope import locate_in_runs
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -176,13 +177,11 @@ def patch_layout(
     # A trailing zero row: padding patches point at it, and an empty grid needs no special case.
     grid = jnp.concatenate([grid, jnp.zeros((1, 3), jnp.int32)])
     t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
-    ends = jnp.cumsum(t * h * w)
-    starts = ends - t * h * w
+    counts = t * h * w
     patch = jnp.arange(num_patches, dtype=jnp.int32)
-    is_real = patch < ends[-1]
-    image = jnp.minimum(jnp.searchsorted(ends, patch, side="right"), grid.shape[0] - 1)
+    is_real = patch < jnp.sum(counts)
+    image, local = locate_in_runs(counts, patch)
     area = jnp.maximum(h[image] * w[image], 1)
-    local = patch - starts[image]
     within = local % area
     m = merge_size
     blocks_w = jnp.maximum(w[image] // m, 1)
@@ -191,7 +190,7 @@ def patch_layout(
     positions = jnp.stack(
         [block_row * m + (within // m) % m, block_col * m + within % m], axis=-1
     ).astype(jnp.int32)
-    frame_start = starts[image] + local // area * area
+    frame_start = patch - local + local // area * area  # first patch of the frame
     frame_segments = jnp.where(is_real, frame_start, num_patches).astype(jnp.int32)
     if window_units is None:
         order = jnp.arange(num_patches // (m * m), dtype=jnp.int32)
