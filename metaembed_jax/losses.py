@@ -31,6 +31,16 @@ MMR_GROUPS: tuple[Group, ...] = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0), (8, 16, 
 LOSS_VARIANTS = ("mmr", "nommr", "single")
 
 
+def as_groups(groups: Sequence[Sequence[float]]) -> tuple[Group, ...]:
+    """`(r_q, r_c, weight)` triples as (int, int, float); ValueError if malformed or empty."""
+    if not groups:
+        raise ValueError("loss groups are empty; expected at least one (r_q, r_c, weight)")
+    for group in groups:
+        if len(group) != 3:
+            raise ValueError(f"loss group {group!r}; expected (r_q, r_c, weight)")
+    return tuple((int(r_q), int(r_c), float(w)) for r_q, r_c, w in groups)
+
+
 def groups_for_variant(variant: str, groups: Sequence[Sequence[float]] = MMR_GROUPS) -> tuple:
     """The groups a loss variant trains.
 
@@ -40,9 +50,7 @@ def groups_for_variant(variant: str, groups: Sequence[Sequence[float]] = MMR_GRO
     """
     if variant not in LOSS_VARIANTS:
         raise ValueError(f"loss variant {variant!r}; expected one of {LOSS_VARIANTS}")
-    groups = tuple((int(r_q), int(r_c), float(w)) for r_q, r_c, w in groups)
-    if not groups:
-        raise ValueError("loss groups are empty; expected at least one (r_q, r_c, weight)")
+    groups = as_groups(groups)
     if variant == "nommr":
         return ((groups[-1][0], groups[-1][1], 1.0),)
     if variant == "single":
@@ -51,12 +59,9 @@ def groups_for_variant(variant: str, groups: Sequence[Sequence[float]] = MMR_GRO
 
 
 def validate_groups(groups: Sequence[Sequence[float]], num_query: int, num_candidate: int):
-    """Raise ValueError unless every group fits in `num_query` x `num_candidate` vectors."""
-    if not groups:
-        raise ValueError("loss groups are empty; expected at least one (r_q, r_c, weight)")
-    for group in groups:
-        if len(group) != 3:
-            raise ValueError(f"loss group {group!r}; expected (r_q, r_c, weight)")
+    """Raise ValueError unless the groups are well formed (`as_groups`) and every one fits in
+    `num_query` x `num_candidate` vectors."""
+    for group in as_groups(groups):
         r_q, r_c, _ = group
         if not (1 <= r_q <= num_query and 1 <= r_c <= num_candidate):
             raise ValueError(
@@ -128,7 +133,7 @@ def mmr_loss(
         divide over the batch axes.
     """
     _check_shapes(q, pos, neg)
-    groups = tuple((int(r_q), int(r_c), float(w)) for r_q, r_c, w in groups)
+    groups = as_groups(groups)
     validate_groups(groups, q.shape[1], pos.shape[1])
     weights = jnp.asarray([w for _, _, w in groups], jnp.float32)
     batch = q.shape[0]
