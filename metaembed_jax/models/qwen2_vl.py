@@ -29,9 +29,8 @@ from metaembed_jax.models.qwen2_vl_rope import (
     mrope_cos_sin,
     rope_index,
 )
-from metaembed_jax.models.qwen2_vl_vision import VisionTower, vision_rules
+from metaembed_jax.models.qwen2_vl_vision import MODEL_TYPES, VisionTower, vision_rules
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 DEFAULT_ROPE_THETA = 1_000_000.0
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 DEFAULT_IMAGE_TOKEN_ID = 151655
