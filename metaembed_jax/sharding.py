@@ -151,9 +151,29 @@ def shard_state(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Leading (batch) dimension split over the batch axes, the rest replicated."""
-    return NamedSharding(mesh, P(present_batch_axes(mesh, axes), *([None] * (ndim - 1))))
+def put_batch(
+    batch: Any, mesh: Mesh | None, axes: Sequence[str] = BATCH_AXES, *, whole: bool = False
+) -> Any:
+    """Host (numpy) arrays of a batch -> global jax.Arrays, dim 0 split over the batch `axes`
+    of `mesh` (those it has); jax.Arrays pass unchanged, and without a mesh everything does.
+
+    `whole=False` (the input pipeline): each process passes its own block of rows and the global
+    array is the blocks in process order. `whole=True` (tests, benchmarks, evaluation): every
+    process passes the same whole batch and keeps its shards of it.
+    """
+    if mesh is None:
+        return batch
+    present = present_batch_axes(mesh, axes)
+    placement = NamedSharding(mesh, P(present if present else None))
+
+    def put(x):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        global_shape = x.shape if whole else None
+        return jax.make_array_from_process_local_data(placement, x, global_shape)
+
+    return jax.tree.map(put, batch)
 
 
 def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:

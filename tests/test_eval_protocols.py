@@ -11,6 +11,7 @@ import pytrec_eval
 
 from metaembed_jax.data import sources
 from metaembed_jax.evaluation import ablation, builtin, encode, mmeb, report, retrieval, vidore
+from tests.helpers import load_image
 
 D = 4
 E = np.eye(D, dtype=np.float32)
@@ -284,7 +285,7 @@ class ColourEncoder:
         self.calls = 0
 
     def _colour(self, item):
-        image = encode.load_image(item["image"])
+        image = load_image(item["image"])
         if image is not None:
             pixel = np.array(image.getpixel((image.width // 2, image.height // 2)))
             names = list(COLOURS)

@@ -23,8 +23,9 @@ from transformers import vision_utils as hf_vision
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
-from metaembed_jax.models import hf_loading, layers, qwen2_vl_vision
-from metaembed_jax.models.qwen2_vl_vision import (
+from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models.qwen2_vl import vision as qwen2_vl_vision
+from metaembed_jax.models.qwen2_vl.vision import (
     VisionTower,
     dense_attention,
     local_attention,
@@ -33,6 +34,7 @@ from metaembed_jax.models.qwen2_vl_vision import (
     rotary_cos_sin,
     vision_rules,
 )
+from tests.helpers import register_loader_family
 
 TEXT = dict(
     vocab_size=64,
@@ -89,7 +91,7 @@ def vision_only_rules(config):
 
 
 for _model_type in HF_CLASSES:
-    hf_loading.register_backbone(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
+    register_loader_family(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
 
 
 def randomise(module, seed):

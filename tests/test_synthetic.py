@@ -14,9 +14,10 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from metaembed_jax.data import synthetic as S
-from metaembed_jax.data.processing import RECORD_FIELDS, QwenVLProcessor, check_features
 from metaembed_jax.data.synthetic_render import COLORS, JITTER_FRACTION
-from metaembed_jax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
+from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS, special_token_ids
+from tests.helpers import RECORD_FIELDS, check_features, process_records
 
 CFG = S.SyntheticConfig(
     seed=3, num_train=48, num_val=16, num_test=24, image_size=56, word_prob=0.3, progress=False
@@ -190,7 +191,7 @@ def test_eval_set_structure():
 def test_tokenizer_from_dataset_text_feeds_processor(tmp_path, rows):
     """Trained tokenizer loads with AutoTokenizer offline, has the Qwen specials at 0..7, and
     the processor turns the dataset's rows into contract-valid features."""
-    S.build_tokenizer(CFG, tmp_path, vocab_size=400)
+    S.build_tokenizer(CFG, tmp_path, SPECIAL_TOKENS, vocab_size=400)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(8))
     assert len(tokenizer) <= 400 and special_token_ids(tokenizer)["image_token_id"] == 6
@@ -199,7 +200,7 @@ def test_tokenizer_from_dataset_text_feeds_processor(tmp_path, rows):
     assert tokenizer.decode(ids) == caption and len(ids) < len(caption) / 2
     proc = QwenVLProcessor.from_pretrained(tmp_path, max_pixels=56 * 56, length_buckets=(128, 256))
     for side in ("query", "positive", "negative"):
-        features = proc.process_records(rows["train"][:8], side)
+        features = process_records(proc, rows["train"][:8], side)
         check_features(features, proc.image_token_id)
         assert features["input_ids"].shape[1] in (128, 256)
 

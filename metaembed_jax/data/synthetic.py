@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from tqdm.auto import tqdm
 
 from metaembed_jax.data import synthetic_render as render
+from metaembed_jax.data.tokenizer import train_tokenizer
 
 TASKS = ("text_to_image", "image_to_text", "composed", "documents")
 SPLITS = ("train", "val", "test")
@@ -597,8 +598,9 @@ def tokenizer_texts(cfg: SyntheticConfig, split: str = "train") -> Iterator[str]
                 yield from document_texts(item)
 
 
-def build_tokenizer(cfg: SyntheticConfig, out_dir, vocab_size: int = 1024):
-    """Trains and saves the dataset's byte-level BPE tokenizer (train split text) to `out_dir`."""
-    from metaembed_jax.data.tokenizer import train_tokenizer
-
-    return train_tokenizer(tokenizer_texts(cfg, "train"), out_dir, vocab_size=vocab_size)
+def build_tokenizer(cfg: SyntheticConfig, out_dir, special_tokens, vocab_size: int = 1024):
+    """Trains and saves the dataset's byte-level BPE tokenizer (train split text, a backbone
+    family's `special_tokens` first) to `out_dir`."""
+    return train_tokenizer(
+        tokenizer_texts(cfg, "train"), out_dir, special_tokens, vocab_size=vocab_size
+    )

@@ -249,13 +249,13 @@ class LazyEncoder:
 
     def _build(self):
         from metaembed_jax import sharding
-        from metaembed_jax.data.pipeline import StaticShapes
+        from metaembed_jax.data.pipeline import make_processor, model_family
         from metaembed_jax.evaluation.encode import ModelEncoder
-        from metaembed_jax.training.loop import make_processor
 
         config = self.config
         mesh = sharding.make_mesh(config.mesh)
-        processor = make_processor(config)  # the run's tokenizer, as training used it
+        family = model_family(config)
+        processor = make_processor(config, family)  # the run's tokenizer, as training used it
         model = restore_model(config, self.run_dir, self.step, mesh, len(processor.tokenizer))
         shards = sharding.batch_shards(mesh, tuple(config.data.batch_axes))
         batch_size = -(-int(config.eval.batch_size) // shards) * shards
@@ -265,7 +265,7 @@ class LazyEncoder:
             batch_size=batch_size,
             mesh=mesh,
             batch_axes=tuple(config.data.batch_axes),
-            pad_features=StaticShapes(config.data, batch_size),
+            pad_features=family.static_shapes(config.data, batch_size, multiple=shards),
         )
 
     def __call__(self, items, side):
