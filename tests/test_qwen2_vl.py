@@ -337,7 +337,7 @@ def test_sharded_load_matches_transformers(checkpoint):
     if model_type != "qwen2_5_vl":
         pytest.skip("placement is model-type independent; checked on qwen2_5_vl")
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-    model = load_hf(path, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    model = load_hf(path, mesh=mesh, rules=sharding.axis_rules())
     kernel = model.layers.self_attn.q_proj.kernel[...]  # [layers, embed, heads * head_dim]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     batch = make_batch(MIXED_ROWS, MIXED_SIZES)

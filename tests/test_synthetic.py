@@ -217,4 +217,8 @@ def test_config_errors_and_exhaustion():
                              num_val=0, num_train=0, tasks=("text_to_image",))  # fmt: skip
     with pytest.raises(RuntimeError, match=re.escape("scene space is exhausted")):
         S.plan_examples(tiny, "test")
-    assert S.SyntheticConfig.from_mapping({"seed": 5, "dir": "/x"}, num_train=3).num_train == 3
+    assert S.SyntheticConfig.from_mapping({"seed": 5}, num_train=3).num_train == 3
+    mapping = {"seed": 5, "vocab_size": 300}
+    assert S.SyntheticConfig.from_mapping(mapping, ignore=("vocab_size",)).seed == 5
+    with pytest.raises(ValueError, match=r"unknown config.data.synthetic key\(s\) \['dir'\]"):
+        S.SyntheticConfig.from_mapping({"seed": 5, "dir": "/x"})

@@ -41,11 +41,14 @@ def _keyed(rows, key: str = "query_id"):
 
 
 def _check_build_config(directory: Path, settings: dict[str, Any]) -> None:
-    """Writes the settings of a fresh build; refuses a directory built with other settings."""
+    """Writes the settings of a fresh build; refuses a directory built with other settings.
+
+    A setting the recorded file lacks (written before the field existed) counts as its default."""
     path = directory / "build_config.json"
     if path.is_file():
         built = json.loads(path.read_text())
-        if built != settings:
+        defaults = json.loads(json.dumps(synthetic.synthetic_settings(synthetic.SyntheticConfig())))
+        if {**defaults, **built} != {**defaults, **settings}:
             raise ValueError(
                 f"{directory} was built with {built}, the config asks for {settings}: "
                 "use another config.data.dir or delete the directory"
@@ -62,7 +65,9 @@ def build_synthetic(data_config, special_tokens: Sequence[str], progress: bool =
     directory = root / builders.DATASET_DIRS["synthetic"]
     settings = json.loads(json.dumps(data_config.synthetic.to_dict()))  # tuples -> lists
     _check_build_config(directory, settings)
-    cfg = synthetic.SyntheticConfig.from_mapping(data_config.synthetic, progress=progress)
+    cfg = synthetic.SyntheticConfig.from_mapping(
+        data_config.synthetic, ignore=("vocab_size",), progress=progress
+    )
     eval_splits = {SYNTHETIC_SPLITS[name] for name in EVAL_SPLITS}
 
     @functools.cache

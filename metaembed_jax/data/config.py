@@ -6,6 +6,8 @@ working directory unless absolute.
 
 from ml_collections import ConfigDict
 
+from metaembed_jax.data.synthetic import SyntheticConfig, synthetic_settings
+
 
 def get_data_config() -> ConfigDict:
     """Returns the default data ConfigDict (the built-in synthetic dataset, demo-sized)."""
@@ -19,16 +21,11 @@ def get_data_config() -> ConfigDict:
     # Split of the training dataset the train iterator reads.
     data.train_split = "train"
 
-    # --- built-in synthetic dataset (metaembed_jax/data/synthetic.py) ---
-    data.synthetic = ConfigDict()
-    # Seed of the procedural generator: same seed, same bytes.
-    data.synthetic.seed = 0
-    # Number of training pairs, and of queries in the validation / test evaluation sets.
-    data.synthetic.num_train = 2048
-    data.synthetic.num_val = 128
-    data.synthetic.num_test = 256
-    # Side of the generated square images, in pixels (scenes and rendered document pages).
-    data.synthetic.image_size = 112
+    # --- built-in synthetic dataset ---
+    # The generator's options, with their defaults, are the fields of `SyntheticConfig`
+    # (metaembed_jax/data/synthetic.py documents each): seed, num_train / num_val / num_test,
+    # tasks, image_size, grid_size, min_objects / max_objects, word_prob, ...
+    data.synthetic = ConfigDict(synthetic_settings(SyntheticConfig()))
     # Vocabulary size of the byte-level BPE tokenizer trained on the dataset's text.
     data.synthetic.vocab_size = 1024
 

@@ -47,9 +47,9 @@ class SyntheticConfig:
     """Options of the synthetic dataset (all sizes are numbers of examples = queries)."""
 
     seed: int = 0  # everything is a function of this seed (and the other fields)
-    num_train: int = 2000  # training triples
-    num_val: int = 200  # validation queries (and triples)
-    num_test: int = 400  # test queries (and triples)
+    num_train: int = 2048  # training triples
+    num_val: int = 128  # validation queries (and triples)
+    num_test: int = 256  # test queries (and triples)
     tasks: tuple[str, ...] = TASKS  # tasks to generate, round-robin over example indices
     image_size: int = 112  # scene images are image_size x image_size pixels
     doc_width: int | None = None  # document page width in pixels (None: image_size)
@@ -84,15 +84,33 @@ class SyntheticConfig:
             raise ValueError(f"word_prob must be in [0, 1], got {self.word_prob}")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping, **overrides) -> SyntheticConfig:
-        """From a dict / ConfigDict: known fields are taken, other keys ignored."""
+    def from_mapping(
+        cls, mapping: Mapping, ignore: Iterable[str] = (), **overrides
+    ) -> SyntheticConfig:
+        """From a dict / ConfigDict (`config.data.synthetic`); keys in `ignore` are skipped.
+
+        Raises ValueError naming any other key that is not a field (a typo would otherwise
+        silently generate the default dataset)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        items = dict(mapping.items()) if hasattr(mapping, "items") else dict(mapping)
-        values = {k: v for k, v in items.items() if k in names}
-        return cls(**{**values, **overrides})
+        items = {k: v for k, v in dict(mapping.items()).items() if k not in set(ignore)}
+        unknown = sorted(set(items) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config.data.synthetic key(s) {unknown}; expected fields of "
+                f"SyntheticConfig: {sorted(names)}"
+            )
+        return cls(**{**items, **overrides})
 
     def size(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
+
+
+def synthetic_settings(cfg: SyntheticConfig) -> dict:
+    """The generator settings of `cfg` as config values (what `config.data.synthetic` holds and
+    `build_config.json` records); `progress` is a display option, not a setting."""
+    settings = dataclasses.asdict(cfg)
+    del settings["progress"]
+    return settings
 
 
 def canonical_split(split: str) -> str:

@@ -36,33 +36,6 @@ SIDES = ("query", "candidate")
 # ----------------------------------------------------------------------------- budgets
 
 
-def check_budgets(
-    budgets: Sequence[Sequence[int]], num_query_tokens: int, num_candidate_tokens: int
-) -> list[tuple[int, int]]:
-    """Validates `(r_q, r_c)` budgets against the trained sizes; returns them as int tuples.
-
-    Raises ValueError naming the budget and the allowed range when a budget is malformed,
-    below 1, or beyond the number of meta tokens the model was trained with (prefixes past
-    R_q / R_c do not exist: the model has no such vectors).
-    """
-    checked = []
-    for budget in budgets:
-        if len(budget) != 2 or not all(isinstance(r, int | np.integer) for r in budget):
-            raise ValueError(f"a budget is a pair of integers (r_q, r_c), got {budget!r}")
-        r_q, r_c = int(budget[0]), int(budget[1])
-        if not (1 <= r_q <= num_query_tokens and 1 <= r_c <= num_candidate_tokens):
-            raise ValueError(
-                f"budget ({r_q}, {r_c}) is beyond the trained sizes: this model has "
-                f"R_q={num_query_tokens} query and R_c={num_candidate_tokens} candidate vectors, "
-                f"so r_q must be in [1, {num_query_tokens}] and r_c in "
-                f"[1, {num_candidate_tokens}]"
-            )
-        checked.append((r_q, r_c))
-    if not checked:
-        raise ValueError("no budget to evaluate: config.eval.budgets is empty")
-    return checked
-
-
 def budget_key(budget: Sequence[int]) -> str:
     """The label of a budget in tables and results.json: "(r_q, r_c)"."""
     return f"({int(budget[0])}, {int(budget[1])})"

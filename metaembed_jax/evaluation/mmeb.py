@@ -20,7 +20,6 @@ from metaembed_jax.evaluation.encode import (
     EmbeddingCache,
     Encode,
     budget_key,
-    check_budgets,
     encode_items,
     unique_items,
 )
@@ -131,7 +130,6 @@ def _precision_at_1(
     unique_queries, query_of_row = unique_items(queries)
     query_embeddings = encode_items(encode, unique_queries, "query", f"mmeb/{name}/query", cache)
     index = encode_items(encode, candidates, "candidate", f"mmeb/{name}/candidate", cache)
-    budgets = check_budgets(budgets, query_embeddings.shape[1], index.num_vectors)
     by_budget = {}
     for budget in budgets:
         scores, seconds = score_matrix(index, query_embeddings, budget)

@@ -152,6 +152,11 @@ def family_for(config_or_model_type: Mapping[str, Any] | str) -> BackboneFamily:
     raise ValueError(f"model_type {key!r} is not supported; supported: {sorted(_BY_MODEL_TYPE)}")
 
 
+def family_axis_rules() -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules every registered (imported) family adds, in registration order."""
+    return tuple(rule for family in _FAMILIES.values() for rule in family.axis_rules)
+
+
 def registered_families() -> dict[str, BackboneFamily]:
     """Every family (built-in ones imported), by name."""
     _import_builtins()

@@ -257,8 +257,8 @@ def load_hf(
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`,
     every variable (checkpoint weights, fresh LoRA adapters and RNG streams) is placed directly
-    onto the sharding its logical axis names get from `rules` (default:
-    `sharding.LOGICAL_AXIS_RULES`), once: callers need not place it again.
+    onto the sharding its logical axis names get from `rules` (default: `sharding.axis_rules()`),
+    once: callers need not place it again.
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
@@ -269,7 +269,7 @@ def load_hf(
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat)
         return from_config(config, rngs=nnx.Rngs(0), **kwargs)
 
-    rules = rules or sharding.LOGICAL_AXIS_RULES
+    rules = rules or sharding.axis_rules()
     graphdef, checkpoint_state, abstract_fresh = nnx.split(
         nnx.eval_shape(build), CHECKPOINT_PARAMS, ...
     )

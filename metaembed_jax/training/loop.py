@@ -162,7 +162,7 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop):
     steps, accum = int(config.train.steps), int(config.train.grad_accum_steps)
     log_every, save_every = int(config.train.log_every), int(config.checkpoint.every)
-    stop_after = int(config.train.get("stop_after", 0))
+    stop_after = int(config.train.stop_after)
     throughput = metrics.Throughput()
     rows = []
     step = start

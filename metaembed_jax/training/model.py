@@ -101,7 +101,7 @@ def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = No
             config.init_from,
             rngs=nnx.Rngs(rngs_seed),
             mesh=mesh,
-            rules=sharding.LOGICAL_AXIS_RULES,
+            rules=sharding.axis_rules(),
             **kwargs,
         )
         if mesh is not None:
