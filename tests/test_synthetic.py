@@ -75,7 +75,7 @@ def test_eval_sets_do_not_depend_on_train_size():
 
 
 def test_rows_follow_record_schema(rows):
-    """Exact CONTRACTS.md keys and types; tasks round-robin; ids unique."""
+    """Exact record keys (docs/design.md) and types; tasks round-robin; ids unique."""
     for split, split_rows in rows.items():
         assert len(split_rows) == CFG.size(split)
         for i, row in enumerate(split_rows):

@@ -14,7 +14,7 @@ or across splits (test is planned first, then val, then train, against one set o
 the evaluation sets do not change when the train size does).
 
 Structured descriptions (`Scene`, `Document`, `Example`) come from `plan_examples`; rows in the
-record schema of CONTRACTS.md from `generate_train_rows` / `generate_eval_set`.
+record schema of docs/design.md from `generate_train_rows` / `generate_eval_set`.
 """
 
 from __future__ import annotations
@@ -537,7 +537,7 @@ class _Renderer:
 
 
 def _example_row(example: Example, renderer: _Renderer) -> dict:
-    """An example as a training record (CONTRACTS.md schema)."""
+    """An example as a training record (docs/design.md schema)."""
     row = {
         "query_text": example.query_text,
         "query_image": b"" if example.query_scene is None else renderer.image(example.query_scene),

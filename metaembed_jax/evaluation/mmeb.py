@@ -52,7 +52,7 @@ ALL_DATASETS: tuple[str, ...] = tuple(d for names in META_TASKS.values() for d i
 OOD_DATASETS: tuple[str, ...] = tuple(d for d in ALL_DATASETS if d not in IND_DATASETS)
 
 # MMEB texts mark the image with Phi-3-V's placeholder; our prompt template places the image
-# itself (DESIGN.md), so the placeholder is removed from the text.
+# itself (docs/design.md), so the placeholder is removed from the text.
 IMAGE_PLACEHOLDER = "<|image_1|>"
 
 
