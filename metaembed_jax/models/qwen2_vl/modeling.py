@@ -413,6 +413,13 @@ class Qwen2VLBackbone(nnx.Module):
         hidden = layers.scan_layers(self.layers, hidden, apply_layer, remat=self.remat)
         return self.norm(hidden)
 
+    def _content(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """(content embeddings `[B, L, H]`, int32 mask `[B, L]`, M-RoPE positions `[3, B, L]`)."""
+        input_ids, attention_mask = _text_inputs(input_ids, attention_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        return embeds, attention_mask, positions
+
     def __call__(
         self,
         input_ids,
@@ -427,9 +434,9 @@ class Qwen2VLBackbone(nnx.Module):
         as is, and ignored: the image positions are derived from `input_ids`.
         """
         del mm_token_type_ids
-        input_ids, attention_mask = _text_inputs(input_ids, attention_mask)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        embeds, attention_mask, positions = self._content(
+            input_ids, attention_mask, pixel_values, image_grid_thw
+        )
         return self.decode(embeds, attention_mask, positions)
 
     def encode_with_suffix(
@@ -449,10 +456,10 @@ class Qwen2VLBackbone(nnx.Module):
         (`append_text_positions`), and attention stays causal.
         """
         del mm_token_type_ids
-        input_ids, attention_mask = _text_inputs(input_ids, attention_mask)
-        content = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
-        batch, count = input_ids.shape[0], suffix.shape[1]
+        content, attention_mask, positions = self._content(
+            input_ids, attention_mask, pixel_values, image_grid_thw
+        )
+        batch, count = content.shape[0], suffix.shape[1]
         suffix = jnp.broadcast_to(
             jnp.asarray(suffix).astype(content.dtype), (batch, count, content.shape[-1])
         )
