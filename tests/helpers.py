@@ -18,6 +18,7 @@ from metaembed_jax.data.sources import BadRowError, decode_image, is_empty_image
 from metaembed_jax.data.tokenizer import train_tokenizer
 from metaembed_jax.models import qwen2_vl
 from metaembed_jax.models.family import BackboneFamily, register_family
+from metaembed_jax.models.qwen2_vl import tokens
 from metaembed_jax.models.qwen2_vl.tiny import MERGE, PATCH_SIZE, TEMPORAL_PATCH
 from metaembed_jax.models.qwen2_vl.tokens import (
     IMAGE_PAD_ID,
@@ -179,6 +180,37 @@ def build_test_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 320):
 
 
 # ----------------------------------------------------------------------------- records, features
+
+# config.json field -> special token, for a model config that fits a tokenizer.
+_CONFIG_FIELDS = {
+    "pad_token_id": tokens.PAD_TOKEN,
+    "bos_token_id": tokens.PAD_TOKEN,  # Qwen2-VL configs use <|endoftext|> as bos as well
+    "eos_token_id": tokens.IM_END,
+    "im_start_token_id": tokens.IM_START,
+    "vision_start_token_id": tokens.VISION_START,
+    "vision_end_token_id": tokens.VISION_END,
+    "image_token_id": tokens.IMAGE_PAD,
+    "video_token_id": tokens.VIDEO_PAD,
+}
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Ids of the special tokens a Qwen2-VL model config needs, by config field name.
+
+    Raises:
+      ValueError: if a token is missing from the vocabulary or not a single token.
+    """
+    ids = {}
+    for field, token in _CONFIG_FIELDS.items():
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if len(encoded) != 1 or token_id is None or encoded[0] != token_id:
+            raise ValueError(
+                f"tokenizer has no single special token {token!r} (encodes to {encoded}); "
+                "a Qwen2-VL tokenizer with the vision special tokens is expected"
+            )
+        ids[field] = int(token_id)
+    return ids
 
 
 def load_image(data: Any):

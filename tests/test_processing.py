@@ -13,8 +13,13 @@ from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from metaembed_jax.data.sources import BadRowError, decode_image
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS, special_token_ids
-from tests.helpers import build_test_tokenizer, check_features, process_records
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
+from tests.helpers import (
+    build_test_tokenizer,
+    check_features,
+    process_records,
+    special_token_ids,
+)
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 56 * 56
 

@@ -16,8 +16,34 @@ from transformers import AutoTokenizer
 from metaembed_jax.data import synthetic as S
 from metaembed_jax.data.synthetic_render import COLORS, JITTER_FRACTION
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS, special_token_ids
-from tests.helpers import RECORD_FIELDS, check_features, process_records
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
+from tests.helpers import RECORD_FIELDS, check_features, process_records, special_token_ids
+
+
+def scene_difference(a: S.Scene, b: S.Scene) -> list[tuple[int, str]]:
+    """(object index, attribute) pairs where the scenes differ; [(-1, "count")] if sizes do."""
+    if len(a.objects) != len(b.objects):
+        return [(-1, "count")]
+    diffs = []
+    for i, (x, y) in enumerate(zip(a.objects, b.objects, strict=True)):
+        ax, ay = x.attributes(), y.attributes()
+        diffs += [(i, name) for name in S.SCENE_ATTRIBUTES if ax[name] != ay[name]]
+    return diffs
+
+
+def document_difference(a: S.Document, b: S.Document) -> list[str]:
+    """Names of the fields (table cells and labels one by one) where two pages differ."""
+    diffs = [f for f in ("entity", "kind", "founded", "staff") if getattr(a, f) != getattr(b, f)]
+    for field in ("years", "metrics"):
+        x, y = getattr(a, field), getattr(b, field)
+        if len(x) != len(y):
+            diffs.append(field)
+        else:
+            diffs += [f"{field}[{i}]" for i in range(len(x)) if x[i] != y[i]]
+    for i, (x, y) in enumerate(zip(a.values, b.values, strict=False)):
+        diffs += [f"values[{i}][{j}]" for j in range(min(len(x), len(y))) if x[j] != y[j]]
+    return diffs
+
 
 CFG = S.SyntheticConfig(
     seed=3, num_train=48, num_val=16, num_test=24, image_size=56, word_prob=0.3, progress=False
@@ -110,7 +136,7 @@ def test_hard_negatives_differ_in_exactly_one_attribute():
     for split in SPLITS:
         for example in S.plan_examples(CFG, split):
             if example.task == "documents":
-                diff = S.document_difference(example.positive, example.negative)
+                diff = document_difference(example.positive, example.negative)
                 assert len(diff) == 1, diff
                 named = {"entity": example.positive.entity}
                 field = diff[0]
@@ -121,7 +147,7 @@ def test_hard_negatives_differ_in_exactly_one_attribute():
                 # the changed field is one the question relies on
                 assert named.get(field, example.positive.entity) in example.query_text
             else:
-                assert len(S.scene_difference(example.positive, example.negative)) == 1
+                assert len(scene_difference(example.positive, example.negative)) == 1
 
 
 def test_composed_edit_matches_its_text():
@@ -138,7 +164,7 @@ def test_composed_edit_matches_its_text():
             assert target.objects[:-1] == source.objects
             assert text == "add " + S.object_phrase(target.objects[-1], CFG.grid_size)
             continue
-        diff = S.scene_difference(source, target)
+        diff = scene_difference(source, target)
         assert len(diff) == 1
         index, attribute = diff[0]
         changed = target.objects[index]

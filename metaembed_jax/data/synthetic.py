@@ -211,31 +211,6 @@ class Example:
     negative: Scene | Document
 
 
-def scene_difference(a: Scene, b: Scene) -> list[tuple[int, str]]:
-    """(object index, attribute) pairs where the scenes differ; [(-1, "count")] if sizes do."""
-    if len(a.objects) != len(b.objects):
-        return [(-1, "count")]
-    diffs = []
-    for i, (x, y) in enumerate(zip(a.objects, b.objects, strict=True)):
-        ax, ay = x.attributes(), y.attributes()
-        diffs += [(i, name) for name in SCENE_ATTRIBUTES if ax[name] != ay[name]]
-    return diffs
-
-
-def document_difference(a: Document, b: Document) -> list[str]:
-    """Names of the fields (table cells and labels one by one) where two pages differ."""
-    diffs = [f for f in ("entity", "kind", "founded", "staff") if getattr(a, f) != getattr(b, f)]
-    for field in ("years", "metrics"):
-        x, y = getattr(a, field), getattr(b, field)
-        if len(x) != len(y):
-            diffs.append(field)
-        else:
-            diffs += [f"{field}[{i}]" for i in range(len(x)) if x[i] != y[i]]
-    for i, (x, y) in enumerate(zip(a.values, b.values, strict=False)):
-        diffs += [f"values[{i}][{j}]" for j in range(min(len(x), len(y))) if x[j] != y[j]]
-    return diffs
-
-
 # ------------------------------------------------------------------------------- scenes
 
 
