@@ -101,7 +101,10 @@ def toy_batch(seed):
     """One collated batch of 8 (query, positive) pairs, as the input pipeline builds it."""
     words = ["red", "blue", "green", "gold", "grey", "pink", "teal", "plum"]
     picked = np.random.default_rng(seed).permutation(len(words))
-    examples = [{"query": (f"{words[i]} one", []), "positive": (f"{words[i]}", [])} for i in picked]
+    examples = [  # as the pipeline's DecodeRecord gives them: record index, (text, images)
+        {"index": int(i), "query": (f"{words[i]} one", []), "positive": (words[i], [])}
+        for i in picked
+    ]
     collate = Collate(ToyProcessor(), lambda f: f, TOY.feature_keys, hard_negatives=False)
     return collate(examples)
 
