@@ -170,7 +170,7 @@ class MultiVectorIndex:
         self._blocks: list[tuple[np.ndarray, np.ndarray | None]] = []  # [R, n, D], [R, n]
         self._full: list[np.ndarray] = []  # float32 [R, n_i, D]; memmaps once saved / loaded
         self._ids: list = []
-        self._device_cache: dict = {}  # mesh -> the placed (vectors, scales): one at a time
+        self._device_cache: dict = {}  # mesh -> (r_c, placed vectors, scales): one at a time
         self._ids_cache: np.ndarray | None = None  # the ids as one array, until `add`
 
     # ----------------------------------------------------------------------------- building
@@ -345,8 +345,10 @@ class MultiVectorIndex:
     def _device_blocks(self, mesh: Mesh, r_c: int):
         """Yield (offset, vectors, scales, limit) blocks placed on ``mesh``, candidates split
         evenly over its devices (zero rows pad to a multiple of the device count; never
-        returned). In memory the whole index is placed once (and cached); streamed, each file
-        shard's first ``r_c`` vectors only (one contiguous range per shard).
+        returned). Only the first ``r_c`` vectors are placed (one contiguous range per block):
+        in memory they stay cached on the devices until a larger ``r_c`` (or `add`) replaces
+        them, so device memory grows with the largest budget searched, not with R_c; streamed,
+        each file shard's prefix is placed per search.
 
         Each process reads only the rows its own devices hold (`_place_rows`), so on a mesh that
         spans several processes a memory-mapped index is read from disk once in total, not once
@@ -356,16 +358,18 @@ class MultiVectorIndex:
         sharding = NamedSharding(mesh, P(None, kernels.mesh_axes(mesh)))
         has_scales = self.dtype == "int8"
         if not self.streaming:
-            if mesh not in self._device_cache:
-                self._device_cache.clear()  # one placement at a time: each is a full copy
+            placed = self._device_cache.get(mesh)
+            if placed is None or placed[0] < r_c:
+                self._device_cache.clear()  # one placement at a time: each is a copy
                 rows = -(-max(1, len(self)) // devices) * devices
-                vectors = [v for v, _ in self._blocks]
-                scales = [s for _, s in self._blocks] if has_scales else None
+                vectors = [v[:r_c] for v, _ in self._blocks]
+                scales = [s[:r_c] for _, s in self._blocks] if has_scales else None
                 self._device_cache[mesh] = (
+                    r_c,
                     _place_rows(vectors, rows, sharding),
                     None if scales is None else _place_rows(scales, rows, sharding),
                 )
-            yield (0, *self._device_cache[mesh], len(self))
+            yield (0, *self._device_cache[mesh][1:], len(self))
             return
         # Streaming: every block padded to one row count, so a single compiled program serves.
         rows = max(v.shape[1] for v, _ in self._blocks)
