@@ -442,7 +442,8 @@ def bench_recall(args, k=10):
     fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
     truth = Truth(queries, candidates, fine, targets, k)
     print(f"\n{label}: {describe_ties(truth, k)}")
-    bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label, truth, k)
+    if not args.skip_two_stage:
+        bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label, truth, k)
     bench_quantised(queries, candidates, label, truth, k)
     rng = np.random.default_rng(8)
     queries = unit_vectors(rng, (args.num_queries, R_Q, 512))
@@ -483,6 +484,9 @@ def parse_args():
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-scoring", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
+    parser.add_argument(
+        "--skip-two-stage", action="store_true", help="recall: quantised-index tables only"
+    )
     args = parser.parse_args()
     if args.quick:
         args.num_candidates, args.num_candidates_2048 = 2000, 500
