@@ -273,6 +273,8 @@ def read_array(directory: str, entry: dict, *, mmap: bool, verify: bool) -> np.n
     truncated or altered files."""
     _check_file_entry(os.path.join(directory, MANIFEST), "a shard entry", entry)
     path = os.path.join(directory, entry["file"])
+    if os.path.islink(path):  # a link could lead outside the directory the name is confined to
+        raise ValueError(f"index shard {path!r} is a symbolic link; shards must be plain files")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"index shard {path!r} listed in the manifest is missing")
     size = os.path.getsize(path)

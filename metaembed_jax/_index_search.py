@@ -140,10 +140,10 @@ def rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
     return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=3)
 
 
-@functools.partial(jax.jit, static_argnames=("r_q", "r_c"))
-def full_precision_scores(queries, query_mask, candidates, *, r_q, r_c):
+@functools.partial(jax.jit, static_argnames=("r_q", "r_c", "chunk_size"))
+def full_precision_scores(queries, query_mask, candidates, *, r_q, r_c, chunk_size):
     """Exact float32 scores [Nq, S] of every query against gathered float32 candidates
-    [r_c, S, D] (the rescoring step of a quantised index)."""
+    [r_c, S, D] (the rescoring step of a quantised index), ``chunk_size`` candidates at a time."""
     return chunked_scores(
         queries,
         candidates,
@@ -152,6 +152,6 @@ def full_precision_scores(queries, query_mask, candidates, *, r_q, r_c):
         None,
         r_q=r_q,
         r_c=r_c,
-        chunk_size=candidates.shape[1],
+        chunk_size=chunk_size,
         vector_major=True,
     )

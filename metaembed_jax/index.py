@@ -478,6 +478,7 @@ class MultiVectorIndex:
         unique = np.unique(shortlist)  # sorted: ties then go to the lower position
         group = max(1, _RESCORE_BYTES // (r_c * self.dim * 4))
         bucket = min(group, 1 << int(np.ceil(np.log2(len(unique)))))  # few compiled shapes
+        chunk = default_chunk_size(len(queries) * r_q, r_c, bucket, self.dim, 4)
         ranges, parts = _row_ranges(self._full), []
         for start in range(0, len(unique), bucket):
             chosen = unique[start : start + bucket]
@@ -491,6 +492,7 @@ class MultiVectorIndex:
                 jnp.asarray(gathered),
                 r_q=r_q,
                 r_c=r_c,
+                chunk_size=chunk,
             )
             parts.append(np.asarray(scores)[:, : len(chosen)])
         scores = np.concatenate(parts, axis=1)  # [Nq, U]

@@ -203,3 +203,15 @@ def test_shape_disagreeing_with_the_file_names_both_sizes(saved):
     _edit_manifest(saved, shrink)
     with pytest.raises(ValueError, match=r"the file has 640 bytes.*\(4, 20, 4\).*needs 320"):
         MultiVectorIndex.load(saved)
+
+
+def test_a_shard_that_is_a_symbolic_link_is_refused(saved, tmp_path):
+    """A shard name inside the directory that links outside it is not followed."""
+    manifest = json.loads((saved / "manifest.json").read_text())
+    shard = saved / manifest["shards"][0]["vectors"]["file"]
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        MultiVectorIndex.load(saved)
