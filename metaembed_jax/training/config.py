@@ -201,7 +201,9 @@ def _check_values(config) -> None:
         value = config[section][name]
         number = float(value) if isinstance(value, int | float) else math.nan
         if not (math.isfinite(number) and fits(number)):
-            raise ValueError(f"config.{section}.{name}={value!r}; expected a finite number {expected}")
+            raise ValueError(
+                f"config.{section}.{name}={value!r}; expected a finite number {expected}"
+            )
     if config.lora.enabled:
         if int(config.lora.rank) < 1:
             raise ValueError(f"config.lora.rank={config.lora.rank}; expected >= 1")
