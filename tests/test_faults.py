@@ -80,6 +80,19 @@ def test_rebuilding_mmeb_train_from_changed_inputs_is_refused(tmp_path):
     assert len(source) == len(lines)  # nothing was rebuilt over the old rows
 
 
+def test_a_build_stopped_by_a_bad_row_runs_again_once_the_data_is_fixed(tmp_path):
+    """Nothing was finished, so the new inputs replace the record instead of being refused."""
+    raw = copy_fixture_train(tmp_path)
+    jsonl, out = raw / "train.jsonl", tmp_path / "out"
+    lines = jsonl.read_text().splitlines()
+    jsonl.write_text("\n".join([*lines, '{"qry": "no positive"}']) + "\n")
+    with pytest.raises(sources.BadRowError, match=r"row 4: missing column"):
+        builders.convert_mmeb_train([jsonl], raw, out)
+    jsonl.write_text("\n".join(lines) + "\n")
+    builders.convert_mmeb_train([jsonl], raw, out)
+    assert len(builders.open_pairs(out)) == len(lines)
+
+
 def test_rebuilding_beir_and_mmeb_eval_from_changed_inputs_is_refused(tmp_path):
     """The evaluation converters check their inputs too (qrels changed, another image root)."""
     beir = tmp_path / "beir"

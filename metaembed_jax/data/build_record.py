@@ -1,19 +1,22 @@
 """What a dataset directory was built from, so that a build never reuses rows of other inputs.
 
-Every builder calls `check_build_inputs(dataset_dir, settings, files)` before it looks at what is
-already built. A fresh directory gets `<dataset_dir>/build_config.json`: the settings (config
-fields that change the rows) and, per input file, its resolved path, size, modification time
-and sha256. Building into a directory recorded with other settings, other files, or files whose
-content changed is refused with a ValueError naming every difference; the user picks another
-`config.data.dir` or deletes the directory (nothing is deleted for them). A file whose size and
-modification time are unchanged is trusted without hashing it again; a touched file whose
-content is the same is accepted.
+Every builder calls `check_build_inputs(dataset_dir, settings, files, built=...)` before it looks
+at what is already built. A fresh directory gets `<dataset_dir>/build_config.json`: the settings
+(config fields that change the rows) and, per input file, its resolved path, size, modification
+time and sha256. Building into a directory that holds finished parts (which the builders would
+reuse) recorded with other settings, other files, or files whose content changed is refused with
+a ValueError naming every difference; the user picks another `config.data.dir` or deletes the
+directory (nothing is deleted for them). Where nothing is finished yet (a build that stopped at a
+bad row, say, then the data was fixed) the record is replaced and the build runs. A file whose
+size and modification time are unchanged is trusted without hashing it again; a touched file
+whose content is the same is accepted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,29 +98,30 @@ def check_build_inputs(
     settings: dict[str, Any],
     files: Sequence[str | os.PathLike] = (),
     *,
-    built: bool = False,
+    built: bool,
 ) -> None:
-    """Records the inputs of a fresh build of `dataset_dir`; refuses other inputs for a built one.
+    """Records the inputs of a build of `dataset_dir`; refuses other inputs where rows exist.
 
     Takes the settings (JSON-able config values that change the rows), the input files, and
-    `built`: whether a finished or partial dataset is already there (one without a record was
-    made by an earlier version and cannot be checked).
+    `built`: whether finished parts that the build would reuse are already there (such parts
+    without a record were made by an earlier version and cannot be checked).
     Raises ValueError naming each difference; FileNotFoundError for a missing input file.
     """
     directory = Path(dataset_dir)
     record_path = directory / RECORD_NAME
     settings = _normalised(settings)
+    resolved = [str(Path(f).resolve()) for f in files]
     if record_path.is_file():
-        differences = _differences(
-            _read_record(record_path), settings, [str(Path(f).resolve()) for f in files]
-        )
-        if differences:
+        differences = _differences(_read_record(record_path), settings, resolved)
+        if not differences:
+            return
+        if built:
             raise ValueError(
                 f"{directory} was built with other inputs ({'; '.join(differences)}): "
                 "its rows would be stale; use another config.data.dir or delete the directory"
             )
-        return
-    if built:
+        logging.info("%s: nothing finished yet, building from the new inputs", directory)
+    elif built:
         raise ValueError(
             f"{directory} holds a dataset without a record of its build inputs ({RECORD_NAME}): "
             "it cannot be checked against this config; delete the directory to build it again"

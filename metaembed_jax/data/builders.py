@@ -188,10 +188,10 @@ def _write_bad_rows(dataset_dir: str | os.PathLike, bad_rows: sources.BadRows) -
 def check_inputs(
     dataset_dir: str | os.PathLike, settings: dict[str, Any], files: list[str | os.PathLike]
 ) -> None:
-    """`build_record.check_build_inputs` for a dataset directory of these builders (a dataset
-    is there, finished or not, when one of the builders' directories exists)."""
-    built = any(
-        (Path(dataset_dir) / name).exists() for name in ("retrieval_pairs", "retrieval_eval")
+    """`build_record.check_build_inputs` for a dataset directory of these builders: the parts
+    they would reuse are the finished training pairs and evaluation tables."""
+    built = is_built(pairs_path(dataset_dir)) or any(
+        is_built(eval_path(dataset_dir, table)) for table in EVAL_TABLES
     )
     build_record.check_build_inputs(dataset_dir, settings, files, built=built)
 

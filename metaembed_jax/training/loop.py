@@ -1,8 +1,9 @@
 """The training program: `train(config, workdir)`.
 
 Start-up order: distributed runtime, mesh, config checks (before anything expensive), data,
-model and state, resume from the latest checkpoint in `workdir`, then the step loop with
-metrics, periodic checkpoints, and a clean save-and-exit on SIGTERM / SIGINT.
+model and state, resume from the latest checkpoint in `workdir` (metrics.jsonl cut back to its
+step), then the step loop with metrics, periodic checkpoints, a clean save-and-exit on SIGTERM /
+SIGINT, and a stop on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 
     `train_iterator` (tests) replaces the configured data pipeline: an iterator of batches of
     `batch_size / grad_accum_steps` examples with `get_state()` / `set_state()`.
-    Raises ValueError / FileNotFoundError for an invalid config before building anything.
+    Raises ValueError / FileNotFoundError for an invalid config before building anything, and
+    NonFiniteLossError when a step's loss or gradient norm is NaN / inf (that state is neither
+    logged nor saved; the last checkpoint stays the latest).
     """
     workdir = Path(workdir)
     start_distributed(config)
