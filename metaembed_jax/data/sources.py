@@ -6,9 +6,11 @@ one image decoder.
   deduplicated candidates + queries carrying their candidate ids (positive = candidate 0).
 - ViDoRe / BEIR sets (corpus, queries, qrels parquet) -> corpus / queries / qrels records.
 
-Every image is checked (file exists, decodes) and stored as PNG bytes. Bad rows (missing image
-file, undecodable image, item with neither text nor image, missing column) raise `BadRowError`
-naming the file and the row, or are skipped and counted by a `BadRows` log (`skip=True`).
+Every image is checked (file exists, decodes, is not a decompression bomb) and stored as PNG
+bytes. Bad rows (missing image file, undecodable or oversized image, item with neither text nor
+image, missing column, text that is not UTF-8, a JSONL line that is not valid JSON or not an
+object) raise `BadRowError` naming the file and the row, or are skipped and counted by a
+`BadRows` log (`skip=True`).
 """
 
 from __future__ import annotations
@@ -146,9 +148,16 @@ def load_image_file(path: str, image_root: str | os.PathLike) -> bytes:
 
 
 def clean_text(text: Any) -> str:
-    """None -> ""; strips MMEB image placeholders and surrounding whitespace."""
+    """None -> ""; strips MMEB image placeholders and surrounding whitespace.
+
+    Raises BadRowError for bytes that are not UTF-8 (a binary parquet column)."""
     if text is None:
         return ""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadRowError(f"text is not valid UTF-8: {error}") from None
     return _IMAGE_PLACEHOLDER.sub("", str(text)).strip()
 
 
@@ -161,25 +170,53 @@ def content_id(text: str, image_ref: str) -> str:
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Rows of a .jsonl / .json (one object per line) or .parquet file, as dicts."""
+    """Rows of a .jsonl / .json (one object per line) or .parquet file, as dicts.
+
+    Raises BadRowError (naming file and row) at a line that is not a UTF-8 JSON object."""
+    for _, row in iter_numbered_rows(path, BadRows(skip=False)):
+        yield row
+
+
+def iter_numbered_rows(
+    path: str | os.PathLike, bad_rows: BadRows
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, row) of a .jsonl / .json or .parquet file; JSONL rows are numbered by line
+    from 0. A line that is not UTF-8, not JSON or not a JSON object goes to `bad_rows` (raised,
+    or skipped and counted), and reading goes on with the next line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".parquet":
+        number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield number, row
+                number += 1
     elif path.suffix in (".jsonl", ".json"):
-        with path.open() as lines:
+        with path.open("rb") as lines:  # bytes: one undecodable line must not end the file
             for number, line in enumerate(lines):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise BadRowError(f"{path}: row {number}: invalid JSON: {error}") from error
+                if not line.strip():
+                    continue
+                try:
+                    yield number, _json_object(line)
+                except BadRowError as error:
+                    bad_rows.report(path, number, str(error))
     else:
         raise ValueError(
             f"unsupported file type {path.suffix!r} for {path}: expected .jsonl/.parquet"
         )
+
+
+def _json_object(line: bytes) -> dict[str, Any]:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise BadRowError(f"not valid UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise BadRowError(f"invalid JSON: {error}") from None
+    if not isinstance(row, dict):
+        raise BadRowError(f"a row must be a JSON object, got {type(row).__name__}")
+    return row
 
 
 def table_files(root: str | os.PathLike, name: str) -> list[Path]:
@@ -235,7 +272,7 @@ def mmeb_train_records(
     columns = {**MMEB_TRAIN_COLUMNS, **(columns or {})}
     for file in files:
         stem = Path(file).stem
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 record = _mmeb_train_record(row, columns, str(image_root), stem, number)
             except BadRowError as error:
@@ -281,7 +318,7 @@ def mmeb_eval_records(
     corpus: dict[str, dict[str, Any]] = {}
     queries, qrels = [], []
     for file in files:
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 query, candidates = _mmeb_eval_row(row, str(image_root), dataset, corpus)
             except BadRowError as error:
@@ -371,7 +408,7 @@ def beir_records(
     out: dict[str, list[tuple[str, dict[str, Any]]]] = {"corpus": [], "queries": [], "qrels": []}
     for kind in ("corpus", "queries"):
         for file in table_files(root, kind):
-            for number, row in enumerate(iter_rows(file)):
+            for number, row in iter_numbered_rows(file, bad_rows):
                 try:
                     item = _beir_item(row, kind, str(root), f"{file} row {number}")
                 except BadRowError as error:
@@ -381,7 +418,7 @@ def beir_records(
                 out[kind].append((item["id"], item))
     known = {kind: {key for key, _ in out[kind]} for kind in ("corpus", "queries")}
     for file in table_files(root, "qrels"):
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 qrel = {
                     "query_id": str(_first_column(row, ("query-id", "query_id", "qid"))),

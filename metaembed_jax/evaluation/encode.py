@@ -116,33 +116,68 @@ class EmbeddingCache:
         }
 
     def load(self, name: str, items: Sequence[Item], side: str):
-        """The cached embeddings (np array for queries, MultiVectorIndex for candidates) or None."""
+        """The cached embeddings (np array for queries, MultiVectorIndex for candidates) or None.
+
+        None (encode again) when nothing is cached, when the cache was made by another model or
+        for other items, and, with a warning, when the manifest is unreadable or the query
+        embeddings no longer match the digest recorded when they were stored.
+        """
         manifest_path, data_path = self._paths(name, side)
         if not (manifest_path.exists() and data_path.exists()):
             return None
-        if json.loads(manifest_path.read_text()) != self._manifest(items):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            logging.warning(
+                "ignoring cached %s embeddings of %s: bad manifest: %s", side, name, error
+            )
+            return None
+        if not isinstance(manifest, dict):
+            logging.warning("ignoring cached %s embeddings of %s: bad manifest", side, name)
+            return None
+        recorded = manifest.pop("sha256", None)
+        if manifest != self._manifest(items):
             return None
         try:
             if side == "query":
-                return np.load(data_path)
+                return _checked_queries(np.load(data_path), recorded, data_path)
             return MultiVectorIndex.load(str(data_path))
-        except (OSError, ValueError) as error:  # unreadable or altered: encode again
+        except (OSError, EOFError, ValueError) as error:  # unreadable or altered: encode again
             logging.warning("ignoring cached %s embeddings of %s: %s", side, name, error)
             return None
 
     def store(self, name: str, items: Sequence[Item], side: str, embeddings: np.ndarray):
-        """Writes embeddings; returns what `load` would return."""
+        """Writes embeddings; returns what `load` would return. The query manifest records the
+        sha256 of the stored array (candidate indexes checksum their own shards)."""
         manifest_path, data_path = self._paths(name, side)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.unlink(missing_ok=True)  # an interrupted store is never read as valid
+        manifest = self._manifest(items)
         if side == "query":
             stored = np.asarray(embeddings, np.float32)
             np.save(data_path, stored)
+            manifest["sha256"] = array_digest(stored)
         else:
             stored = MultiVectorIndex.build(np.asarray(embeddings), dtype=self.index_dtype)
             stored.save(str(data_path))
-        manifest_path.write_text(json.dumps(self._manifest(items), indent=1))
+        manifest_path.write_text(json.dumps(manifest, indent=1))
         return stored
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (C order)."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _checked_queries(array: np.ndarray, recorded: str | None, path: Path) -> np.ndarray:
+    """The cached query array, or ValueError when it differs from what was stored."""
+    if recorded is None:
+        raise ValueError(f"{path}: no sha256 recorded for it (a cache written by an older version)")
+    if array_digest(array) != recorded:
+        raise ValueError(f"{path} changed since it was stored (sha256 differs)")
+    return array
 
 
 def encode_items(

@@ -59,8 +59,7 @@ class SafetensorsReader:
         directory = Path(directory)
         index_file = directory / "model.safetensors.index.json"
         if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _indexed_shards(index_file)
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
         if not files:
@@ -74,12 +73,27 @@ class SafetensorsReader:
         if not file.exists():
             raise FileNotFoundError(f"checkpoint shard {file} listed in the index is missing")
         with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{file}: {size} bytes, too short for a safetensors header")
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self._maps.append(mapped)
         header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8 : 8 + header_len])
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{file} is truncated or not a safetensors file: its header claims {header_len} "
+                f"bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(mapped[8 : 8 + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file}: the safetensors header is not valid JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{file}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
+        data_size = size - 8 - header_len
         for key, info in header.items():
+            _check_tensor_extent(file, key, info, data_size)
             self._entries[key] = (mapped, 8 + header_len, info)
 
     def keys(self) -> list[str]:
@@ -104,6 +118,47 @@ class SafetensorsReader:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key][2]["shape"])
+
+
+def _indexed_shards(index_file: Path) -> list[str]:
+    """The shard file names of `model.safetensors.index.json`'s weight map, each confined to the
+    checkpoint directory (no absolute path, no `..`: a checkpoint names only its own files)."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{index_file}: not a safetensors index with a weight_map ({error})"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file}: weight_map is not an object of tensor -> file name")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise ValueError(
+                f"{index_file}: weight_map entry {key!r} -> {name!r} is not a file name inside "
+                "the checkpoint directory (absolute paths and '..' are refused)"
+            )
+    return sorted(set(weight_map.values()))
+
+
+def _check_tensor_extent(file: Path, key: str, info: Any, data_size: int) -> None:
+    """A header entry's dtype, shape and data offsets fit the tensor and the file's data."""
+    try:
+        dtype = np.dtype(_SAFETENSORS_DTYPES.get(info["dtype"], np.uint8))
+        begin, end = (int(x) for x in info["data_offsets"])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{file}: tensor {key!r} has a malformed header entry: {error}") from None
+    if end > data_size:
+        raise ValueError(
+            f"{file} is truncated: tensor {key!r} needs data bytes [{begin}, {end}) but the file "
+            f"holds {data_size} bytes of data"
+        )
+    expected_end = begin + count * dtype.itemsize
+    if info["dtype"] in _SAFETENSORS_DTYPES and (begin < 0 or end != expected_end):
+        raise ValueError(
+            f"{file}: tensor {key!r} of shape {info['shape']} ({info['dtype']}) does not match "
+            f"its data offsets [{begin}, {end})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
