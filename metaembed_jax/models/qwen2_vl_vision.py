@@ -16,10 +16,14 @@ How it differs from the PyTorch reference, and why:
   from real patches), sort after every real window, and their output rows (after the real ones)
   are set to zero.
 
-Cost: window blocks attend within a static band around each block of queries (linear in the
-packed length P). Full-attention blocks (all of Qwen2-VL's, `fullatt_block_indexes` of
-Qwen2.5-VL's) compute every query against all P keys with a segment mask, in query chunks:
-O(P**2) compute where HF's per-image loop does O(sum of per-image P**2), O(chunk * P) memory.
+Cost: with a static bound on one frame's patches (`max_image_patches`, which the per-example
+layout gives) or a concrete grid, every frame (full-attention blocks) and every window (window
+blocks) starts a fresh block of a blocked layout and a query block attends only its own
+segment's key blocks (`segment_blocks`, `blocked_attention`): cost linear in the number of
+images, as HF's per-image loop. Without a bound (the packed layout under jit), and for inputs
+that break it, the packed path runs: window blocks attend within a static band around each
+block of queries (linear in P), full-attention blocks compute every query against all P keys
+with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory).
 """
 
 from __future__ import annotations
