@@ -7,6 +7,12 @@ are text-only (query / positive / hard negative), left-padded. One process, CPU.
 MFU = XLA's FLOP count of the compiled step / step time / a measured float32 matmul peak.
 
     python benchmarks/bench_train_step.py [--hidden 128 --layers 2 --batch 16 --length 64]
+    python benchmarks/bench_train_step.py --size representative   # hidden 512, 4 layers
+
+`--size` sets the defaults of --hidden / --layers / --batch / --length (explicit flags win):
+tiny (the default, hidden 128, 2 layers) or representative (hidden 512, 4 layers, batch 16 x 3
+sides, length 128). Both text-only: the PyTorch reference has no image path.
+XLA's FLOP count counts the scanned layer body once, so the MFU printed is a lower bound.
 """
 
 from __future__ import annotations
@@ -95,14 +101,24 @@ class TorchMetaEmbed(torch.nn.Module):
         return torch.nn.functional.normalize(hidden.float(), dim=-1)
 
 
+SIZES = {
+    "tiny": dict(hidden=128, layers=2, batch=16, length=64),
+    "representative": dict(hidden=512, layers=4, batch=16, length=128),
+}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
+    for name, value in SIZES[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     jax.config.update("jax_default_matmul_precision", "highest")
 
     hf_dict = tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)

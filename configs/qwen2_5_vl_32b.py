@@ -12,6 +12,9 @@ def get_config(variant: str | None = None):
     config.mesh.data = -1
     config.mesh.fsdp = 8
     config.mesh.tensor = 2
-    # Smaller micro-batches, same global batch of 384.
-    config.train.grad_accum_steps = 2
+    # Smaller micro-batches, same global batch of 384: fits 80 GB per device at the longest
+    # inputs (2048 tokens + a 1024-token image per side, `python -m benchmarks.recipe_cost
+    # --recipe 32b --grad_accum 24`) with micro-batches of 16 (2 was 2x over). In-batch
+    # negatives then come from each micro-batch, not the global 384.
+    config.train.grad_accum_steps = 24
     return config

@@ -19,4 +19,8 @@ def get_config(variant: str | None = None):
     # 7B on one 8-GPU host / a v5p-8: 4-way FSDP x 2-way data (-1 = the rest).
     config.mesh.data = -1
     config.mesh.fsdp = 4
+    # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side,
+    # `python -m benchmarks.recipe_cost --recipe 7b --grad_accum 16`) only with micro-batches of
+    # 24: in-batch negatives then come from each micro-batch, not the global 384.
+    config.train.grad_accum_steps = 16
     return config

@@ -28,11 +28,13 @@ from metaembed_jax.models.qwen2_vl import vision as qwen2_vl_vision
 from metaembed_jax.models.qwen2_vl.tiny import tiny_config
 from metaembed_jax.models.qwen2_vl.vision import (
     VisionTower,
+    blocked_attention,
     dense_attention,
     local_attention,
     parse_vision_config,
     patch_layout,
     rotary_cos_sin,
+    segment_blocks,
     vision_rules,
 )
 from tests.helpers import register_loader_family
@@ -177,6 +179,52 @@ def test_matches_transformers(checkpoint, sizes, video):
     assert got.shape == expected.shape
     assert np.abs(expected).max() > 1.0  # the bound below is not trivially met
     np.testing.assert_allclose(np.asarray(got), expected, atol=FLOAT32_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("bound", ["hint", "concrete", "too_small"])
+def test_per_image_attention_matches_transformers(checkpoint, bound):
+    """Per-frame / per-window blocked attention equals HF: with a static per-image bound under
+    jit (traced grid), with a concrete grid (exact blocks), and with a bound the input breaks
+    (the program falls back to the packed path). Images of different sizes, a 2-frame entry,
+    padding patches and an all-zero grid row."""
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path).visual
+    pixel_values, grid_thw = with_video(*images_to_patches([(84, 112), (28, 56), (56, 56)]))
+    expected = hf_features(visual, pixel_values, grid_thw)
+    padded_pixels, padded_grid = pad(pixel_values, grid_thw, extra_patches=36, extra_images=1)
+    if bound == "concrete":
+        got = tower(padded_pixels, padded_grid)
+    else:
+        largest = int(np.max(grid_thw[:, 1] * grid_thw[:, 2]))
+        limit = largest if bound == "hint" else largest // 2
+        forward = nnx.jit(lambda tower, p, g: tower(p, g, max_image_patches=limit))
+        got = forward(tower, padded_pixels, padded_grid)
+    got = np.asarray(got)
+    np.testing.assert_allclose(got[: len(expected)], expected, atol=FLOAT32_TOLERANCE, rtol=0)
+    np.testing.assert_array_equal(got[len(expected) :], 0.0)
+
+
+def test_blocked_attention_equals_dense():
+    """segment_blocks + blocked_attention = dense segment-masked attention on real rows, for runs
+    of different lengths (some longer than one block) followed by padding; `fits` is False when
+    the runs break the static bounds."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 12, 1, 9, 16, 3])
+    segments = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    real = len(segments)
+    segments = np.concatenate([segments, np.full(7, 999)]).astype(np.int32)
+    is_real = np.arange(len(segments)) < real
+    query, key, value = (rng.normal(size=(len(segments), 2, 8)).astype(np.float32) for _ in "qkv")
+    dense = dense_attention(query, key, value, segments)
+    blocks_needed = int(np.sum(-(-lengths // 4)))
+    blocks = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 16, 4, blocks_needed)
+    assert bool(blocks.fits)
+    got = jax.jit(lambda q, k, v: blocked_attention(q, k, v, blocks))(query, key, value)
+    np.testing.assert_allclose(got[:real], dense[:real], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[real:]), 0.0)
+    too_few = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 16, 4, blocks_needed - 1)
+    too_short = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 15, 4, 99)
+    assert not bool(too_few.fits) and not bool(too_short.fits)
 
 
 def test_padding_does_not_change_real_rows(checkpoint, monkeypatch):

@@ -40,6 +40,10 @@ def base_config() -> ConfigDict:
     config.model.param_dtype = "float32"
     # Rematerialisation of the decoder layers in the backward pass: "none", "full", "dots".
     config.model.remat = "none"
+    # Attention implementation of every family (models.layers.ATTENTION_IMPLS): "reference"
+    # (einsum, exact), "xla" (jax.nn.dot_product_attention: XLA or cuDNN choose) or "pallas"
+    # (flash kernel with segment ids on TPU / GPU). Applied process-wide by build_model.
+    config.model.attention_impl = "reference"
 
     config.lora = ConfigDict()
     # LoRA on the language model's dense layers; False = full fine-tuning of every weight.

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from metaembed_jax import sharding
 from metaembed_jax.metaembed import MetaEmbed
+from metaembed_jax.models import layers
 from metaembed_jax.models.layers import LoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -92,6 +93,8 @@ def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = No
     Raises FileNotFoundError for a missing `init_from` dir, ValueError for bad model fields.
     """
     check_init_from(config)
+    # Read when the step is traced, i.e. after this: one process-wide choice for every family.
+    layers.set_attention_impl(config.model.get("attention_impl", "reference"))
     kwargs = model_kwargs(config)
     rngs_seed = int(config.seed)
     if config.init_from:

@@ -59,14 +59,19 @@ def _grads_one(state: TrainState, params, other, batch, groups, temperature, mes
     return loss, group_losses, grads, other
 
 
-def train_step(
-    state: TrainState, batch, *, groups, temperature: float, schedule, mesh: Mesh | None = None
-):
-    """One optimizer step. `batch` is one batch or a tuple of micro-batches (accumulation)."""
-    micro_batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def _same_shapes(micro_batches) -> bool:
+    first = micro_batches[0]
+    shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), b) for b in micro_batches]
+    same_structure = all(jax.tree.structure(b) == jax.tree.structure(first) for b in micro_batches)
+    return same_structure and all(s == shapes[0] for s in shapes)
+
+
+def _unrolled_grads(state, micro_batches, groups, temperature, mesh):
+    """Summed (loss, group losses, grads) and the last RNG state, micro-batches one by one in
+    the program (they may differ in static shape)."""
     other = state.other
     loss = group_losses = grads = None
-    for micro in micro_batches:  # unrolled: micro-batches may differ in (static) shape
+    for micro in micro_batches:
         m_loss, m_groups, m_grads, other = _grads_one(
             state, state.params, other, micro, groups, temperature, mesh
         )
@@ -75,6 +80,42 @@ def train_step(
         else:
             loss, group_losses = loss + m_loss, group_losses + m_groups
             grads = jax.tree.map(jnp.add, grads, m_grads)
+    return loss, group_losses, grads, other
+
+
+def _scanned_grads(state, micro_batches, groups, temperature, mesh):
+    """As `_unrolled_grads` for micro-batches of one shape, with a `lax.scan` over them: the
+    program holds one micro-batch's forward and backward, so compile time does not grow with
+    the number of micro-batches."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *micro_batches)
+
+    def body(carry, micro):
+        loss, group_losses, grads, other = carry
+        m_loss, m_groups, m_grads, other = _grads_one(
+            state, state.params, other, micro, groups, temperature, mesh
+        )
+        grads = jax.tree.map(jnp.add, grads, m_grads)
+        return (loss + m_loss, group_losses + m_groups, grads, other), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    initial = (jnp.zeros((), jnp.float32), jnp.zeros((len(groups),), jnp.float32), zeros)
+    (loss, group_losses, grads, other), _ = jax.lax.scan(body, (*initial, state.other), stacked)
+    return loss, group_losses, grads, other
+
+
+def train_step(
+    state: TrainState, batch, *, groups, temperature: float, schedule, mesh: Mesh | None = None
+):
+    """One optimizer step. `batch` is one batch or a tuple of micro-batches (accumulation)."""
+    micro_batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    if len(micro_batches) > 1 and _same_shapes(micro_batches):
+        loss, group_losses, grads, other = _scanned_grads(
+            state, micro_batches, groups, temperature, mesh
+        )
+    else:
+        loss, group_losses, grads, other = _unrolled_grads(
+            state, micro_batches, groups, temperature, mesh
+        )
     count = len(micro_batches)
     if count > 1:
         loss, group_losses = loss / count, group_losses / count

@@ -161,14 +161,15 @@ class Attention(nnx.Module):
         )
         self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), use_bias=False, **common)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segments):
+        """x [B, L, H]; segments [B, L]: 0 for real tokens, -1 for padding (causal within)."""
         batch, length, _ = x.shape
         query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         query = layers.apply_rotary(query, cos, sin)
         key = layers.apply_rotary(key, cos, sin)
-        out = layers.dot_product_attention(query, key, value, mask)
+        out = layers.dot_product_attention(query, key, value, is_causal=True, segment_ids=segments)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -197,8 +198,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = MLP(cfg, **kwargs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segments):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -363,11 +364,14 @@ class Qwen2VLBackbone(nnx.Module):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         pixel_values = jnp.asarray(pixel_values)
         grid = jnp.asarray(image_grid_thw, jnp.int32)
+        bound = None  # packed: the tower bounds frames itself when the grid is concrete
         if grid.ndim == 3:
+            # An example's patch budget bounds each of its frames: the tower attends per image.
+            bound = pixel_values.shape[1]
             pixel_values, grid = pack_example_images(
                 pixel_values, grid, multiple=self.spatial_merge_size**2
             )
-        features = self.visual(pixel_values, grid).astype(self.dtype)
+        features = self.visual(pixel_values, grid, max_image_patches=bound).astype(self.dtype)
         if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
             return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
@@ -403,12 +407,13 @@ class Qwen2VLBackbone(nnx.Module):
                 f"or ({batch}, {length})"
             )
         real = jnp.asarray(attention_mask).astype(bool)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None, None] & real[:, None, None, :]  # [B, 1, L, S]
+        # Causal over real tokens as segment ids (padding = -1), the form fused kernels take: a
+        # real query sees the real keys before it, a padding query sees nothing (zero row).
+        segments = jnp.where(real, 0, -1).astype(jnp.int32)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
         def apply_layer(layer, carry):
-            return layer(carry, cos, sin, mask)
+            return layer(carry, cos, sin, segments)
 
         hidden = layers.scan_layers(self.layers, hidden, apply_layer, remat=self.remat)
         return self.norm(hidden)
