@@ -176,11 +176,16 @@ def dot_product_attention(
     key: jax.Array,
     value: jax.Array,
     mask: jax.Array | None,
+    *,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention with a float32 softmax.
 
     query `[B, L, Hq, Dh]`, key/value `[B, S, Hkv, Dh]` with `Hq % Hkv == 0`;
     mask boolean, broadcastable to `[B, Hq, L, S]` (True = may attend) or None.
+    `scale` multiplies the scores (default `Dh**-0.5`; Gemma 2 uses `query_pre_attn_scalar**-0.5`);
+    `logit_softcap` (Gemma 2) caps the scaled scores as `c * tanh(scores / c)` before the mask.
     Returns `[B, L, Hq, Dh]` in the query's dtype. Rows with no allowed key give zeros
     (not NaN), which only happens at padding positions.
     """
@@ -191,7 +196,9 @@ def dot_product_attention(
     groups = num_heads // num_kv_heads
     query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if logit_softcap is not None:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     if mask is not None:
         mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, key.shape[1]))
         mask = mask.reshape(batch, num_kv_heads, groups, q_len, key.shape[1])
