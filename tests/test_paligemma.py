@@ -282,3 +282,28 @@ def test_eager_call_equals_jitted(checkpoint):
     np.testing.assert_allclose(
         np.asarray(model(**batch)), np.asarray(jax_forward(model, batch)), atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"layer_types": ["full_attention"] * 2}, {"attn_logit_softcapping": None}],
+    ids=["no_sliding_window", "no_softcap"],
+)
+def test_gemma2_window_and_softcap_matter(checkpoint, tmp_path, change):
+    """Gemma 2 without its sliding window or its soft-cap is far from transformers on this batch,
+    so the parity test above checks both."""
+    text_type, hf_model, path, _ = checkpoint
+    if text_type != "gemma2":
+        pytest.skip("Gemma 2 only")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    batch = make_batch()
+    batch.pop("token_type_ids")
+    diff = max_diff_on_real_tokens(
+        jax_forward(load_hf(tmp_path), batch),
+        hf_last_hidden(hf_model, batch),
+        batch["attention_mask"],
+    )
+    assert diff > 1e-3, diff

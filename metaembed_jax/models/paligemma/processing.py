@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from transformers import SiglipImageProcessorPil
+from transformers import AutoTokenizer, SiglipImageProcessorPil
 
 from metaembed_jax.data.processing import (
     CANDIDATE_PREFIX,
@@ -32,7 +32,6 @@ from metaembed_jax.data.processing import (
     _as_image_list,
     _smallest_fitting,
 )
-from metaembed_jax.data.tokenizer import load_tokenizer
 from metaembed_jax.models.paligemma.config import (
     BOS_TOKEN,
     IMAGE_TOKEN,
@@ -216,6 +215,21 @@ class PaliGemmaInputProcessor:
             padded[b, :count] = pixels[start : start + count]
             start += count
         return {"pixel_values": padded}
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer directory, offline, checked for PaliGemma's special tokens.
+
+    Raises FileNotFoundError when `path` holds no tokenizer files, ValueError when one of
+    `SPECIAL_TOKENS` is not a single token of it."""
+    path = os.fspath(path)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, ...) in {path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    for token in SPECIAL_TOKENS:
+        _token_id(tokenizer, token)
+    return tokenizer
 
 
 def _image_size(path, data_config) -> int:
