@@ -355,3 +355,104 @@ def test_lora_and_remat_train_the_decoder_only(checkpoint):
     values = [np.asarray(g[...]) for _, g in nnx.to_flat_state(grads)]
     assert values and all(np.isfinite(v).all() for v in values)
     assert any(np.abs(v).max() > 0 for v in values)
+
+
+# Sparse configs in the published spelling (keys left out take transformers' defaults).
+PUBLISHED_STYLE = {
+    "gemma": dict(
+        model_type="paligemma",
+        image_token_index=257152,
+        projection_dim=2048,
+        hidden_size=2048,
+        text_config=dict(
+            hidden_size=2048,
+            intermediate_size=16384,
+            model_type="gemma",
+            num_attention_heads=8,
+            num_hidden_layers=18,
+            num_image_tokens=256,
+            num_key_value_heads=1,
+            vocab_size=257216,
+        ),
+        vision_config=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            model_type="siglip_vision_model",
+            num_attention_heads=16,
+            num_hidden_layers=27,
+            patch_size=14,
+            projection_dim=2048,
+            vision_use_head=False,
+        ),
+    ),
+    "gemma2": dict(
+        model_type="paligemma",
+        image_token_index=257152,
+        projection_dim=2304,
+        hidden_size=2048,
+        text_config=dict(
+            hidden_activation="gelu_pytorch_tanh",
+            hidden_size=2304,
+            intermediate_size=9216,
+            model_type="gemma2",
+            num_attention_heads=8,
+            num_hidden_layers=26,
+            num_key_value_heads=4,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            vocab_size=257216,
+        ),
+        vision_config=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            model_type="siglip_vision_model",
+            num_attention_heads=16,
+            num_hidden_layers=27,
+            patch_size=14,
+            projection_dim=2304,
+            image_size=448,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("text_type", ["gemma", "gemma2"])
+def test_published_style_config_reads_as_transformers(text_type):
+    """Every hyper-parameter we read from a sparse published-style config equals what
+    transformers' PaliGemmaConfig makes of it (its defaults fill the missing keys)."""
+    from metaembed_jax.models.paligemma.config import image_token_id, text_config, vision_config
+
+    raw = PUBLISHED_STYLE[text_type]
+    hf = transformers.PaliGemmaConfig(**json.loads(json.dumps(raw)))
+    text, vision = text_config(raw), vision_config(raw)
+    t, v = hf.text_config, hf.vision_config
+    assert (text.hidden_size, text.num_layers, text.vocab_size) == (
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.vocab_size,
+    )
+    assert (text.num_heads, text.num_kv_heads, text.head_dim) == (
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+    )
+    assert text.rms_norm_eps == t.rms_norm_eps
+    assert text.rope_theta == t.rope_parameters["rope_theta"]
+    if text_type == "gemma2":
+        assert text.attn_scale == t.query_pre_attn_scalar**-0.5
+        assert text.attn_logit_softcapping == t.attn_logit_softcapping
+        assert text.final_logit_softcapping == t.final_logit_softcapping
+        assert text.sliding_window == t.sliding_window
+        assert text.layer_types == tuple(t.layer_types)
+    else:
+        assert text.attn_scale == t.head_dim**-0.5
+    assert (vision.hidden_size, vision.num_layers, vision.image_size, vision.patch_size) == (
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.image_size,
+        v.patch_size,
+    )
+    assert vision.layer_norm_eps == v.layer_norm_eps
+    assert vision.projection_dim == hf.projection_dim
+    assert vision.num_patches == t.num_image_tokens
+    assert image_token_id(raw) == hf.image_token_id

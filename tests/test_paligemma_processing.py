@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from metaembed_jax.models.family import Processor
 from metaembed_jax.models.paligemma import tiny_config
 from metaembed_jax.models.paligemma.config import SPECIAL_TOKENS
 from metaembed_jax.models.paligemma.processing import (
@@ -144,6 +145,10 @@ def test_make_processor_and_static_shapes(tmp_path):
     siglip().save_pretrained(tmp_path / "tokenizer")  # preprocessor_config.json: 28 px
     processor = make_processor(data_config(tmp_path))
     assert processor.image_size == 28 and processor.image_seq_length == TOKENS_PER_IMAGE
+    assert isinstance(processor, Processor)
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = make_processor(data_config(tmp_path), tmp_path / "saved")
+    assert reloaded.image_size == 28 and reloaded.pad_token_id == processor.pad_token_id == 0
     text_only = processor(["a red circle", "dog"], None, side="query")
     assert text_only["pixel_values"].shape == (2, 1, 3, 28, 28)  # max_images set: always emitted
     padded = static_shapes(data_config(tmp_path), 2)(text_only)
