@@ -183,6 +183,10 @@ def attention_masks(attention_mask, token_type_ids, sliding_window: int | None):
     return full, (((causal & near) | prefix) & keys)[:, None]
 
 
+def _one_indexed_positions(batch: int, length: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+
+
 def _is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
@@ -288,6 +292,8 @@ class PaliGemmaBackbone(nnx.Module):
         pixel_values = jnp.asarray(pixel_values)
         per_example = pixel_values.ndim == 5
         images = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        if images.shape[0] == 0:  # an empty image axis: nothing to scatter
+            return embeds
         features = self.visual(images).astype(self.dtype)  # [N or B*M, T, H]
         is_image = input_ids == self.image_token_id
         if per_example:  # ordinals within each row, offset to the row's own images
@@ -303,9 +309,9 @@ class PaliGemmaBackbone(nnx.Module):
 
     def position_ids(self, input_ids, attention_mask=None) -> jax.Array:
         """`[B, L]` int32 positions `1..L` for every row (transformers' PaliGemma ignores the
-        left padding here)."""
-        batch, length = np.shape(input_ids)
-        return jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+        left padding here: `attention_mask` is accepted for the interface and unused)."""
+        del attention_mask
+        return _one_indexed_positions(*np.shape(input_ids))
 
     def decode(self, inputs_embeds, attention_mask, position_ids, token_type_ids=None):
         """The decoder stack + final norm: `[B, L, H]` embeddings -> last hidden states, with the
@@ -354,7 +360,7 @@ class PaliGemmaBackbone(nnx.Module):
         mask = jnp.concatenate([jnp.asarray(attention_mask, jnp.int32), ones], axis=1)
         if token_type_ids is not None:
             token_type_ids = jnp.concatenate([jnp.asarray(token_type_ids, jnp.int32), ones], 1)
-        positions = self.position_ids(embeds[..., 0])
+        positions = _one_indexed_positions(batch, embeds.shape[1])
         return self.decode(embeds, mask, positions, token_type_ids)[:, -count:]
 
 
