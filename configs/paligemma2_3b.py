@@ -14,6 +14,9 @@ def get_config(variant: str | None = None):
     config = reference_recipe("checkpoints/paligemma2-3b-pt-224", variant)
     # 256 image tokens + the prompt for an image row; text-only rows fit 64.
     config.data.length_buckets = (64, 320, 512, 1024)
+    # PaliGemma resizes every image to one square (the checkpoint's preprocessor config says
+    # 224 px; without one the processor takes sqrt(max_pixels)).
+    config.data.max_pixels = config.data.min_pixels = 224 * 224
     config.mesh.data = -1
     config.mesh.fsdp = 2
     return config

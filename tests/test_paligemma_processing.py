@@ -134,7 +134,13 @@ def test_packed_layout_and_truncation():
 
 def data_config(tmp_path, **overrides):
     config = ConfigDict(
-        dict(dir=str(tmp_path), length_buckets=(32, 64), max_images=1, image_layout="per_example")
+        dict(
+            dir=str(tmp_path),
+            length_buckets=(32, 64),
+            max_images=1,
+            image_layout="per_example",
+            max_pixels=28 * 28,
+        )
     )
     config.update(overrides)
     return config
@@ -142,12 +148,14 @@ def data_config(tmp_path, **overrides):
 
 def test_make_processor_and_static_shapes(tmp_path):
     build_tokenizer(tmp_path / "tokenizer")
-    siglip().save_pretrained(tmp_path / "tokenizer")  # preprocessor_config.json: 28 px
-    processor = make_processor(data_config(tmp_path))
+    processor = make_processor(data_config(tmp_path))  # image side sqrt(max_pixels) = 28
     assert processor.image_size == 28 and processor.image_seq_length == TOKENS_PER_IMAGE
+    build_tokenizer(tmp_path / "checkpoint")
+    siglip(42).save_pretrained(tmp_path / "checkpoint")  # a checkpoint's preprocessor config wins
+    assert make_processor(data_config(tmp_path), tmp_path / "checkpoint").image_size == 42
     assert isinstance(processor, Processor)
     processor.save_pretrained(tmp_path / "saved")
-    reloaded = make_processor(data_config(tmp_path), tmp_path / "saved")
+    reloaded = make_processor(data_config(tmp_path, max_pixels=56 * 56), tmp_path / "saved")
     assert reloaded.image_size == 28 and reloaded.pad_token_id == processor.pad_token_id == 0
     text_only = processor(["a red circle", "dog"], None, side="query")
     assert text_only["pixel_values"].shape == (2, 1, 3, 28, 28)  # max_images set: always emitted

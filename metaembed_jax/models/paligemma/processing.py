@@ -17,6 +17,7 @@ images per row as its `<image>` tokens say, so padding images are never used.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -233,8 +234,9 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def _image_size(path, data_config) -> int:
-    """The square image side: `preprocessor_config.json` of `path`, else the data config's
-    `image_size` (the built-in tiny model's), else PaliGemma's 224."""
+    """The square image side: `preprocessor_config.json` of `path` (a checkpoint's), else
+    `sqrt(data_config.max_pixels)` (PaliGemma resizes every image to one square size, so the
+    pixel budget names it: the demo's 56 * 56 -> 56 px)."""
     config_file = (
         None if path is None else os.path.join(os.fspath(path), "preprocessor_config.json")
     )
@@ -243,7 +245,12 @@ def _image_size(path, data_config) -> int:
             size = json.load(f).get("size") or {}
         if "height" in size:
             return int(size["height"])
-    return int(getattr(data_config, "image_size", None) or DEFAULT_IMAGE_SIZE)
+    side = math.isqrt(int(data_config.max_pixels))
+    if side < 14:
+        raise ValueError(
+            f"config.data.max_pixels={data_config.max_pixels} is below one 14 px patch"
+        )
+    return side
 
 
 def make_processor(data_config, path: str | os.PathLike | None = None) -> PaliGemmaInputProcessor:
