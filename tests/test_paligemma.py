@@ -241,6 +241,11 @@ def test_encode_with_suffix_matches_transformers(checkpoint, with_token_types):
     ours = nnx.jit(lambda m, s, b: m.encode_with_suffix(s, **b))(model, suffix, {**batch, **extra})
     assert ours.shape == (3, 5, 64)
     np.testing.assert_allclose(np.asarray(ours), reference, atol=TOLERANCE_F32)
+    shared = model.encode_with_suffix(suffix[:1], **batch, **extra)  # one suffix for every row
+    reference = hf_suffix_states(hf_model, batch, np.repeat(suffix[:1], 3, axis=0), token_types)
+    np.testing.assert_allclose(np.asarray(shared), reference, atol=TOLERANCE_F32)
+    with pytest.raises(ValueError, match="suffix shape"):
+        model.encode_with_suffix(suffix[:2], **batch)
 
 
 def test_bfloat16_close_to_float32_reference(checkpoint):

@@ -344,17 +344,25 @@ class PaliGemmaBackbone(nnx.Module):
     def encode_with_suffix(
         self, suffix, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None
     ) -> jax.Array:
-        """Last-layer states `[B, M, H]` of `suffix [B, M, H]` appended after the content (see the
-        class docstring for positions and masking)."""
+        """Last-layer states `[B, M, H]` of `suffix` (`[B, M, H]`, or `[1, M, H]` for every row)
+        appended after the content (see the class docstring for positions and masking).
+
+        Raises ValueError for a suffix of another rank, batch or width."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         suffix = jnp.asarray(suffix).astype(self.dtype)
-        batch, count = input_ids.shape[0], suffix.shape[1]
-        if suffix.ndim != 3 or suffix.shape[0] != batch or suffix.shape[2] != self.hidden_size:
+        batch = input_ids.shape[0]
+        if (
+            suffix.ndim != 3
+            or suffix.shape[0] not in (1, batch)
+            or suffix.shape[2] != self.hidden_size
+        ):
             raise ValueError(
-                f"suffix shape {suffix.shape}; expected [{batch}, M, {self.hidden_size}]"
+                f"suffix shape {suffix.shape}; expected [{batch} or 1, M, {self.hidden_size}]"
             )
+        count = suffix.shape[1]
+        suffix = jnp.broadcast_to(suffix, (batch, count, self.hidden_size))
         embeds = jnp.concatenate([self.embed_inputs(input_ids, pixel_values), suffix], axis=1)
         ones = jnp.ones((batch, count), jnp.int32)
         mask = jnp.concatenate([jnp.asarray(attention_mask, jnp.int32), ones], axis=1)
