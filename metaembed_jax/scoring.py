@@ -38,10 +38,14 @@ _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def resolve_budget(budget, num_query_vectors: int, num_candidate_vectors: int) -> tuple[int, int]:
-    """Return ``(r_q, r_c)``; ``None`` means all stored vectors.
+    """The one budget check (scoring, the index, evaluation, loss groups): ``(r_q, r_c)`` as
+    ints; ``None`` means all vectors.
+
+    Prefixes past the stored (trained) vector counts do not exist, so a budget beyond them is an
+    error, not a silent clip.
 
     Raises:
-      ValueError: when the budget is not two positive ints within the stored vector counts.
+      ValueError: when the budget is not two positive ints within the vector counts.
     """
     if budget is None:
         return int(num_query_vectors), int(num_candidate_vectors)
@@ -53,14 +57,29 @@ def resolve_budget(budget, num_query_vectors: int, num_candidate_vectors: int) -
         if (r_q, r_c) != tuple(budget):
             raise TypeError
     except (TypeError, ValueError):
-        raise ValueError(f"budget must be a pair of ints (r_q, r_c), got {budget!r}") from None
+        raise ValueError(
+            f"a budget must be a pair of integers (r_q, r_c), got {budget!r}"
+        ) from None
     if not (1 <= r_q <= num_query_vectors and 1 <= r_c <= num_candidate_vectors):
         raise ValueError(
-            f"budget {(r_q, r_c)} is out of range: expected 1 <= r_q <= {num_query_vectors} "
-            f"(query vectors stored) and 1 <= r_c <= {num_candidate_vectors} "
-            "(candidate vectors stored)"
+            f"budget {(r_q, r_c)} is out of range: there are {num_query_vectors} query and "
+            f"{num_candidate_vectors} candidate vectors (R_q={num_query_vectors}, "
+            f"R_c={num_candidate_vectors}), so r_q must be in [1, {num_query_vectors}] and r_c "
+            f"in [1, {num_candidate_vectors}]"
         )
     return r_q, r_c
+
+
+def resolve_budgets(
+    budgets, num_query_vectors: int, num_candidate_vectors: int
+) -> list[tuple[int, int]]:
+    """`resolve_budget` for each of a non-empty list of budgets (no `None`)."""
+    if not budgets:
+        raise ValueError("no budget to evaluate: the budget list (config.eval.budgets) is empty")
+    return [
+        resolve_budget(tuple(budget), num_query_vectors, num_candidate_vectors)
+        for budget in budgets
+    ]
 
 
 def _check_inputs(queries, candidates, query_mask, candidate_mask, candidate_scales):

@@ -3,7 +3,7 @@
 Two standalone builders, written with `download_and_prepare(file_format="array_record")` and read
 back with `tfds.builder_from_directory(...).as_data_source()` (no TensorFlow needed):
 
-- `RetrievalPairs`: training pairs (schema "Retrieval training pair" of CONTRACTS.md), one split
+- `RetrievalPairs`: training pairs (schema "Retrieval training pair" of docs/design.md), one split
   per given split name. Layout: `<dataset dir>/retrieval_pairs/1.0.0/`.
 - `RetrievalEval`: evaluation sets, one builder config per table (`corpus`, `queries`, `qrels`),
   one split per evaluation split. Queries carry `candidate_ids` (MMEB: the query's own ordered

@@ -1,6 +1,7 @@
 """Reading Hugging Face checkpoints into Flax NNX backbones, tensor by tensor, without torch.
 
-A backbone family registers three things (see `register_backbone`):
+The backbone family of a checkpoint (`models/family.py`, found from `config.json`'s `model_type`
+by `family_for`) provides:
 - `build(config, dtype=, param_dtype=, lora=, remat=, rngs=)` -> the NNX module, from the raw
   `config.json` dict (both the published flat spelling and transformers 5's nested `text_config`);
 - `rules(config)` -> a declarative table of `Rule`s mapping checkpoint keys to parameter paths;
@@ -15,7 +16,6 @@ problem (missing, unexpected, wrongly-shaped tensors) is collected and raised as
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import mmap
 import os
@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax import sharding
+from metaembed_jax.models.family import BackboneFamily, family_for
 
 # ---------------------------------------------------------------------------------------------
 # Safetensors, read directly (header + memory map), so bfloat16 needs neither torch nor a copy.
@@ -134,21 +135,6 @@ class Rule:
     transform: str = "identity"
 
 
-@dataclasses.dataclass(frozen=True)
-class BackboneEntry:
-    build: Callable[..., nnx.Module]
-    rules: Callable[[Mapping[str, Any]], Sequence[Rule]]
-    key_aliases: tuple[tuple[str, str], ...] = ()
-
-
-BACKBONES: dict[str, BackboneEntry] = {}
-
-
-def register_backbone(model_type: str, build, rules, key_aliases=()) -> None:
-    """Make `load_hf` / `from_config` handle checkpoints whose config says `model_type`."""
-    BACKBONES[model_type] = BackboneEntry(build, rules, tuple(key_aliases))
-
-
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the module: lists every problem at once."""
 
@@ -169,25 +155,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"expected a transformers config or a dict, got {type(config).__name__}")
 
 
-# model_type -> the module that registers it on import (imported lazily: those modules import
-# `Rule` from this file, and a user loading one family need not import the others).
-BUILTIN_BACKBONE_MODULES = {
-    "qwen2_vl": "metaembed_jax.models.qwen2_vl",
-    "qwen2_5_vl": "metaembed_jax.models.qwen2_vl",
-}
-
-
-def backbone_entry(config: Mapping[str, Any]) -> BackboneEntry:
-    """The registered family for `config["model_type"]`, importing built-in families on demand."""
-    model_type = config.get("model_type")
-    if model_type not in BACKBONES and model_type in BUILTIN_BACKBONE_MODULES:
-        importlib.import_module(BUILTIN_BACKBONE_MODULES[model_type])
-    if model_type not in BACKBONES:
-        supported = sorted(set(BACKBONES) | set(BUILTIN_BACKBONE_MODULES))
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
-    return BACKBONES[model_type]
-
-
 def _path_string(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(part, "key", part)) for part in path)
 
@@ -200,13 +167,13 @@ def _normalise_key(key: str, aliases: Sequence[tuple[str, str]]) -> str:
 
 
 def _match_checkpoint_keys(
-    reader: SafetensorsReader, entry: BackboneEntry, config, problems: list[str]
+    reader: SafetensorsReader, family: BackboneFamily, config, problems: list[str]
 ) -> dict[str, list[tuple[int | None, str, str]]]:
     """Group checkpoint keys by target parameter path: {target: [(layer, key, transform)]}."""
-    compiled = [(re.compile(rule.pattern), rule) for rule in entry.rules(config)]
+    compiled = [(re.compile(rule.pattern), rule) for rule in family.rules(config)]
     by_target: dict[str, list[tuple[int | None, str, str]]] = {}
     for key in reader:
-        name = _normalise_key(key, entry.key_aliases)
+        name = _normalise_key(key, family.key_aliases)
         for regex, rule in compiled:
             found = regex.fullmatch(name)
             if found is None:
@@ -268,7 +235,7 @@ def from_config(
 ) -> nnx.Module:
     """A randomly initialised backbone from a transformers config object or its dict."""
     config = config_to_dict(config)
-    return backbone_entry(config).build(
+    return family_for(config).build(
         config, dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat, rngs=rngs
     )
 
@@ -289,24 +256,34 @@ def load_hf(
     """A Hugging Face checkpoint directory -> Flax NNX backbone with its weights.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`,
-    each parameter is placed directly onto the sharding its logical axis names get from `rules`
-    (default: `sharding.LOGICAL_AXIS_RULES`).
+    every variable (checkpoint weights, fresh LoRA adapters and RNG streams) is placed directly
+    onto the sharding its logical axis names get from `rules` (default: `sharding.axis_rules()`),
+    once: callers need not place it again.
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
     config = read_config(path)
-    entry = backbone_entry(config)
+    family = family_for(config)
 
     def build():
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat)
         return from_config(config, rngs=nnx.Rngs(0), **kwargs)
 
-    graphdef, checkpoint_state, _ = nnx.split(nnx.eval_shape(build), CHECKPOINT_PARAMS, ...)
-    # Only the small non-checkpoint state is materialised: XLA drops the unused base weights.
-    fresh_state = jax.jit(lambda: nnx.state(build(), nnx.Not(CHECKPOINT_PARAMS)))()
+    rules = rules or sharding.axis_rules()
+    graphdef, checkpoint_state, abstract_fresh = nnx.split(
+        nnx.eval_shape(build), CHECKPOINT_PARAMS, ...
+    )
+    # Only the small non-checkpoint state (LoRA adapters, RNG streams) is materialised, directly
+    # in its shards: XLA drops the unused base weights.
+    fresh_shardings = (
+        None if mesh is None else sharding.state_shardings(abstract_fresh, mesh, rules)
+    )
+    fresh_state = jax.jit(
+        lambda: nnx.state(build(), nnx.Not(CHECKPOINT_PARAMS)), out_shardings=fresh_shardings
+    )()
     reader = SafetensorsReader(path)
     problems: list[str] = []
-    by_target = _match_checkpoint_keys(reader, entry, config, problems)
+    by_target = _match_checkpoint_keys(reader, family, config, problems)
     for name, variable in _iter_variables(checkpoint_state):
         sources = by_target.pop(name, None)
         if sources is None:
@@ -320,7 +297,7 @@ def load_hf(
                 sharding.variable_axes(variable),
                 value.shape,
                 mesh,
-                rules or sharding.LOGICAL_AXIS_RULES,
+                rules,
             )
             variable.set_value(jax.device_put(value, jax.sharding.NamedSharding(mesh, spec)))
         else:

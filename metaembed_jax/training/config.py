@@ -83,6 +83,8 @@ def base_config() -> ConfigDict:
     config.train.log_every = 10
     # Show a tqdm progress bar (process 0 only).
     config.train.progress_bar = True
+    # Stop (with a checkpoint, as on SIGTERM) after this many steps of this run; 0 = never.
+    config.train.stop_after = 0
 
     config.checkpoint = ConfigDict()
     # Save every this many steps (and at the end, and on SIGTERM / SIGINT).
@@ -123,6 +125,9 @@ def base_config() -> ConfigDict:
     config.eval.split = "test"
     # Write DIR/eval/scaling.png (quality, latency and index size vs budget).
     config.eval.plot = True
+    # Every field is declared above: a recipe or a command-line override naming any other key is
+    # an error (naming it), not a silently ignored setting.
+    config.lock()
     return config
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from metaembed_jax import sharding
+from metaembed_jax.data.pipeline import make_processor, make_train_iterator, model_family
 from metaembed_jax.training import checkpointing, metrics
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.model import build_model, check_init_from, hf_config_dict
@@ -73,19 +74,6 @@ def start_distributed(config) -> bool:
     return sharding.initialize_distributed(True if mode == "on" else None, **kwargs)
 
 
-def make_processor(config):
-    """The processor of the run: the checkpoint's tokenizer, or the built-in one."""
-    from metaembed_jax.data.pipeline import processor_from_config
-
-    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
-            " --config <config>) or set config.init_from"
-        )
-    return processor_from_config(config.data, path)
-
-
 def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
     """config.json (the full config) and model_config.json (the backbone actually built)."""
     if jax.process_index() != 0:
@@ -119,12 +107,16 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     micro_batch = int(config.train.batch_size) // accum
     vocab_size = None
     if train_iterator is None:
-        from metaembed_jax.data.pipeline import make_train_iterator
-
-        processor = make_processor(config)
+        family = model_family(config)
+        processor = make_processor(config, family)
         vocab_size = len(processor.tokenizer)
         train_iterator = make_train_iterator(
-            config.data, processor, mesh=mesh, global_batch_size=micro_batch, seed=config.seed
+            config.data,
+            processor,
+            family=family,
+            mesh=mesh,
+            global_batch_size=micro_batch,
+            seed=config.seed,
         )
     _write_run_files(config, workdir, vocab_size)
 
@@ -170,7 +162,7 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop):
     steps, accum = int(config.train.steps), int(config.train.grad_accum_steps)
     log_every, save_every = int(config.train.log_every), int(config.checkpoint.every)
-    stop_after = int(config.train.get("stop_after", 0))
+    stop_after = int(config.train.stop_after)
     throughput = metrics.Throughput()
     rows = []
     step = start
