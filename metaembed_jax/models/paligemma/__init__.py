@@ -6,7 +6,6 @@ then load `model_type: paligemma` checkpoints, every published layout (`paligemm
 """
 
 from metaembed_jax.models.family import BackboneFamily, register_family
-from metaembed_jax.models.hf_loading import register_backbone
 from metaembed_jax.models.paligemma.config import MODEL_TYPES, tiny_config
 from metaembed_jax.models.paligemma.modeling import KEY_ALIASES, PaliGemmaBackbone, paligemma_rules
 from metaembed_jax.models.paligemma.processing import (
@@ -30,8 +29,5 @@ FAMILY = register_family(
         key_aliases=KEY_ALIASES,
     )
 )
-
-# TEMPORARY (until load_hf finds families through family.family_for): the old registry.
-register_backbone("paligemma", PaliGemmaBackbone, paligemma_rules, key_aliases=KEY_ALIASES)
 
 __all__ = ["FAMILY", "PaliGemmaBackbone"]

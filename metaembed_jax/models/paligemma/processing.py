@@ -23,21 +23,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from transformers import AutoTokenizer, SiglipImageProcessorPil
+from transformers import SiglipImageProcessorPil
 
-from metaembed_jax.data.processing import (
+from metaembed_jax.data.tokenizer import load_tokenizer
+from metaembed_jax.models.paligemma.config import (
+    BOS_TOKEN,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+)
+from metaembed_jax.models.qwen2_vl.processing import (
     CANDIDATE_PREFIX,
     DEFAULT_LENGTH_BUCKETS,
     IMAGE_INSTRUCTION,
     QUERY_PREFIX,
     _as_image_list,
     _smallest_fitting,
-)
-from metaembed_jax.models.paligemma.config import (
-    BOS_TOKEN,
-    IMAGE_TOKEN,
-    PAD_TOKEN,
-    SPECIAL_TOKENS,
 )
 
 FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values")
@@ -218,21 +219,6 @@ class PaliGemmaInputProcessor:
         return {"pixel_values": padded}
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """A tokenizer directory, offline, checked for PaliGemma's special tokens.
-
-    Raises FileNotFoundError when `path` holds no tokenizer files, ValueError when one of
-    `SPECIAL_TOKENS` is not a single token of it."""
-    path = os.fspath(path)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
-        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, ...) in {path!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    for token in SPECIAL_TOKENS:
-        _token_id(tokenizer, token)
-    return tokenizer
-
-
 def _image_size(path, data_config) -> int:
     """The square image side: `preprocessor_config.json` of `path` (a checkpoint's), else
     `sqrt(data_config.max_pixels)` (PaliGemma resizes every image to one square size, so the
@@ -260,7 +246,7 @@ def make_processor(data_config, path: str | os.PathLike | None = None) -> PaliGe
     Raises FileNotFoundError when there are no tokenizer files."""
     path = os.path.join(data_config.dir, "tokenizer") if path is None else path
     return PaliGemmaInputProcessor(
-        load_tokenizer(path),
+        load_tokenizer(path, SPECIAL_TOKENS),
         _image_size(path, data_config),
         length_buckets=data_config.length_buckets,
         max_images=int(data_config.max_images) or None,
