@@ -1,4 +1,5 @@
-"""Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model.
+"""Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model
+(and a PaliGemma row: the full forward of a mid-size PaliGemma, same comparison).
 
 One process, same random weights (the HF model is saved with `save_pretrained` and loaded with
 `load_hf`), same inputs, float32, the same thread count for both. Mid-size config: hidden 512,
@@ -47,6 +48,12 @@ def parse_args():
     # XLA's CPU client uses every core of the machine; torch is given the same count.
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--skip_compile", action="store_true", help="skip the 4 vs 16 layers part")
+    parser.add_argument(
+        "--paligemma_layers",
+        type=int,
+        default=8,
+        help="decoder = SigLIP depth of the PaliGemma row",
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
     parser.add_argument("--images_only", action="store_true", help="only the images line")
     parser.add_argument(
@@ -292,6 +299,63 @@ def images_line(args) -> None:
         print(f"| {name} | {single:.3f} | {batch8:.3f} | {batch8 / (8 * single):.2f}x |")
 
 
+def paligemma_forward(args) -> tuple[str, ...]:
+    """The PaliGemma row: full forward of a mid-size PaliGemma (Gemma decoder, hidden 512,
+    `--paligemma_layers` layers; SigLIP width 256, as deep), one `--image_size` image (its 14 px
+    patches as `<image>` tokens) + `<bos>` + `--text_tokens` text tokens per example."""
+    from metaembed_jax.models.paligemma import tiny_config as paligemma_config
+
+    layers = args.paligemma_layers
+    config = paligemma_config(
+        1024, image_size=args.image_size, hidden_size=512, intermediate_size=1408,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+    )  # fmt: skip
+    config["vision_config"].update(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.PaliGemmaForConditionalGeneration(
+        transformers.PaliGemmaConfig(**config)
+    ).eval()
+    rng = np.random.default_rng(0)
+    image_tokens = (args.image_size // 14) ** 2
+    head = [config["image_token_index"]] * image_tokens + [2]  # <image> x T, <bos>
+    rows = [head + rng.integers(4, 1000, args.text_tokens).tolist() for _ in range(args.batch)]
+    input_ids = np.asarray(rows, np.int32)
+    pixels = rng.normal(size=(args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
+    # token_type_ids of ones: transformers' causal path even without padding (the model's
+    # docstring: its SDPA path is bidirectional for an unpadded batch without them).
+    batch = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    batch.update(pixel_values=pixels, token_type_ids=np.ones_like(input_ids))
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model.save_pretrained(directory)
+        model = load_hf(directory, dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, b: nnx.merge(graphdef, state)(**b))
+    jax_batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "token_type_ids"}
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        tensors[key] = tensors[key].long()
+
+    def torch_forward():
+        with torch.inference_mode():
+            return hf_model.model(**tensors).last_hidden_state
+
+    runs = {
+        "jax": lambda: forward(state, jax_batch).block_until_ready(),
+        "torch": torch_forward,
+    }
+    diff = float(np.abs(np.asarray(runs["jax"]()) - runs["torch"]().numpy()).max())
+    seconds = interleaved_seconds(runs, args.repeats)
+    print(
+        f"PaliGemma: batch {args.batch} x {input_ids.shape[1]} tokens ({image_tokens} image "
+        f"tokens), max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
+    )
+    torch_s, jax_s = seconds["torch"], seconds["jax"]
+    speedup = f"{torch_s / jax_s:.2f}x"
+    return ("paligemma forward", f"{torch_s:.3f}", f"{jax_s:.3f}", speedup, "-", "-")
+
+
 def compile_seconds(num_layers: int, batch: dict) -> float:
     """Lower + compile time of the jitted forward, on abstract weights (no memory for them)."""
     config = mid_config(num_layers=num_layers, vision_depth=num_layers)
@@ -315,6 +379,7 @@ def main(args) -> None:
         return
     print(f"size {args.size}")
     rows = throughput(args)
+    rows.append(paligemma_forward(args))
     print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up | JAX GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
     for row in rows:

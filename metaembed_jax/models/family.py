@@ -116,6 +116,7 @@ class BackboneFamily:
 # family name -> module that registers it on import (lazy: loading one family imports no other).
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_vl": "metaembed_jax.models.qwen2_vl",
+    "paligemma": "metaembed_jax.models.paligemma",
 }
 
 _FAMILIES: dict[str, BackboneFamily] = {}  # by family name

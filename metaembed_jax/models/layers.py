@@ -260,6 +260,8 @@ def dot_product_attention(
     prefix_lengths: jax.Array | None = None,
     window: int | None = None,
     implementation: str | None = None,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention with a float32 softmax: the one attention entry point.
 
@@ -268,6 +270,9 @@ def dot_product_attention(
     structured keywords of `MaskSpec` (is_causal, seq_lengths, segment_ids, prefix_lengths,
     window), which fused kernels take without a dense mask. `implementation`: one of
     ATTENTION_IMPLS, None = the process-wide `attention_impl()`.
+    `scale` multiplies the scores (default `Dh**-0.5`; Gemma 2 uses `query_pre_attn_scalar**-0.5`);
+    `logit_softcap` (Gemma 2) caps the scaled scores as `c * tanh(scores / c)` before the mask:
+    no fused kernel takes a soft-cap, so a capped call always runs the reference path.
     Returns `[B, L, Hq, Dh]` in the query's dtype. Rows with no allowed key give zeros (not NaN),
     which only happens at padding positions. Raises ValueError on bad head counts or names.
     """
@@ -288,16 +293,18 @@ def dot_product_attention(
         raise ValueError(
             f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}"
         )
-    if implementation == "reference":
-        return _reference_attention(query, key, value, spec.allowed(query.shape[1], key.shape[1]))
+    if implementation == "reference" or logit_softcap is not None:
+        mask = spec.allowed(query.shape[1], key.shape[1])
+        return _reference_attention(query, key, value, mask, scale, logit_softcap)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "pallas" and _pallas_supports(spec):
-        out = _pallas_attention(query, key, value, spec)
+        out = _pallas_attention(query, key, value, spec, scale)
     else:
-        out = _xla_attention(query, key, value, spec)
+        out = _xla_attention(query, key, value, spec, scale)
     return _zero_rows_without_keys(out, spec, key.shape[1])
 
 
-def _reference_attention(query, key, value, mask) -> jax.Array:
+def _reference_attention(query, key, value, mask, scale=None, logit_softcap=None) -> jax.Array:
     """The einsum path: float32 scores `[B, Hkv, G, L, S]`, masked, softmax, zeros where a row
     has no allowed key."""
     batch, q_len, num_heads, head_dim = query.shape
@@ -305,7 +312,9 @@ def _reference_attention(query, key, value, mask) -> jax.Array:
     groups = num_heads // num_kv_heads
     query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if logit_softcap is not None:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     if mask is not None:
         mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, key.shape[1]))
         mask = mask.reshape(batch, num_kv_heads, groups, q_len, key.shape[1])
@@ -329,7 +338,7 @@ def _zero_rows_without_keys(out: jax.Array, spec: MaskSpec, kv_len: int) -> jax.
     return jnp.where(has_key, out, jnp.zeros((), out.dtype))
 
 
-def _xla_attention(query, key, value, spec: MaskSpec) -> jax.Array:
+def _xla_attention(query, key, value, spec: MaskSpec, scale: float) -> jax.Array:
     """`jax.nn.dot_product_attention` with the causal flag, right-padding lengths and window
     passed natively (cuDNN takes them fused); segment ids, a prefix and a dense mask as a mask."""
     native_causal = spec.is_causal and spec.prefix_lengths is None
@@ -352,6 +361,7 @@ def _xla_attention(query, key, value, spec: MaskSpec) -> jax.Array:
         query_seq_lengths=lengths,
         key_value_seq_lengths=lengths,
         local_window_size=window,
+        scale=scale,
         implementation=None,
     )
     return out.astype(query.dtype)
@@ -362,7 +372,7 @@ def _pallas_supports(spec: MaskSpec) -> bool:
     return spec.dense is None and spec.prefix_lengths is None and spec.window is None
 
 
-def _pallas_attention(query, key, value, spec: MaskSpec) -> jax.Array:
+def _pallas_attention(query, key, value, spec: MaskSpec, scale: float) -> jax.Array:
     """Pallas flash attention (self-attention): kv heads repeated to the query heads (the
     kernels have no GQA), padding keys given a segment of their own."""
     batch, length, num_heads, _ = query.shape
@@ -381,12 +391,11 @@ def _pallas_attention(query, key, value, spec: MaskSpec) -> jax.Array:
         widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
         query, key, value = (jnp.pad(a, widths) for a in (query, key, value))
         segments = jnp.pad(segments, ((0, 0), (0, padded - length)), constant_values=-1)
-    return _pallas_kernel(query, key, value, segments, spec.is_causal)[:, :length]
+    return _pallas_kernel(query, key, value, segments, spec.is_causal, scale)[:, :length]
 
 
-def _pallas_kernel(query, key, value, segments, is_causal: bool) -> jax.Array:
+def _pallas_kernel(query, key, value, segments, is_causal: bool, scale: float) -> jax.Array:
     """The backend's Pallas flash kernel on `[B, L, H, Dh]` with L a multiple of its blocks."""
-    scale = query.shape[-1] ** -0.5
     if jax.default_backend() == "tpu":
         from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
