@@ -111,6 +111,7 @@ class BackboneFamily:
 # family name -> module that registers it on import (lazy: loading one family imports no other).
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_vl": "metaembed_jax.models.qwen2_vl",
+    "mllama": "metaembed_jax.models.mllama",
 }
 
 _FAMILIES: dict[str, BackboneFamily] = {}  # by family name

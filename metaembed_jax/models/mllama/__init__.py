@@ -1,0 +1,36 @@
+"""The Llama-3.2-Vision (Mllama) backbone family: tiled vision model, gated cross-attention
+decoder, weight rules, processor and tiny config. Importing this module registers it."""
+
+from __future__ import annotations
+
+from metaembed_jax.models import family
+from metaembed_jax.models.hf_loading import register_backbone
+from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
+from metaembed_jax.models.mllama.processing import (
+    FEATURE_KEYS,
+    IMAGE_TOKEN,
+    make_processor,
+    static_shapes,
+    tiny_config,
+)
+from metaembed_jax.models.mllama.rules import KEY_ALIASES, mllama_rules
+
+FAMILY = family.register_family(
+    family.BackboneFamily(
+        name="mllama",
+        model_types=MODEL_TYPES,
+        build=MllamaBackbone,
+        rules=mllama_rules,
+        feature_keys=FEATURE_KEYS,
+        make_processor=make_processor,
+        static_shapes=static_shapes,
+        tiny_config=tiny_config,
+        special_tokens=(IMAGE_TOKEN,),
+        key_aliases=KEY_ALIASES,
+    )
+)
+
+# TEMPORARY (until load_hf finds families through family.family_for): the old registry.
+register_backbone("mllama", MllamaBackbone, mllama_rules, key_aliases=KEY_ALIASES)
+
+__all__ = ["FAMILY", "MllamaBackbone"]
