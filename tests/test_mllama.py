@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from metaembed_jax.models import hf_loading, load_hf
 from metaembed_jax.models import mllama as mllama_family
+from metaembed_jax.models.mllama import processing
 from metaembed_jax.models.mllama.modeling import cross_attention_masks
 
 VOCAB = 300
@@ -288,3 +289,118 @@ def test_bfloat16_close_to_float32_reference(checkpoint):
     got = np.asarray(ours(**batch), np.float32)[real]
     scale = np.abs(reference[real]).max()
     assert np.abs(got - reference[real]).max() < 0.05 * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Processor and static shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer holding the Mllama special tokens, saved to a dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=290,
+        special_tokens=list(processing.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["Query: a red circle", "Describe the image.", "user\n\n"] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=processing.BOS_TOKEN,
+        pad_token=processing.PAD_TOKEN,
+        padding_side="left",
+    )
+    path = tmp_path_factory.mktemp("mllama_tokenizer")
+    fast.save_pretrained(path)
+    return fast, path
+
+
+def random_images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def tiny_image_processor():
+    from transformers import MllamaImageProcessorPil
+
+    return MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=TILES)
+
+
+def test_processor_matches_mllama_processor(tokenizer):
+    """Our features == transformers' MllamaProcessor on our prompts (left padding), key by key."""
+    from transformers import MllamaProcessor
+
+    fast, _ = tokenizer
+    ours = processing.MllamaEmbedProcessor(fast, tiny_image_processor(), length_buckets=None)
+    first, second, third, fourth = random_images(((28, 28), (28, 100), (56, 56), (40, 20)))
+    images = [[first], [second, third], [fourth]]
+    texts = ["a red circle", "", "circle"]
+    prompts = [ours.build_prompt(t, len(i), "query") for t, i in zip(texts, images, strict=True)]
+    reference = MllamaProcessor(image_processor=tiny_image_processor(), tokenizer=fast)(
+        text=prompts, images=images, padding=True, return_tensors="np", add_special_tokens=False
+    )
+    got = ours(texts, images, side="query")
+    assert set(got) == set(processing.FEATURE_KEYS)
+    for key in processing.FEATURE_KEYS:
+        np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
+    assert prompts[1].startswith("<|image|><|image|><|begin_of_text|>")
+    assert "Query: Describe the image." in prompts[1]
+
+
+def test_processor_buckets_and_text_only_rows(tokenizer):
+    fast, path = tokenizer
+    processor = processing.MllamaEmbedProcessor.from_pretrained(
+        path, size={"height": 28, "width": 28}, length_buckets=(32, 64), max_images=2
+    )
+    out = processor(["a circle", "red"], [random_images(((28, 60),)), []], side="candidate")
+    assert out["input_ids"].shape == (2, 32) and out["attention_mask"][:, 0].sum() == 0
+    assert out["pixel_values"].shape == (2, 2, TILES, 3, 28, 28)
+    assert out["aspect_ratio_ids"][1].tolist() == [0, 0]
+    assert out["aspect_ratio_mask"][1].tolist() == [[1, 0, 0, 0]] * 2  # as transformers pads
+    assert not out["cross_attention_mask"][1].any() and out["cross_attention_mask"][0].any()
+    text_only = processor(["a circle"], None, side="query")
+    assert text_only["pixel_values"].shape == (1, 2, TILES, 3, 28, 28)
+    with pytest.raises(ValueError, match="nothing to embed"):
+        processor([""], [[]], side="query")
+    with pytest.raises(ValueError, match="max_images=2"):
+        processor(["x"], [random_images(((28, 28),) * 3)], side="query")
+
+
+def test_static_image_padding_keeps_meta_states(checkpoint, tokenizer):
+    """Padding the image axis (static shapes) or giving a text-only batch zero image arrays
+    leaves every row's meta states unchanged (images lead the prompt; rows without images
+    attend to nothing)."""
+    from ml_collections import ConfigDict
+
+    _, _, ours = checkpoint
+    fast, _ = tokenizer
+    processor = processing.MllamaEmbedProcessor(fast, tiny_image_processor(), length_buckets=None)
+    images = [random_images(((28, 28),)), random_images(((28, 100), (56, 56)), 1), []]
+    features = processor(["a red circle", "circle", "red"], images, side="query")
+    data_config = ConfigDict(
+        dict(max_images=3, always_emit_pixels=True, mllama_max_tiles=TILES, mllama_tile_size=28)
+    )
+    static = processing.static_shapes(data_config, batch_size=3)
+    padded = static(dict(features))
+    assert padded["pixel_values"].shape[1] == 3 and padded["cross_attention_mask"].shape[2] == 3
+    suffix = np.random.default_rng(3).normal(0, 0.02, (3, 2, ours.hidden_size)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(ours.encode_with_suffix(suffix, **padded)),
+        np.asarray(ours.encode_with_suffix(suffix, **features)),
+        atol=1e-5,
+    )
+    text = processor(["red", "a red circle"], None, side="query")
+    text_static = static(dict(text))
+    assert text_static["pixel_values"].shape == (2, 3, TILES, 3, 28, 28)
+    np.testing.assert_allclose(
+        np.asarray(ours.encode_with_suffix(suffix[:2], **text_static)),
+        np.asarray(ours.encode_with_suffix(suffix[:2], **text)),
+        atol=1e-5,
+    )

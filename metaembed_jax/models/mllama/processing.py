@@ -9,9 +9,13 @@ set for every image slot, as transformers does). The cross-attention mask comes 
 transformers' own `get_cross_attention_token_mask` / `convert_sparse_cross_attention_mask_to_dense`
 on the left-padded rows: each `<|image|>` token and the text after it see that image's tiles.
 
-Prompt (Llama 3 chat layout; prefix "Query: " for queries, "" for candidates; one `<|image|>`
-per image, images before the text; an image without text gets "Describe the image."):
-  <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{<|image|>...}{prefix}{text}<|eot_id|>
+Prompt (prefix "Query: " for queries, "" for candidates; one `<|image|>` per image; an image
+without text gets "Describe the image."):
+  {<|image|>...}<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prefix}{text}<|eot_id|>
+The images come first, where `MllamaProcessor` puts leading image tokens (before the BOS), so
+that every real position of an image row sees an image: in transformers' Mllama a position that
+sees no tile attends to every vision state of its row, padding image slots included, which
+would make the embedding depend on the `max_images` bucket.
 
 Static shapes: rows are left-padded to the smallest length bucket that fits (a row longer than
 the largest raises, naming it); the image axis is padded to `max_images` (the tile axis is
@@ -132,7 +136,7 @@ class MllamaEmbedProcessor:
         """The prompt of one row (see the module docstring)."""
         if not text and num_images:
             text = self.image_instruction
-        head = f"{BOS_TOKEN}{HEADER_START}user{HEADER_END}\n\n" + IMAGE_TOKEN * num_images
+        head = IMAGE_TOKEN * num_images + f"{BOS_TOKEN}{HEADER_START}user{HEADER_END}\n\n"
         return f"{head}{self.prefixes[side]}{text}{END_OF_TURN}"
 
     def __call__(
