@@ -7,6 +7,7 @@ compared position by position on a left-padded batch mixing an image of one tile
 several tiles, a row with two images and a text-only row.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -411,3 +412,41 @@ def test_static_image_padding_keeps_meta_states(checkpoint, tokenizer):
         np.asarray(encode(ours, suffix[:2], text)),
         atol=1e-5,
     )
+
+
+def test_lora_and_remat_start_equal_and_train_every_decoder_layer(checkpoint):
+    """A LoRA backbone (remat="full") starts equal to its base; the loss gradient reaches the
+    adapters of the self-attention blocks and of the cross-attention layer (both remat paths)."""
+    from metaembed_jax.models import layers
+
+    hf_model, path, ours = checkpoint
+    lora = layers.LoRASpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "up_proj"))
+    adapted = load_hf(path, lora=lora, remat="full")
+    batch, num_tiles = make_batch()
+    suffix = np.random.default_rng(4).normal(0, 0.02, (4, 2, ours.hidden_size)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(encode(adapted, suffix, batch)),
+        np.asarray(encode(ours, suffix, batch)),
+        atol=1e-6,
+    )
+    graphdef, lora_state, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+
+    @jax.jit
+    def grads(lora_state, rest):
+        def loss(lora_state):
+            # fresh Variables for the frozen part: nnx.scan refuses ones from an outer trace
+            model = nnx.merge(graphdef, lora_state, jax.tree.map(lambda x: x, rest))
+            return jnp.sum(model.encode_with_suffix(suffix, **batch) ** 2)
+
+        return jax.grad(loss)(lora_state)
+
+    flat = {
+        ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): np.asarray(
+            value
+        )
+        for path, value in jax.tree_util.tree_leaves_with_path(grads(lora_state, rest))
+    }
+    for prefix in ("self_blocks.0.", "self_blocks.1.", "cross_layers.0."):
+        b_grads = [g for name, g in flat.items() if prefix in name and "lora_b" in name]
+        assert b_grads and all(np.isfinite(g).all() for g in b_grads), prefix
+        assert any(np.abs(g).max() > 0 for g in b_grads), prefix
