@@ -136,6 +136,24 @@ def assert_close_on_real(ours, reference, attention_mask, tolerance):
     )
 
 
+def test_family_is_registered():
+    """`family_for` finds the family by model_type (a built-in, imported on first use), and its
+    backbone satisfies the Backbone protocol."""
+    from metaembed_jax.models import family
+
+    found = family.family_for({"model_type": "mllama"})
+    assert found is mllama_family.FAMILY and found.feature_keys == processing.FEATURE_KEYS
+    backbone = found.build(
+        found.tiny_config(VOCAB),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        lora=None,
+        remat="none",
+        rngs=nnx.Rngs(0),
+    )
+    assert isinstance(backbone, family.Backbone) and backbone.hidden_size == 64
+
+
 def test_batch_has_the_mixed_rows():
     """The test batch is what the issue asks for: 1-tile image, multi-tile image, two images,
     text-only row, left padding (so the parity tests below cover each case)."""

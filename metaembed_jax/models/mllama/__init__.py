@@ -8,7 +8,7 @@ from metaembed_jax.models.hf_loading import register_backbone
 from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
 from metaembed_jax.models.mllama.processing import (
     FEATURE_KEYS,
-    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
     make_processor,
     static_shapes,
     tiny_config,
@@ -25,7 +25,7 @@ FAMILY = family.register_family(
         make_processor=make_processor,
         static_shapes=static_shapes,
         tiny_config=tiny_config,
-        special_tokens=(IMAGE_TOKEN,),
+        special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
     )
 )
