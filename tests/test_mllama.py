@@ -242,14 +242,17 @@ def test_encode_with_suffix_matches_transformers(checkpoint):
 
 
 def test_text_only_row_meta_states_do_not_depend_on_the_batch(checkpoint):
-    """A text row gets the same meta states alone (no images in the batch) as next to images."""
+    """A text row gets the same meta states alone (no images in the batch) as next to images;
+    a `[1, M, H]` suffix is the same rows for every example."""
     _, _, ours = checkpoint
     batch, _ = make_batch()
-    suffix = np.random.default_rng(2).normal(0, 0.02, (4, 3, ours.hidden_size)).astype(np.float32)
-    mixed = ours.encode_with_suffix(suffix, **batch)[3]
+    suffix = np.random.default_rng(2).normal(0, 0.02, (1, 3, ours.hidden_size)).astype(np.float32)
+    mixed = encode(ours, suffix, batch)
+    repeated = encode(ours, np.repeat(suffix, 4, axis=0), batch)
+    np.testing.assert_array_equal(np.asarray(mixed), np.asarray(repeated))
     text = {k: batch[k][3:] for k in ("input_ids", "attention_mask")}
-    alone = ours.encode_with_suffix(suffix[3:], **text)[0]
-    np.testing.assert_allclose(np.asarray(mixed), np.asarray(alone), atol=1e-5)
+    alone = encode(ours, suffix, text)[0]
+    np.testing.assert_allclose(np.asarray(mixed[3]), np.asarray(alone), atol=1e-5)
 
 
 @nnx.jit

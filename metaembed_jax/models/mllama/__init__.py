@@ -15,6 +15,9 @@ from metaembed_jax.models.mllama.processing import (
 )
 from metaembed_jax.models.mllama.rules import KEY_ALIASES, mllama_rules
 
+# logical names of the vision model's weights (the decoder uses the shared ones)
+AXIS_RULES = (("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_patch", None))
+
 FAMILY = family.register_family(
     family.BackboneFamily(
         name="mllama",
@@ -27,6 +30,7 @@ FAMILY = family.register_family(
         tiny_config=tiny_config,
         special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
+        axis_rules=AXIS_RULES,
     )
 )
 

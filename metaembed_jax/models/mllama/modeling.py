@@ -450,12 +450,15 @@ class MllamaBackbone(nnx.Module):
         aspect_ratio_mask=None,
         cross_attention_mask=None,
     ) -> jax.Array:
-        """Last-layer states `[B, M, H]` of `suffix [B, M, H]` appended after the content (see the
-        class docstring for positions and cross-attention). Raises ValueError for images without
-        a `cross_attention_mask` (the meta rows' tiles are read from it)."""
+        """Last-layer states `[B, M, H]` of `suffix [B or 1, M, H]` appended after the content
+        (see the class docstring for positions and cross-attention). Raises ValueError for
+        images without a `cross_attention_mask` (the meta rows' tiles are read from it)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        suffix = jnp.asarray(suffix).astype(self.dtype)
-        batch, count = suffix.shape[:2]
+        batch, count = input_ids.shape[0], np.shape(suffix)[1]
+        # [1, M, H]: the same rows for every example (MetaEmbed passes its meta-token table so)
+        suffix = jnp.broadcast_to(
+            jnp.asarray(suffix).astype(self.dtype), (batch, count, self.hidden_size)
+        )
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         hidden = jnp.concatenate([self.embed_tokens_of(input_ids), suffix], axis=1)

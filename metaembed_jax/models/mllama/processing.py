@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,8 @@ IMAGE_TOKEN = "<|image|>"
 BOS_TOKEN = "<|begin_of_text|>"
 HEADER_START, HEADER_END, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 PAD_TOKEN = "<|finetune_right_pad_id|>"  # Llama 3.2's pad token (pad_token_id 128004)
-SPECIAL_TOKENS = (BOS_TOKEN, HEADER_START, HEADER_END, END_OF_TURN, IMAGE_TOKEN, PAD_TOKEN)
+# The order a built-in tokenizer gives them ids 0, 1, ... (the pad token first).
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, HEADER_START, HEADER_END, END_OF_TURN, IMAGE_TOKEN)
 QUERY_PREFIX, CANDIDATE_PREFIX = "Query: ", ""
 IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
@@ -227,16 +229,10 @@ class MllamaEmbedProcessor:
 
 def make_processor(data_config, path: str | os.PathLike | None = None) -> MllamaEmbedProcessor:
     """The family's processor for a data config: the tokenizer / image settings of `path` (a
-    checkpoint or tokenizer dir; default `data_config.tokenizer_dir`), the config's length
-    buckets and `max_images`, and `data_config.mllama_tile_size` / `mllama_max_tiles` when set.
-
-    Raises ValueError without a path (Mllama needs its own tokenizer's special tokens)."""
-    path = path or data_config.get("tokenizer_dir")
-    if not path:
-        raise ValueError(
-            "the Mllama processor needs a tokenizer dir holding "
-            f"{SPECIAL_TOKENS} (the checkpoint's, or config.data.tokenizer_dir)"
-        )
+    checkpoint or tokenizer dir; default: the built-in tokenizer `<config.data.dir>/tokenizer`),
+    the config's length buckets and `max_images`, and `data_config.mllama_tile_size` /
+    `mllama_max_tiles` when set (tiny models; default: the checkpoint's image settings)."""
+    path = Path(data_config.dir) / "tokenizer" if path is None else path
     options = {}
     if data_config.get("mllama_tile_size"):
         side = int(data_config.mllama_tile_size)
@@ -333,9 +329,10 @@ def tiny_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
             original_max_position_embeddings=64,
         ),
         max_position_embeddings=4096,
+        # ids of SPECIAL_TOKENS in a built-in tokenizer: pad 0, <|begin_of_text|> 1, <|eot_id|> 4
         pad_token_id=0,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=4,
     )
     vision = dict(
         hidden_size=32,
@@ -355,7 +352,7 @@ def tiny_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
         model_type="mllama",
         text_config=text,
         vision_config=vision,
-        image_token_index=vocab_size - 1,
+        image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN),
     )
     config.update(overrides)
     return config
