@@ -4,7 +4,6 @@ decoder, weight rules, processor and tiny config. Importing this module register
 from __future__ import annotations
 
 from metaembed_jax.models import family
-from metaembed_jax.models.hf_loading import register_backbone
 from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
 from metaembed_jax.models.mllama.processing import (
     FEATURE_KEYS,
@@ -33,8 +32,5 @@ FAMILY = family.register_family(
         axis_rules=AXIS_RULES,
     )
 )
-
-# TEMPORARY (until load_hf finds families through family.family_for): the old registry.
-register_backbone("mllama", MllamaBackbone, mllama_rules, key_aliases=KEY_ALIASES)
 
 __all__ = ["FAMILY", "MllamaBackbone"]
