@@ -473,3 +473,24 @@ def test_lora_and_remat_start_equal_and_train_every_decoder_layer(checkpoint):
         b_grads = [g for name, g in flat.items() if prefix in name and "lora_b" in name]
         assert b_grads and all(np.isfinite(g).all() for g in b_grads), prefix
         assert any(np.abs(g).max() > 0 for g in b_grads), prefix
+
+
+def test_metaembed_on_mllama_matches_transformers(checkpoint):
+    """MetaEmbed on the Mllama backbone == transformers given the meta-token table as extra
+    embedding rows and the extended cross-attention mask, L2-normalised, query / candidate
+    slices."""
+    from metaembed_jax import MetaEmbed
+
+    hf_model, path, _ = checkpoint
+    model = MetaEmbed.from_pretrained(
+        path, num_query_tokens=2, num_candidate_tokens=3, rngs=nnx.Rngs(5)
+    )
+    batch, num_tiles = make_batch()
+    table = np.asarray(model.meta_tokens[...], np.float32)
+    table = np.broadcast_to(table, (len(num_tiles), *table.shape))
+    reference = _meta_reference(hf_model, batch, num_tiles, np.ascontiguousarray(table))
+    reference = reference / np.linalg.norm(reference, axis=-1, keepdims=True)
+    queries = model.embed(side="query", **batch)
+    candidates = model.embed(side="candidate", **batch)
+    np.testing.assert_allclose(np.asarray(queries), reference[:, :2], atol=TOLERANCE_F32)
+    np.testing.assert_allclose(np.asarray(candidates), reference[:, 2:], atol=TOLERANCE_F32)
