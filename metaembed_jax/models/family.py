@@ -117,6 +117,7 @@ class BackboneFamily:
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_vl": "metaembed_jax.models.qwen2_vl",
     "paligemma": "metaembed_jax.models.paligemma",
+    "mllama": "metaembed_jax.models.mllama",
 }
 
 _FAMILIES: dict[str, BackboneFamily] = {}  # by family name

@@ -180,14 +180,17 @@ class Rule:
     """Checkpoint key `pattern` (regex, full match) -> parameter `target` (dot path in
     `nnx.state(module)`), through `TRANSFORMS[transform]`.
 
-    A named group `layer` in the pattern puts the tensor at that index of the target's leading
-    (stacked `layers`) axis. `target=None` marks checkpoint tensors deliberately not used
+    A named group `layer` in the pattern puts the tensor at index `layer - layer_offset` of the
+    target's leading (stacked `layers`) axis (`layer_offset`: for a stack that holds a run of
+    checkpoint layers starting there, e.g. Mllama's self-attention layers between two
+    cross-attention layers). `target=None` marks checkpoint tensors deliberately not used
     (e.g. `lm_head.weight`: MetaEmbed reads hidden states, not logits).
     """
 
     pattern: str
     target: str | None
     transform: str = "identity"
+    layer_offset: int = 0
 
 
 class CheckpointMismatchError(ValueError):
@@ -237,7 +240,7 @@ def _match_checkpoint_keys(
                 layer = found.groupdict().get("layer")
                 target = rule.target.format(**found.groupdict())
                 by_target.setdefault(target, []).append(
-                    (None if layer is None else int(layer), key, rule.transform)
+                    (None if layer is None else int(layer) - rule.layer_offset, key, rule.transform)
                 )
             break
         else:
