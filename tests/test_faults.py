@@ -30,8 +30,9 @@ from metaembed_jax.data import build, builders, sources
 from metaembed_jax.data.config import get_data_config
 from metaembed_jax.evaluation import encode, runner
 from metaembed_jax.models import hf_loading
-from metaembed_jax.training import checkpointing, loop, testing
+from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.config import validate_config
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,7 +40,7 @@ GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 
 
 def small_config():
-    config = testing.tiny_config(r_q=4, r_c=8)
+    config = helpers.tiny_run_config(r_q=4, r_c=8)
     config.loss.groups = GROUPS
     return config
 
@@ -160,7 +161,7 @@ def test_reference_recipes_stay_valid():
         validate_config(load_recipe(REPO / spec))
 
 
-class NaNImagesFrom(testing.RandomBatches):
+class NaNImagesFrom(helpers.RandomBatches):
     """Random batches whose images turn NaN from batch `bad_index` on (a diverging run)."""
 
     def __init__(self, bad_index: int):
@@ -209,9 +210,10 @@ from pathlib import Path
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-from metaembed_jax.training import loop, testing
+from metaembed_jax.training import loop
+from tests import helpers
 
-class StallAtStep5(testing.RandomBatches):
+class StallAtStep5(helpers.RandomBatches):
     # The batch of step 5 never comes: steps 1-4 are logged, then the parent kills the process.
     def __next__(self):
         if self.index == 4:
@@ -219,7 +221,7 @@ class StallAtStep5(testing.RandomBatches):
             time.sleep(3600)
         return super().__next__()
 
-config = testing.tiny_config(r_q=4, r_c=8)
+config = helpers.tiny_run_config(r_q=4, r_c=8)
 config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 config.train.steps = 6
 config.checkpoint.every = int(sys.argv[3])
@@ -271,8 +273,8 @@ def test_metrics_after_sigkill_and_resume_match_the_uninterrupted_run(tmp_path, 
     with metrics_path.open("a") as f:
         f.write('{"step": 5, "lo')
     with caplog.at_level(logging.WARNING):
-        loop.train(config, workdir, train_iterator=testing.RandomBatches(0))
-    full = loop.train(config, tmp_path / "full", train_iterator=testing.RandomBatches(0))
+        loop.train(config, workdir, train_iterator=helpers.RandomBatches(0))
+    full = loop.train(config, tmp_path / "full", train_iterator=helpers.RandomBatches(0))
     logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     drop = lambda row: {k: v for k, v in row.items() if k != "examples_per_s"}  # noqa: E731
     assert [drop(row) for row in logged] == [drop(row) for row in full]
