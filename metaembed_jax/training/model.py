@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from metaembed_jax import sharding
 from metaembed_jax.metaembed import MetaEmbed
+from metaembed_jax.models.hf_loading import read_config
 from metaembed_jax.models.layers import LoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,6 +83,21 @@ def check_init_from(config) -> None:
             f"config.init_from={path!r} is not a Hugging Face checkpoint directory (expected "
             f"{os.path.join(path, 'config.json')} and *.safetensors)"
         )
+
+
+def base_hf_config(config, vocab_size: int | None = None) -> dict[str, Any]:
+    """The transformers config of the backbone `config` builds: `init_from`'s config.json or
+    `model.hf_config` (with the tokenizer's vocabulary size filled in)."""
+    if config.init_from:
+        return read_config(config.init_from)
+    return hf_config_dict(config, vocab_size)
+
+
+def base_source(config) -> str:
+    """Where the backbone's weights come from, in words (for error messages)."""
+    if config.init_from:
+        return f"checkpoint {config.init_from}"
+    return f"random initialisation of config.model.hf_config with seed {config.seed}"
 
 
 def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = None) -> MetaEmbed:
