@@ -106,8 +106,13 @@ class Checkpointer:
         return sorted(int(s) for s in self._manager.all_steps())
 
     def check_for_errors(self) -> None:
-        """Raise the error of an asynchronous save that has failed since the last call."""
+        """Raise the error of an asynchronous save that has failed (without waiting for one
+        still running)."""
         self._manager.check_for_errors()
+        # The manager's finalize thread keeps the error of a failed background save; waiting
+        # on a finished thread returns at once, or raises that error.
+        if not self._manager.is_saving_in_progress():
+            self._manager.wait_until_finished()
 
     def save(self, state: TrainState, data_state: Any = None, *, force: bool = False) -> bool:
         """Start saving at `state.step` (returns at once when async); True if a save started.
