@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax import sharding
+from metaembed_jax.hub import resolve_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Safetensors, read directly (header + memory map), so bfloat16 needs neither torch nor a copy.
@@ -294,6 +295,7 @@ def load_hf(
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
+    path = resolve_checkpoint(path)
     config = read_config(path)
     entry = backbone_entry(config)
 

@@ -82,8 +82,9 @@ def start_distributed(config) -> bool:
 def make_processor(config):
     """The processor of the run: the checkpoint's tokenizer, or the built-in one."""
     from metaembed_jax.data.pipeline import processor_from_config
+    from metaembed_jax.hub import resolve_checkpoint
 
-    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
+    path = resolve_checkpoint(config.init_from) or os.path.join(config.data.dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metaembed_jax import sharding
+from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.models.hf_loading import read_config
 from metaembed_jax.models.layers import LoRASpec
@@ -77,7 +78,7 @@ def model_kwargs(config) -> dict[str, Any]:
 
 def check_init_from(config) -> None:
     """Raise FileNotFoundError unless `config.init_from` is empty or a checkpoint directory."""
-    path = config.init_from
+    path = resolve_checkpoint(config.init_from)
     if path and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"config.init_from={path!r} is not a Hugging Face checkpoint directory (expected "
@@ -89,7 +90,7 @@ def base_hf_config(config, vocab_size: int | None = None) -> dict[str, Any]:
     """The transformers config of the backbone `config` builds: `init_from`'s config.json or
     `model.hf_config` (with the tokenizer's vocabulary size filled in)."""
     if config.init_from:
-        return read_config(config.init_from)
+        return read_config(resolve_checkpoint(config.init_from))
     return hf_config_dict(config, vocab_size)
 
 
