@@ -47,16 +47,17 @@ def _abstract_full_model(config, mesh: Mesh | None, vocab_size: int | None):
     graphdef, params, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     # Only the small RNG state is computed: XLA drops the unused parameter initialisers.
     rest = jax.jit(lambda: nnx.state(create(), nnx.Not(nnx.Param)))()
-    if mesh is not None:
-        shardings = sharding.state_shardings(params, mesh)
-        params = jax.tree.map(
-            lambda v, s: v.replace(
-                jax.ShapeDtypeStruct(v[...].shape, v[...].dtype, sharding=s[...])
-            ),
-            params,
-            shardings,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
+    # orbax restores onto explicit shardings: without a mesh, one device's.
+    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    shardings = sharding.state_shardings(params, mesh)
+    params = jax.tree.map(
+        lambda v, s: v.replace(
+            jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())
+        ),
+        params,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     return graphdef, params, rest
 
 

@@ -5,6 +5,7 @@ and the package is installed with --no-deps --no-build-isolation --no-index (not
 downloaded). The command runs outside the source tree, so the installed copy is the one used.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
+    # Outside the source tree: no PYTHONPATH pointing at it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     source = tmp_path / "source"
     shutil.copytree(
         REPO,
@@ -45,7 +48,11 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
     shown = subprocess.run(
-        [venv / "bin" / "metaembed", "--help"], capture_output=True, text=True, cwd=tmp_path
+        [venv / "bin" / "metaembed", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "index" in shown.stdout and "usage: metaembed" in shown.stdout
@@ -54,6 +61,7 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
     )
     assert "--corpus" in build_help.stdout and "--dtype" in build_help.stdout
     where = subprocess.run(
@@ -61,6 +69,7 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
         check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), where  # the installed copy, not the source tree
