@@ -81,3 +81,27 @@ def test_load_trained_refuses_a_base_that_is_not_the_runs(tmp_path_factory, tmp_
     assert "text_config.num_hidden_layers: run's base has 3, given base has 2" in message
     assert f"shapes {layer_norm}" in message
     jax.clear_caches()
+
+
+def test_load_trained_of_a_full_fine_tuning_run_without_a_mesh(tmp_path):
+    """Full fine-tuning: the model is built abstractly and every parameter comes from the
+    checkpoint's params item (here: a state whose parameters were all changed)."""
+    from metaembed_jax.data.tokenizer import build_test_tokenizer
+    from metaembed_jax.training import testing
+
+    tokenizer = build_test_tokenizer(tmp_path / "data" / "tokenizer", 320)
+    config = testing.tiny_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
+    config.data.dir = str(tmp_path / "data")
+    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+    state = create_train_state(build_model(config), tx, lora=False)
+    state = state.replace(params=jax.tree.map(lambda x: x + 0.5, state.params))
+    checkpointer = Checkpointer(tmp_path / "run", async_save=False)
+    checkpointer.save(state, data_state={})
+    checkpointer.close()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "0" / "opt_state")
+
+    model, _ = load_trained(tmp_path / "run", config=config)
+    got, want = _flat_params(model), _flat_params(state.model())
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
