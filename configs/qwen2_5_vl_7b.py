@@ -1,4 +1,4 @@
-"""MetaEmbed on Qwen2.5-VL-7B, the paper's reference recipe (DESIGN.md).
+"""MetaEmbed on Qwen2.5-VL-7B, the paper's reference recipe (docs/design.md).
 
 LoRA r=32, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down of the language model, meta tokens
 (16 + 64) trained fully; AdamW lr 1e-4, 500 warm-up steps, 4000 steps, global batch 384;

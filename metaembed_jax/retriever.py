@@ -61,11 +61,10 @@ class Retriever:
         import jax
 
         from metaembed_jax import sharding
-        from metaembed_jax.data.pipeline import StaticShapes
+        from metaembed_jax.data.pipeline import make_processor, model_family
         from metaembed_jax.evaluation.encode import ModelEncoder
         from metaembed_jax.evaluation.runner import find_step
         from metaembed_jax.trained import _dtype_name, restore_trained_model
-        from metaembed_jax.training.loop import make_processor
         from metaembed_jax.training.run_identity import read_saved_config
 
         run_dir = Path(run_dir)
@@ -74,7 +73,8 @@ class Retriever:
             config.model.dtype = _dtype_name(dtype)
         step = find_step(run_dir, step)
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
-        processor = make_processor(config)
+        family = model_family(config)
+        processor = make_processor(config, family)
         model = restore_trained_model(
             config, run_dir, step, mesh=mesh, vocab_size=len(processor.tokenizer)
         )
@@ -87,7 +87,7 @@ class Retriever:
             batch_size=size,
             mesh=mesh,
             progress=False,
-            pad_features=StaticShapes(config.data, size),
+            pad_features=family.static_shapes(config.data, size, multiple=shards),
         )
         return cls(encoder, config, run_dir, step)
 

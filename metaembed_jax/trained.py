@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metaembed_jax import sharding
+from metaembed_jax.data.pipeline import make_processor
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.model import (
@@ -130,8 +131,6 @@ def load_trained(
     preprocessing) the run trained with.
     Raises FileNotFoundError, CheckpointError, RunMismatchError with what to do.
     """
-    from metaembed_jax.training.loop import make_processor  # the run's tokenizer and images
-
     workdir = Path(workdir)
     if config is None:
         config = read_saved_config(workdir)
@@ -140,7 +139,7 @@ def load_trained(
         config = config.copy_and_resolve_references()
     if dtype is not None:
         config.model.dtype = _dtype_name(dtype)
-    processor = make_processor(config)
+    processor = make_processor(config)  # the run's tokenizer and image preprocessing
     model = restore_trained_model(
         config, workdir, step, mesh=mesh, vocab_size=len(processor.tokenizer)
     )

@@ -12,10 +12,11 @@ import pytest
 
 from metaembed_jax import load_trained
 from metaembed_jax.evaluation import runner
-from metaembed_jax.training import loop, testing
+from metaembed_jax.training import loop
 from metaembed_jax.training.checkpointing import CheckpointError
 from metaembed_jax.training.recipes import apply_variant
 from metaembed_jax.training.run_identity import RunMismatchError, read_saved_config
+from tests.helpers import RandomBatches, tiny_run_config
 from tests.trained_run import copy_run, trained_lora_run
 
 
@@ -45,7 +46,7 @@ def test_resume_refuses_a_config_that_is_not_the_runs(tmp_path_factory, tmp_path
     config.train.steps = 4  # training length may change on resume; the model may not
     config.lora.rank = 2
     with pytest.raises(RunMismatchError, match=r"lora.rank: run has 4, config has 2"):
-        loop.train(config, run, train_iterator=testing.RandomBatches(0))
+        loop.train(config, run, train_iterator=RandomBatches(0))
     assert (run / "config.json").read_text() == saved  # the run's record is left as it was
 
 
@@ -82,7 +83,7 @@ def test_emptied_checkpoint_metadata_is_a_clear_error(tmp_path_factory, tmp_path
         load_trained(run)
 
 
-class SlowBatches(testing.RandomBatches):
+class SlowBatches(RandomBatches):
     """Steps of a realistic length: a tiny model's steps take milliseconds, less than the
     background save thread needs to start and fail."""
 
@@ -98,7 +99,7 @@ def test_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monkeyp
         raise OSError("injected: no space left on device")
 
     monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", failing_commit)
-    config = testing.tiny_config(r_q=4, r_c=8)
+    config = tiny_run_config(r_q=4, r_c=8)
     config.loss.groups = ((1, 1, 1.0), (4, 8, 1.0))
     config.train.steps = 8
     config.checkpoint.every, config.checkpoint.async_save = 2, True

@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 from metaembed_jax.hub import is_hub_id, resolve_checkpoint
-from metaembed_jax.models import load_hf
-from metaembed_jax.training import testing
+from metaembed_jax.models import load_hf, qwen2_vl
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -25,9 +24,9 @@ def hub_cache(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     local = tmp_path / "local"
-    Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(**testing.tiny_hf_config())
-    ).save_pretrained(local)
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**qwen2_vl.tiny_config())).save_pretrained(
+        local
+    )
     repo = tmp_path / "cache" / "models--tiny-org--tiny"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)

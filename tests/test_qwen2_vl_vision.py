@@ -23,8 +23,10 @@ from transformers import vision_utils as hf_vision
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
-from metaembed_jax.models import hf_loading, layers, qwen2_vl_vision
-from metaembed_jax.models.qwen2_vl_vision import (
+from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models.qwen2_vl import vision as qwen2_vl_vision
+from metaembed_jax.models.qwen2_vl.tiny import tiny_config
+from metaembed_jax.models.qwen2_vl.vision import (
     VisionTower,
     dense_attention,
     local_attention,
@@ -33,29 +35,31 @@ from metaembed_jax.models.qwen2_vl_vision import (
     rotary_cos_sin,
     vision_rules,
 )
+from tests.helpers import register_loader_family
 
-TEXT = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
-)
-VISION = {
-    # window 56 px = 2x2 merged units: a 56x84 image (merged 2x3) splits into 2 windows
-    "qwen2_5_vl": dict(
-        depth=3,
-        hidden_size=32,
-        intermediate_size=48,
-        num_heads=2,
-        out_hidden_size=40,
-        window_size=56,
-        fullatt_block_indexes=[1],
+# Tower sizes of this file on the family's tiny config. Qwen2.5-VL: window 56 px = 2x2 merged
+# units, so a 56x84 image (merged 2x3) splits into 2 windows; an output width (40) of its own.
+TOWERS = {
+    "qwen2_5_vl": (
+        3,
+        {"intermediate_size": 48, "out_hidden_size": 40, "fullatt_block_indexes": [1]},
     ),
-    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=40, num_heads=2, mlp_ratio=2),
+    "qwen2_vl": (2, {"hidden_size": 40}),
 }
+ROPE = {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}
+CONFIGS = {
+    model_type: tiny_config(
+        64,
+        model_type=model_type,
+        hidden=32,
+        layers=1,
+        vision_depth=depth,
+        vision=tower,
+        text={"rope_parameters": ROPE},
+    )  # fmt: skip
+    for model_type, (depth, tower) in TOWERS.items()
+}
+VISION = {model_type: config["vision_config"] for model_type, config in CONFIGS.items()}
 HF_CLASSES = {
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -89,7 +93,7 @@ def vision_only_rules(config):
 
 
 for _model_type in HF_CLASSES:
-    hf_loading.register_backbone(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
+    register_loader_family(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
 
 
 def randomise(module, seed):
@@ -109,7 +113,11 @@ def checkpoint(request, tmp_path_factory):
     model_type = request.param
     config_class, model_class = HF_CLASSES[model_type]
     torch.manual_seed(0)
-    hf_model = model_class(config_class(text_config=TEXT, vision_config=VISION[model_type]))
+    hf_model = model_class(
+        config_class(
+            text_config=CONFIGS[model_type]["text_config"], vision_config=VISION[model_type]
+        )
+    )
     randomise(hf_model.model.visual, seed=1)
     hf_model.eval()
     path = tmp_path_factory.mktemp(model_type)
@@ -242,7 +250,9 @@ def test_layout_matches_hf(grid, window_units):
 def test_rotary_matches_hf(model_type):
     """cos/sin from (row, col) positions equal HF's vision rotary module's."""
     config_class, _ = HF_CLASSES[model_type]
-    hf_config = config_class(text_config=TEXT, vision_config=VISION[model_type]).vision_config
+    hf_config = config_class(
+        text_config=CONFIGS[model_type]["text_config"], vision_config=VISION[model_type]
+    ).vision_config
     module = hf_vision_rotary[model_type](hf_config)
     ours = parse_vision_config(hf_config, model_type)
     positions = np.stack(np.meshgrid(np.arange(6), np.arange(10), indexing="ij"), -1)

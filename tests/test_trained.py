@@ -86,11 +86,10 @@ def test_load_trained_refuses_a_base_that_is_not_the_runs(tmp_path_factory, tmp_
 def test_load_trained_of_a_full_fine_tuning_run_without_a_mesh(tmp_path):
     """Full fine-tuning: the model is built abstractly and every parameter comes from the
     checkpoint's params item (here: a state whose parameters were all changed)."""
-    from metaembed_jax.data.tokenizer import build_test_tokenizer
-    from metaembed_jax.training import testing
+    from tests.helpers import build_test_tokenizer, tiny_run_config
 
     tokenizer = build_test_tokenizer(tmp_path / "data" / "tokenizer", 320)
-    config = testing.tiny_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
+    config = tiny_run_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
     config.data.dir = str(tmp_path / "data")
     tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
     state = create_train_state(build_model(config), tx, lora=False)

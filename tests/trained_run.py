@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from metaembed_jax.data.tokenizer import build_test_tokenizer
-from metaembed_jax.training import loop, testing
+from metaembed_jax.training import loop
+from tests.helpers import RandomBatches, build_test_tokenizer, tiny_run_config
 
 _RUN: dict[str, Path] = {}
 
@@ -16,7 +16,7 @@ _RUN: dict[str, Path] = {}
 def tiny_lora_config(data_dir: Path):
     tokenizer_dir = data_dir / "tokenizer"
     tokenizer = build_test_tokenizer(tokenizer_dir, 320)
-    config = testing.tiny_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
+    config = tiny_run_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
     config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
     config.lora.enabled = True
     config.train.steps = 2
@@ -32,7 +32,7 @@ def trained_lora_run(tmp_path_factory) -> Path:
     if "run" not in _RUN:
         root = tmp_path_factory.mktemp("trained_lora_run")
         config = tiny_lora_config(root / "data")
-        loop.train(config, root / "run", train_iterator=testing.RandomBatches(0))
+        loop.train(config, root / "run", train_iterator=RandomBatches(0))
         _RUN["run"] = root / "run"
     return _RUN["run"]
 

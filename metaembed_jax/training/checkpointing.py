@@ -15,7 +15,6 @@ fingerprint the training run wrote (`metaembed_jax.trained`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -318,15 +317,3 @@ def _damaged_parameter(error: BaseException, names: list[str]) -> str:
     if found is None:
         return f"a file is damaged ({reason})"
     return f"parameter {found} is damaged ({reason})"
-
-
-def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written after the checkpoint a run resumes from)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    if len(kept) != len(lines):
-        logging.info("metrics: dropping %d lines past step %d", len(lines) - len(kept), last_step)
-        path.write_text("".join(line + "\n" for line in kept))

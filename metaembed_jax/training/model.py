@@ -102,7 +102,8 @@ def base_source(config) -> str:
 
 
 def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = None) -> MetaEmbed:
-    """The MetaEmbed of `config`, its parameters placed on `mesh` by the logical-axis rules.
+    """The MetaEmbed of `config`, every variable placed on `mesh` by the logical-axis rules (the
+    one placement: `create_train_state` keeps it).
 
     Random initialisation is seeded by `config.seed` and does not depend on the mesh.
     Raises FileNotFoundError for a missing `init_from` dir, ValueError for bad model fields.
@@ -111,16 +112,18 @@ def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = No
     kwargs = model_kwargs(config)
     rngs_seed = int(config.seed)
     if config.init_from:
+        # load_hf places the backbone's variables on the mesh; only MetaEmbed's own (meta tokens,
+        # projection) are left to place.
         model = MetaEmbed.from_pretrained(
             config.init_from,
             rngs=nnx.Rngs(rngs_seed),
             mesh=mesh,
-            rules=sharding.LOGICAL_AXIS_RULES,
+            rules=sharding.axis_rules(),
             **kwargs,
         )
         if mesh is not None:
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, sharding.shard_state(state, mesh))
+            own = nnx.state(model, nnx.Not(nnx.PathContains("backbone")))
+            nnx.update(model, sharding.shard_state(own, mesh))
         return model
     hf = hf_config_dict(config, vocab_size)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -24,11 +23,11 @@ from metaembed_jax import sharding
 from metaembed_jax.losses import mmr_loss
 from metaembed_jax.training.state import TrainState, state_shardings
 
-FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
 
 def _features(features: dict[str, Any]) -> dict[str, Any]:
-    return {k: features[k] for k in FEATURE_KEYS if features.get(k) is not None}
+    # A side holds its backbone family's features (the pipeline keeps only `feature_keys`);
+    # absent optional ones may be None.
+    return {k: v for k, v in features.items() if v is not None}
 
 
 def compute_loss(
@@ -91,23 +90,6 @@ def train_step(
     }
     new_state = state.replace(step=state.step + 1, params=params, other=other, opt_state=opt_state)
     return new_state, metrics
-
-
-def put_batch(batch, mesh: Mesh | None):
-    """Host (numpy) batches -> arrays split over the batch axes; jax.Arrays pass unchanged."""
-    if mesh is None:
-        return batch
-
-    def put(x):
-        if isinstance(x, jax.Array):
-            return x
-        x = np.asarray(x)
-        # Every process holds the whole host batch (tests, benchmarks): each takes its shards.
-        return jax.make_array_from_callback(
-            x.shape, sharding.batch_sharding(mesh, x.ndim), lambda index: x[index]
-        )
-
-    return jax.tree.map(put, batch)
 
 
 # Jitted steps by (batch structure and shardings, loss settings, schedule, mesh): shared by every
@@ -174,5 +156,6 @@ class TrainStep:
         return jitted
 
     def __call__(self, state: TrainState, batch):
-        batch = put_batch(batch, self.mesh)
+        # Tests and benchmarks hand every process the whole host batch.
+        batch = sharding.put_batch(batch, self.mesh, whole=True)
         return self._jitted(state, batch)(state, batch)

@@ -11,7 +11,7 @@ How it differs from the PyTorch reference, and why:
 - Qwen2.5-VL mixes full-attention and window-attention blocks: one `nnx.scan` runs all blocks;
   the layer index rides in the scan carry and each block picks, with `lax.cond`, full attention
   within frames or window attention within windows.
-- Padding (CONTRACTS.md): all-zero rows of `image_grid_thw` are no image; patch rows past
+- Padding (docs/design.md): all-zero rows of `image_grid_thw` are no image; patch rows past
   `sum(t*h*w)` are padding. Padding patches form a segment of their own (they never attend to or
   from real patches), sort after every real window, and their output rows (after the real ones)
   are set to zero.
@@ -36,7 +36,7 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.hf_loading import Rule
-from metaembed_jax.models.qwen2_vl_rope import locate_in_runs
+from metaembed_jax.models.qwen2_vl.rope import locate_in_runs
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
