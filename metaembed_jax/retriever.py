@@ -119,10 +119,10 @@ class Retriever:
     ) -> list[list[tuple[Any, float]]]:
         """Per query, its `k` best (id, score) pairs, best first, at `budget` (default the
         trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist."""
-        from metaembed_jax.evaluation.encode import check_budgets
+        from metaembed_jax.scoring import resolve_budgets
 
         checks = [budget or self.trained_sizes] + ([coarse_budget] if coarse_budget else [])
-        checked = check_budgets(checks, *self.trained_sizes)
+        checked = resolve_budgets(checks, *self.trained_sizes)
         embeddings = self.encode_queries(queries)
         k = min(int(k), len(index))
         options = {"coarse_budget": checked[1], "shortlist": shortlist} if coarse_budget else {}
