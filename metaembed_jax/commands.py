@@ -4,6 +4,7 @@
         [--add] [--dpi 96]
     metaembed index search --index INDEX --run DIR --query "text" [--query-image img.png]
         [--queries-file FILE] --budget 16x64 --k 10 [--coarse 1x1 --shortlist 300] [--json]
+    metaembed export --run DIR --out OUT [--format hf] [--step N]
 
 Training and evaluation stay `python train.py` / `python eval.py` (absl + ml_collections
 configs); everything here reads the run's own saved config.
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--shortlist", type=int, default=1000, help="candidates re-ranked")
     search.add_argument("--batch-size", type=int, default=None, help="queries per encoder call")
     search.add_argument("--json", action="store_true", help="one JSON object per query")
+
+    export = commands.add_parser("export", help="write a run for transformers / PyTorch users")
+    export.add_argument("--run", required=True, help="training run directory (train.py --workdir)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.add_argument("--format", default="hf", choices=("hf",), help="hf: merged checkpoint")
     return parser
 
 
@@ -147,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "index":
         {"build": _index_build, "search": _index_search}[args.action](args)
+    elif args.command == "export":
+        from metaembed_jax.export import export_run
+
+        print(export_run(args.run, args.out, args.format, step=args.step))
     return 0
 
 

@@ -175,6 +175,14 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv_to_linear": lambda tensor: tensor.reshape(tensor.shape[0], -1).T,
 }
 
+# The inverse of each TRANSFORMS entry (export): our parameter -> the checkpoint tensor of
+# `shape` (the shape the checkpoint format expects; "conv_to_linear" cannot be undone without it).
+INVERSE_TRANSFORMS: dict[str, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
+    "identity": lambda array, shape: array,
+    "linear": lambda array, shape: array.T,
+    "conv_to_linear": lambda array, shape: array.T.reshape(shape),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
