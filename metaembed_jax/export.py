@@ -82,11 +82,24 @@ def merged_backbone_params(backbone: nnx.Module) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- rule inversion
 
 
-def _target_regex(target: str) -> re.Pattern:
-    """A Rule target such as "layers.self_attn.{p}_proj.kernel" as a regex over parameter paths
-    (each `{name}` a named group)."""
-    escaped = re.escape(target)
-    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^.]+)", escaped))
+def _pattern_groups(pattern: str) -> dict[str, str]:
+    """{group name: its sub-pattern} of the named groups of a Rule pattern."""
+    groups = {}
+    for found in re.finditer(r"\(\?P<(\w+)>", pattern):
+        groups[found.group(1)] = pattern[found.end() : _group_end(pattern, found.start()) - 1]
+    return groups
+
+
+def _target_regex(rule: Rule) -> re.Pattern:
+    """A Rule target such as "layers.self_attn.{p}_proj.kernel" as a regex over parameter paths:
+    each `{name}` accepts what the pattern's group of that name accepts (`(?P<p>q|k|v)`)."""
+    groups = _pattern_groups(rule.pattern)
+
+    def group(found: re.Match) -> str:
+        name = found.group(1)
+        return f"(?P<{name}>(?:{groups.get(name, '[^.]+')}))"
+
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", group, re.escape(rule.target)))
 
 
 def _group_end(pattern: str, start: int) -> int:
@@ -162,7 +175,7 @@ def hf_tensors(
     Raises ExportError listing every parameter no rule maps and every shape that disagrees.
     """
     rules = [rule for rule in family.rules(hf_config) if rule.target is not None]
-    inverse = [(_target_regex(rule.target), rule) for rule in rules]
+    inverse = [(_target_regex(rule), rule) for rule in rules]
     tensors, problems = {}, []
     for name, value in params.items():
         rule, groups = _find_rule(name, inverse)
