@@ -1,10 +1,12 @@
 """Evaluate a trained MetaEmbed at every retrieval budget and print the scaling table.
 
-    python eval.py --config configs/demo.py --workdir runs/demo
-    python eval.py --config configs/demo.py --workdir DIR --checkpoint DIR/checkpoints/400
+    python eval.py --workdir runs/demo                   # the run's own saved config
+    python eval.py --workdir DIR --checkpoint 400        # an earlier step
     python eval.py --config configs/demo.py --workdir DIR --config.eval.budgets='((1,1),(16,64))'
 
-Reads the latest checkpoint of `--workdir` (or `--checkpoint`), encodes the evaluation sets
+Without `--config`, the run's saved DIR/config.json is used; a `--config` given must name the
+same model / loss / LoRA / base checkpoint as the run (its eval settings may differ). Reads the
+latest checkpoint of `--workdir` (or `--checkpoint`), encodes the evaluation sets
 once (cached under DIR/eval/cache), scores each budget of `config.eval.budgets`, prints one row
 per budget and writes DIR/eval/results.json and DIR/eval/scaling.png. The logic lives in
 `metaembed_jax.evaluation.runner`.
@@ -13,14 +15,18 @@ per budget and writes DIR/eval/results.json and DIR/eval/scaling.png. The logic 
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Recipe file (configs/*.py); default: the run's config.json.", lock_config=True
+)
 flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints are read and eval/ is written here."
 )
 flags.DEFINE_string(
-    "checkpoint", None, "A checkpoint step directory (default: the latest in workdir)."
+    "checkpoint",
+    None,
+    "A step of workdir (400) or a step directory DIR/checkpoints/400 (default: the latest).",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 

@@ -3,8 +3,9 @@
 LoRA r=32, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down of the language model, meta tokens
 (16 + 64) trained fully; AdamW lr 1e-4, 500 warm-up steps, 4000 steps, global batch 384;
 bfloat16 compute with float32 master weights; gradient checkpointing; images up to 1024 merged
-visual tokens. `config.init_from` must be a local copy of the checkpoint, e.g.
-    huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct \
+visual tokens. `config.init_from` is a local copy of the checkpoint or its Hub id (resolved
+through the HF cache), e.g.
+    hf download Qwen/Qwen2.5-VL-7B-Instruct \
         --local-dir checkpoints/Qwen2.5-VL-7B-Instruct
 
 Variants: `configs/qwen2_5_vl_7b.py:nommr` (loss on the full budget only) and `:single`

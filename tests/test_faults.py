@@ -32,7 +32,7 @@ from metaembed_jax.evaluation import encode, runner
 from metaembed_jax.models import hf_loading
 from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.config import validate_config
-from tests import helpers
+from tests.helpers import RandomBatches, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -40,7 +40,7 @@ GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 
 
 def small_config():
-    config = helpers.tiny_run_config(r_q=4, r_c=8)
+    config = tiny_run_config(r_q=4, r_c=8)
     config.loss.groups = GROUPS
     return config
 
@@ -161,7 +161,7 @@ def test_reference_recipes_stay_valid():
         validate_config(load_recipe(REPO / spec))
 
 
-class NaNImagesFrom(helpers.RandomBatches):
+class NaNImagesFrom(RandomBatches):
     """Random batches whose images turn NaN from batch `bad_index` on (a diverging run)."""
 
     def __init__(self, bad_index: int):
@@ -211,9 +211,9 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 from metaembed_jax.training import loop
-from tests import helpers
+from tests.helpers import RandomBatches, tiny_run_config
 
-class StallAtStep5(helpers.RandomBatches):
+class StallAtStep5(RandomBatches):
     # The batch of step 5 never comes: steps 1-4 are logged, then the parent kills the process.
     def __next__(self):
         if self.index == 4:
@@ -221,7 +221,7 @@ class StallAtStep5(helpers.RandomBatches):
             time.sleep(3600)
         return super().__next__()
 
-config = helpers.tiny_run_config(r_q=4, r_c=8)
+config = tiny_run_config(r_q=4, r_c=8)
 config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 config.train.steps = 6
 config.checkpoint.every = int(sys.argv[3])
@@ -273,8 +273,8 @@ def test_metrics_after_sigkill_and_resume_match_the_uninterrupted_run(tmp_path, 
     with metrics_path.open("a") as f:
         f.write('{"step": 5, "lo')
     with caplog.at_level(logging.WARNING):
-        loop.train(config, workdir, train_iterator=helpers.RandomBatches(0))
-    full = loop.train(config, tmp_path / "full", train_iterator=helpers.RandomBatches(0))
+        loop.train(config, workdir, train_iterator=RandomBatches(0))
+    full = loop.train(config, tmp_path / "full", train_iterator=RandomBatches(0))
     logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     drop = lambda row: {k: v for k, v in row.items() if k != "examples_per_s"}  # noqa: E731
     assert [drop(row) for row in logged] == [drop(row) for row in full]

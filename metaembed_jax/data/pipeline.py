@@ -50,6 +50,7 @@ from jax.sharding import Mesh
 
 from metaembed_jax import sharding
 from metaembed_jax.data import builders, sources
+from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.models.family import BackboneFamily, Processor, family_for
 from metaembed_jax.models.hf_loading import read_config
 
@@ -173,7 +174,7 @@ def model_family(config) -> BackboneFamily:
 
     Raises ValueError for a model type no registered family handles."""
     if config.init_from:
-        return family_for(read_config(config.init_from))
+        return family_for(read_config(resolve_checkpoint(config.init_from)))
     return family_for(config.model.hf_config.to_dict())
 
 
@@ -183,7 +184,7 @@ def make_processor(config, family: BackboneFamily | None = None) -> Processor:
 
     Raises FileNotFoundError when that tokenizer directory does not exist."""
     family = model_family(config) if family is None else family
-    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
+    path = resolve_checkpoint(config.init_from) or os.path.join(config.data.dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"

@@ -150,13 +150,16 @@ def evaluate(
     )
 
 
-def checkpoint_location(workdir, checkpoint: str | None) -> tuple[Path, int | None]:
+def checkpoint_location(workdir, checkpoint: str | int | None) -> tuple[Path, int | None]:
     """(run directory, step or None = latest) from `--workdir` / `--checkpoint`.
 
-    `checkpoint` may be a step directory (`RUN/checkpoints/<step>`) or a run directory.
+    `checkpoint` may be a step number of `workdir` (`--checkpoint 400`), a step directory
+    (`RUN/checkpoints/<step>`) or a run directory.
     """
-    if not checkpoint:
+    if checkpoint is None or checkpoint == "":
         return Path(workdir), None
+    if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+        return Path(workdir), int(checkpoint)
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
@@ -165,8 +168,8 @@ def checkpoint_location(workdir, checkpoint: str | None) -> tuple[Path, int | No
     if (path / "checkpoints").is_dir():
         return path, None
     raise ValueError(
-        f"--checkpoint {checkpoint!r} is neither a step directory RUN/checkpoints/<step> nor a "
-        "run directory holding checkpoints/"
+        f"--checkpoint {checkpoint!r} is neither a step number, a step directory "
+        "RUN/checkpoints/<step> nor a run directory holding checkpoints/"
     )
 
 
@@ -201,9 +204,9 @@ def find_step(run_dir: Path, step: int | None) -> int:
             f"no checkpoints in {run_dir}: train first (python train.py --config ... "
             f"--workdir {run_dir}) or pass --checkpoint"
         )
-    checkpointer = Checkpointer(run_dir, async_save=False)
+    checkpointer = Checkpointer(run_dir, read_only=True)
     try:
-        steps = list(checkpointer.manager.all_steps())
+        steps = checkpointer.all_steps()
     finally:
         checkpointer.close()
     found = max(steps, default=None) if step is None else step
@@ -213,28 +216,6 @@ def find_step(run_dir: Path, step: int | None) -> int:
             f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
         )
     return int(found)
-
-
-def restore_model(config, run_dir: Path, step: int, mesh, vocab_size: int | None):
-    """The MetaEmbed of the run in `run_dir` with the weights of checkpoint `step`.
-
-    The train state is rebuilt from the config as the training run built it (frozen LoRA base
-    weights come from `init_from` / the seed), then the checkpoint is restored into it.
-    """
-    from metaembed_jax.training.checkpointing import Checkpointer
-    from metaembed_jax.training.model import build_model
-    from metaembed_jax.training.state import create_train_state, make_optimizer
-
-    model = build_model(config, mesh=mesh, vocab_size=vocab_size)
-    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
-    template = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
-    del model
-    checkpointer = Checkpointer(run_dir, keep=int(config.checkpoint.keep), async_save=False)
-    try:
-        state, _ = checkpointer.restore(template, step)
-    finally:
-        checkpointer.close()
-    return state.model()
 
 
 class LazyEncoder:
@@ -249,12 +230,15 @@ class LazyEncoder:
         from metaembed_jax import sharding
         from metaembed_jax.data.pipeline import make_processor, model_family
         from metaembed_jax.evaluation.encode import ModelEncoder
+        from metaembed_jax.trained import restore_trained_model
 
         config = self.config
         mesh = sharding.make_mesh(config.mesh)
         family = model_family(config)
         processor = make_processor(config, family)  # the run's tokenizer, as training used it
-        model = restore_model(config, self.run_dir, self.step, mesh, len(processor.tokenizer))
+        model = restore_trained_model(
+            config, self.run_dir, self.step, mesh=mesh, vocab_size=len(processor.tokenizer)
+        )
         shards = sharding.batch_shards(mesh, tuple(config.data.batch_axes))
         batch_size = -(-int(config.eval.batch_size) // shards) * shards
         return ModelEncoder(
@@ -272,14 +256,30 @@ class LazyEncoder:
         return self.encoder(items, side)
 
 
-def run(config, workdir: str | os.PathLike, checkpoint: str | None = None):
+def run_config(config, run_dir: Path):
+    """The config to evaluate `run_dir` with: the run's saved config.json when `config` is None,
+    else `config` after checking it names the same model / loss / LoRA / base checkpoint.
+
+    Raises RunMismatchError naming every differing field.
+    """
+    from metaembed_jax.training import run_identity
+
+    if config is None:
+        return run_identity.read_saved_config(run_dir)
+    run_identity.check_run_identity(run_dir, config, action="evaluate")
+    return config
+
+
+def run(config, workdir: str | os.PathLike, checkpoint: str | int | None = None):
     """eval.py: restore, encode (cached), score every budget, report; returns (table, results).
 
-    Raises ValueError for a budget beyond the trained sizes before anything is loaded (`evaluate`
-    checks the budgets before the lazy encoder restores the model), and FileNotFoundError when
-    there is no checkpoint to evaluate.
+    `config` None = the run's saved config. Raises RunMismatchError for a config that is not
+    the run's, ValueError for a budget beyond the trained sizes before anything is loaded
+    (`evaluate` checks the budgets before the lazy encoder restores the model), and
+    FileNotFoundError when there is no checkpoint to evaluate.
     """
     run_dir, step = checkpoint_location(workdir, checkpoint)
+    config = run_config(config, run_dir)
     step = find_step(run_dir, step)
     r_q, r_c = trained_sizes(config)
     info = {

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax import sharding
+from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.models.family import BackboneFamily, family_for
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +173,14 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     # a patch-embedding Conv (kernel == stride) as a linear map on flattened patches
     # [out, C, (T,) P, P] -> [C*(T*)P*P, out], in the order HF flattens pixel_values.
     "conv_to_linear": lambda tensor: tensor.reshape(tensor.shape[0], -1).T,
+}
+
+# The inverse of each TRANSFORMS entry (export): our parameter -> the checkpoint tensor of
+# `shape` (the shape the checkpoint format expects; "conv_to_linear" cannot be undone without it).
+INVERSE_TRANSFORMS: dict[str, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
+    "identity": lambda array, shape: array,
+    "linear": lambda array, shape: array.T,
+    "conv_to_linear": lambda array, shape: array.T.reshape(shape),
 }
 
 
@@ -320,6 +329,7 @@ def load_hf(
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
+    path = resolve_checkpoint(path)
     config = read_config(path)
     family = family_for(config)
 

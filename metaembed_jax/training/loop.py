@@ -22,9 +22,15 @@ from jax.experimental import multihost_utils
 
 from metaembed_jax import sharding
 from metaembed_jax.data.pipeline import make_processor, make_train_iterator, model_family
-from metaembed_jax.training import checkpointing, metrics
+from metaembed_jax.training import checkpointing, metrics, run_identity
 from metaembed_jax.training.config import loss_groups, validate_config
-from metaembed_jax.training.model import build_model, check_init_from, hf_config_dict
+from metaembed_jax.training.model import (
+    base_hf_config,
+    base_source,
+    build_model,
+    check_init_from,
+    hf_config_dict,
+)
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
 
@@ -126,6 +132,23 @@ def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
         (workdir / "model_config.json").write_text(json.dumps(hf, indent=2))
 
 
+def _has_checkpoint(workdir: Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _record_or_check_base(config, workdir: Path, state, vocab_size, *, check: bool) -> None:
+    """A LoRA run's checkpoints hold only the adapters: write the fingerprint of the base they
+    need (a fresh run) or check the base built now against it (a resume)."""
+    fingerprint = run_identity.base_fingerprint(
+        state.frozen, base_hf_config(config, vocab_size), base_source(config)
+    )
+    if check and (workdir / run_identity.FINGERPRINT_FILE).exists():
+        run_identity.check_base_fingerprint(workdir, fingerprint)
+    elif jax.process_index() == 0:
+        run_identity.write_base_fingerprint(workdir, fingerprint)
+
+
 def _next_batch(iterator, accum_steps: int):
     if accum_steps == 1:
         return next(iterator)
@@ -161,12 +184,17 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
             global_batch_size=micro_batch,
             seed=config.seed,
         )
+    resuming = _has_checkpoint(workdir)
+    if resuming:  # before config.json is overwritten with the config given
+        run_identity.check_run_identity(workdir, config, action="resume")
     _write_run_files(config, workdir, vocab_size)
 
     model = build_model(config, mesh=mesh, vocab_size=vocab_size)
     tx, schedule = make_optimizer(config.optimizer, steps)
     state = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
     del model
+    if config.lora.enabled:
+        _record_or_check_base(config, workdir, state, vocab_size, check=resuming)
     checkpointer = checkpointing.Checkpointer(
         workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
     )
@@ -214,6 +242,7 @@ def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop
     step, last_saved = start, (start or None)
     while step < steps:
         state, step_metrics = train_step(state, _next_batch(iterator, accum))
+        checkpointer.check_for_errors()  # a failed background save stops the run at once
         step += 1
         watch.update(step, step_metrics)
         throughput.add(int(config.train.batch_size))

@@ -13,8 +13,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metaembed_jax import sharding
+from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.models import layers
+from metaembed_jax.models.hf_loading import read_config
 from metaembed_jax.models.layers import LoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -77,12 +79,27 @@ def model_kwargs(config) -> dict[str, Any]:
 
 def check_init_from(config) -> None:
     """Raise FileNotFoundError unless `config.init_from` is empty or a checkpoint directory."""
-    path = config.init_from
+    path = resolve_checkpoint(config.init_from)
     if path and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"config.init_from={path!r} is not a Hugging Face checkpoint directory (expected "
             f"{os.path.join(path, 'config.json')} and *.safetensors)"
         )
+
+
+def base_hf_config(config, vocab_size: int | None = None) -> dict[str, Any]:
+    """The transformers config of the backbone `config` builds: `init_from`'s config.json or
+    `model.hf_config` (with the tokenizer's vocabulary size filled in)."""
+    if config.init_from:
+        return read_config(resolve_checkpoint(config.init_from))
+    return hf_config_dict(config, vocab_size)
+
+
+def base_source(config) -> str:
+    """Where the backbone's weights come from, in words (for error messages)."""
+    if config.init_from:
+        return f"checkpoint {config.init_from}"
+    return f"random initialisation of config.model.hf_config with seed {config.seed}"
 
 
 def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = None) -> MetaEmbed:

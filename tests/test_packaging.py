@@ -1,0 +1,77 @@
+"""`pip install .` into a fresh virtual environment gives a working `metaembed` command.
+
+Offline: the new venv sees this environment's installed dependencies through a .pth file,
+and the package is installed with --no-deps --no-build-isolation --no-index (nothing is
+downloaded). The command runs outside the source tree, so the installed copy is the one used.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
+    # Outside the source tree: no PYTHONPATH pointing at it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "data", "__pycache__", "*.egg-info", "build", ".ruff_cache"
+        ),
+    )
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"]
+        + ["--no-build-isolation", "--no-index", str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+
+    shown = subprocess.run(
+        [venv / "bin" / "metaembed", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "index" in shown.stdout and "usage: metaembed" in shown.stdout
+    build_help = subprocess.run(
+        [venv / "bin" / "metaembed", "index", "build", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert "--corpus" in build_help.stdout and "--dtype" in build_help.stdout
+    where = subprocess.run(
+        [python, "-c", "import metaembed_jax, pathlib; print(metaembed_jax.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the installed copy, not the source tree
+    licence = list(Path(site).glob("metaembed_jax-*.dist-info/licenses/LICENSE"))
+    assert licence and "Apache License" in licence[0].read_text()

@@ -1,0 +1,106 @@
+"""load_trained on a tiny trained LoRA run: the parameters only (the optimizer state is never
+read: the test deletes it), equal to the train state restored the training way, and a base
+model that is not the run's refused with what differs."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from metaembed_jax import load_trained
+from metaembed_jax.evaluation import runner
+from metaembed_jax.training.checkpointing import Checkpointer
+from metaembed_jax.training.model import build_model
+from metaembed_jax.training.run_identity import RunMismatchError, read_saved_config
+from metaembed_jax.training.state import create_train_state, make_optimizer
+from tests.trained_run import copy_run, trained_lora_run
+
+TEXTS = ["a red cube left of a blue sphere", "two green cones"]
+
+
+def _train_state_model(run):
+    """Reference: the full train state (params + optimizer) restored as a resume does."""
+    config = read_saved_config(run)
+    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+    template = create_train_state(build_model(config), tx, lora=True)
+    checkpointer = Checkpointer(run, read_only=True)
+    state, _ = checkpointer.restore(template)
+    checkpointer.close()
+    return state.model(), template.model()
+
+
+def _flat_params(model):
+    return {
+        ".".join(map(str, path)): np.asarray(v[...])
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def test_load_trained_restores_the_parameters_without_optimizer_state(tmp_path_factory, tmp_path):
+    run = copy_run(trained_lora_run(tmp_path_factory), tmp_path / "run")
+    reference, initial = _train_state_model(run)
+    shutil.rmtree(run / "checkpoints" / "2" / "opt_state")  # load_trained must not need it
+    model, processor = load_trained(run)
+
+    got, want = _flat_params(model), _flat_params(reference)
+    assert sorted(got) == sorted(want)  # the same tree: every variable of the trained model
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # Trained values, not the initial ones: the meta tokens moved in two steps.
+    assert not np.array_equal(got["meta_tokens"], _flat_params(initial)["meta_tokens"])
+
+    features = processor(TEXTS, [None, None], side="query")
+    np.testing.assert_allclose(
+        np.asarray(model.embed(side="query", **features)),
+        np.asarray(reference.embed(side="query", **features)),
+        atol=1e-6,
+    )
+    # eval.py without --config evaluates under the run's own saved config.
+    assert runner.run_config(None, run).to_dict() == read_saved_config(run).to_dict()
+
+
+def test_load_trained_refuses_a_base_that_is_not_the_runs(tmp_path_factory, tmp_path):
+    run = copy_run(trained_lora_run(tmp_path_factory), tmp_path / "run")
+    config = read_saved_config(run)
+    config.seed = 1  # the random base of this LoRA run is derived from the seed
+    with pytest.raises(RunMismatchError, match=r"weights' values differ: backbone\."):
+        load_trained(run, config=config)
+
+    path = run / "base_fingerprint.json"
+    fingerprint = json.loads(path.read_text())
+    fingerprint["config"]["text_config"]["num_hidden_layers"] = 3
+    layer_norm = next(k for k in fingerprint["shapes"] if k.endswith("input_layernorm.scale"))
+    fingerprint["shapes"][layer_norm][0][0] = 3
+    path.write_text(json.dumps(fingerprint))
+    with pytest.raises(RunMismatchError) as error:
+        load_trained(run)
+    message = str(error.value)
+    assert "text_config.num_hidden_layers: run's base has 3, given base has 2" in message
+    assert f"shapes {layer_norm}" in message
+    jax.clear_caches()
+
+
+def test_load_trained_of_a_full_fine_tuning_run_without_a_mesh(tmp_path):
+    """Full fine-tuning: the model is built abstractly and every parameter comes from the
+    checkpoint's params item (here: a state whose parameters were all changed)."""
+    from tests.helpers import build_test_tokenizer, tiny_run_config
+
+    tokenizer = build_test_tokenizer(tmp_path / "data" / "tokenizer", 320)
+    config = tiny_run_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
+    config.data.dir = str(tmp_path / "data")
+    tx, _ = make_optimizer(config.optimizer, int(config.train.steps))
+    state = create_train_state(build_model(config), tx, lora=False)
+    state = state.replace(params=jax.tree.map(lambda x: x + 0.5, state.params))
+    checkpointer = Checkpointer(tmp_path / "run", async_save=False)
+    checkpointer.save(state, data_state={})
+    checkpointer.close()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "0" / "opt_state")
+
+    model, _ = load_trained(tmp_path / "run", config=config)
+    got, want = _flat_params(model), _flat_params(state.model())
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
