@@ -55,6 +55,8 @@ QUERY_PREFIX, CANDIDATE_PREFIX = "Query: ", ""
 IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+# Llama-3.2-11B-Vision's image settings (transformers' `MllamaImageProcessorPil` defaults)
+PUBLISHED_TILE_SIZE, PUBLISHED_MAX_TILES = 560, 4
 
 
 def _token_id(tokenizer, token: str) -> int:
@@ -231,15 +233,15 @@ def make_processor(data_config, path: str | os.PathLike | None = None) -> Mllama
     """The family's processor for a data config: the tokenizer / image settings of `path` (a
     checkpoint or tokenizer dir; default: the built-in tokenizer `<config.data.dir>/tokenizer`),
     the config's length buckets and `max_images`, and `data_config.mllama_tile_size` /
-    `mllama_max_tiles` when set (tiny models; default: the checkpoint's image settings)."""
+    `mllama_max_tiles` when non-zero (tiny models; 0: the checkpoint's image settings)."""
     path = Path(data_config.dir) / "tokenizer" if path is None else path
     options = {}
-    if data_config.get("mllama_tile_size"):
+    if data_config.mllama_tile_size:
         side = int(data_config.mllama_tile_size)
         options["size"] = {"height": side, "width": side}
-    if data_config.get("mllama_max_tiles"):
+    if data_config.mllama_max_tiles:
         options["max_image_tiles"] = int(data_config.mllama_max_tiles)
-    max_images = int(data_config.get("max_images", 1)) or None
+    max_images = int(data_config.max_images) or None
     return MllamaEmbedProcessor.from_pretrained(
         path,
         length_buckets=tuple(data_config.length_buckets) or None,
@@ -256,10 +258,11 @@ class StaticShapes:
 
     def __init__(self, data_config, batch_size: int, multiple: int = 1, same_shapes: bool = False):
         del batch_size, multiple, same_shapes  # one image shape for every batch already
-        self.max_images = int(data_config.get("max_images", 1))
-        self.always_emit_pixels = bool(data_config.get("always_emit_pixels", True))
-        self.tiles = int(data_config.get("mllama_max_tiles") or 4)
-        self.tile_size = int(data_config.get("mllama_tile_size") or 560)
+        self.max_images = int(data_config.max_images)
+        self.always_emit_pixels = bool(data_config.always_emit_pixels)
+        # 0 = the published checkpoint's tiles (what its preprocessor_config.json holds)
+        self.tiles = int(data_config.mllama_max_tiles or PUBLISHED_MAX_TILES)
+        self.tile_size = int(data_config.mllama_tile_size or PUBLISHED_TILE_SIZE)
 
     def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
         features = {k: v for k, v in features.items() if v is not None}
