@@ -36,6 +36,10 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
+# One row's image entry (an image, encoded bytes, a list of them, or empty) as a list of PIL
+# images, and the length-bucket choice: shared with the Qwen2-VL processor.
+from metaembed_jax.models.qwen2_vl.processing import _as_image_list, _smallest_fitting
+
 FEATURE_KEYS = (
     "input_ids",
     "attention_mask",
@@ -67,13 +71,6 @@ def _token_id(tokenizer, token: str) -> int:
             f"Mllama tokenizer with {SPECIAL_TOKENS} is expected"
         )
     return int(encoded[0])
-
-
-def _smallest_fitting(buckets: Sequence[int] | None, size: int) -> int | None:
-    for bucket in sorted(buckets or ()):
-        if bucket >= size:
-            return bucket
-    return None
 
 
 class MllamaEmbedProcessor:
@@ -161,7 +158,10 @@ class MllamaEmbedProcessor:
         if images is not None and len(images) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(images)} image entries")
         row_ids = list(range(len(texts))) if row_ids is None else list(row_ids)
-        per_row = [list(images[i] or ()) if images is not None else [] for i in range(len(texts))]
+        per_row = [
+            _as_image_list(None if images is None else images[i], row_ids[i])
+            for i in range(len(texts))
+        ]
         prompts = []
         for i, text in enumerate(texts):
             text = (text or "").strip()
