@@ -13,7 +13,7 @@ from metaembed_jax.models.mllama.processing import SPECIAL_TOKENS
 from tests import helpers
 from tests.test_training import run_steps
 
-VOCAB, TILES, TILE = 96, 2, 28
+VOCAB, TILES, TILE = 96, 4, 28  # transformers requires 4 tiles
 IMAGE, BOS = SPECIAL_TOKENS.index("<|image|>"), SPECIAL_TOKENS.index("<|begin_of_text|>")
 
 
