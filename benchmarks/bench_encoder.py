@@ -1,5 +1,6 @@
 """Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model
-(and a PaliGemma row: the full forward of a mid-size PaliGemma, same comparison).
+(and PaliGemma and Mllama rows: the full forward of a mid-size PaliGemma / Llama-3.2-Vision,
+same comparison).
 
 One process, same random weights (the HF model is saved with `save_pretrained` and loaded with
 `load_hf`), same inputs, float32, the same thread count for both. Mid-size config: hidden 512,
@@ -53,6 +54,9 @@ def parse_args():
         type=int,
         default=8,
         help="decoder = SigLIP depth of the PaliGemma row",
+    )
+    parser.add_argument(
+        "--mllama_layers", type=int, default=8, help="decoder = vision depth of the Mllama row"
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
     parser.add_argument("--images_only", action="store_true", help="only the images line")
@@ -327,15 +331,31 @@ def paligemma_forward(args) -> tuple[str, ...]:
     # docstring: its SDPA path is bidirectional for an unpadded batch without them).
     batch = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
     batch.update(pixel_values=pixels, token_type_ids=np.ones_like(input_ids))
+    diff, seconds = jax_vs_torch(hf_model, batch, args.repeats, jax_drop=("token_type_ids",))
+    print(
+        f"PaliGemma: batch {args.batch} x {input_ids.shape[1]} tokens ({image_tokens} image "
+        f"tokens), max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
+    )
+    torch_s, jax_s = seconds["torch"], seconds["jax"]
+    speedup = f"{torch_s / jax_s:.2f}x"
+    return ("paligemma forward", f"{torch_s:.3f}", f"{jax_s:.3f}", speedup, "-", "-")
+
+
+def jax_vs_torch(hf_model, batch, repeats, jax_drop=()) -> tuple[float, dict[str, float]]:
+    """`hf_model` saved and loaded with `load_hf` (float32); our jitted forward vs
+    `hf_model.model(...).last_hidden_state` on the same numpy `batch` (integer arrays as torch
+    longs; `jax_drop`: keys only transformers takes). Returns (max abs diff of the last hidden
+    states, seconds per forward {"jax", "torch"})."""
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)
         model = load_hf(directory, dtype=jnp.float32)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, b: nnx.merge(graphdef, state)(**b))
-    jax_batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "token_type_ids"}
-    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
-        tensors[key] = tensors[key].long()
+    jax_batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in jax_drop}
+    tensors = {
+        k: torch.from_numpy(v).long() if np.issubdtype(v.dtype, np.integer) else torch.from_numpy(v)
+        for k, v in batch.items()
+    }
 
     def torch_forward():
         with torch.inference_mode():
@@ -346,14 +366,53 @@ def paligemma_forward(args) -> tuple[str, ...]:
         "torch": torch_forward,
     }
     diff = float(np.abs(np.asarray(runs["jax"]()) - runs["torch"]().numpy()).max())
-    seconds = interleaved_seconds(runs, args.repeats)
+    return diff, interleaved_seconds(runs, repeats)
+
+
+def mllama_forward(args) -> tuple[str, ...]:
+    """The Mllama row: full forward of a mid-size Llama-3.2-Vision (Llama 3 decoder, hidden 512,
+    `--mllama_layers` layers with a gated cross-attention layer every 4th; vision width 256,
+    as many local layers + 2 global ones), one image of one `--image_size` tile (it enters
+    through cross-attention: one `<|image|>` token) + `<bos>` + `--text_tokens` tokens."""
+    from metaembed_jax.models.mllama import tiny_config as mllama_config
+
+    layers, side = args.mllama_layers, args.image_size
+    text = dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=2, cross_attention_layers=list(range(3, layers, 4)) or [layers - 1],
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_global_layers=2,
+        attention_heads=4, image_size=side, max_num_tiles=4,
+        intermediate_layers_indices=[layers // 2, layers - 1], vision_output_dim=3 * 256,
+    )  # fmt: skip
+    config = mllama_config(1024, text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    hf_model = transformers.MllamaForConditionalGeneration(
+        transformers.MllamaConfig(**config)
+    ).eval()
+    rng = np.random.default_rng(0)
+    head = [config["image_token_index"], config["text_config"]["bos_token_id"]]
+    rows = [head + rng.integers(8, 1000, args.text_tokens).tolist() for _ in range(args.batch)]
+    input_ids = np.asarray(rows, np.int32)
+    # transformers requires 4 tiles (its aspect-ratio table); the image fills tile 0 (1x1).
+    tile_0 = np.zeros((args.batch, 1, 4), np.int32)
+    tile_0[..., 0] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": np.ones_like(input_ids),
+        "pixel_values": rng.normal(size=(args.batch, 1, 4, 3, side, side)).astype(np.float32),
+        "aspect_ratio_ids": np.ones((args.batch, 1), np.int32),  # 1 = the 1x1 canvas
+        "aspect_ratio_mask": tile_0,
+        "cross_attention_mask": np.repeat(tile_0[:, None], input_ids.shape[1], axis=1),
+    }
+    diff, seconds = jax_vs_torch(hf_model, batch, args.repeats)
     print(
-        f"PaliGemma: batch {args.batch} x {input_ids.shape[1]} tokens ({image_tokens} image "
-        f"tokens), max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
+        f"Mllama: batch {args.batch} x {input_ids.shape[1]} tokens, one {side} px tile per "
+        f"example, max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
     )
     torch_s, jax_s = seconds["torch"], seconds["jax"]
-    speedup = f"{torch_s / jax_s:.2f}x"
-    return ("paligemma forward", f"{torch_s:.3f}", f"{jax_s:.3f}", speedup, "-", "-")
+    return ("mllama forward", f"{torch_s:.3f}", f"{jax_s:.3f}", f"{torch_s / jax_s:.2f}x", "-", "-")
 
 
 def compile_seconds(num_layers: int, batch: dict) -> float:
@@ -380,6 +439,7 @@ def main(args) -> None:
     print(f"size {args.size}")
     rows = throughput(args)
     rows.append(paligemma_forward(args))
+    rows.append(mllama_forward(args))
     print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up | JAX GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
     for row in rows:

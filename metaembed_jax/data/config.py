@@ -51,6 +51,12 @@ def get_data_config() -> ConfigDict:
     # "packed": HF's layout, patches [P, D] of all images of the batch, grid rows
     #   [batch * max_images, 3]; single process only (per-process blocks would mis-align).
     data.image_layout = "per_example"
+    # Mllama (Llama-3.2-Vision) tiles: the side of one square tile in pixels and the most tiles
+    # one image is split into. 0 = the checkpoint's `preprocessor_config.json`, or without one
+    # the published checkpoint's 560 px and 4 tiles. Set both for a tiny model (they must equal
+    # its vision config's `image_size` and `max_num_tiles`).
+    data.mllama_tile_size = 0
+    data.mllama_max_tiles = 0
 
     # --- static shapes (one compiled program per bucket combination) ---
     # Sequence lengths the processor left-pads `input_ids` to: the smallest bucket that fits

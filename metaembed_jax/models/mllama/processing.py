@@ -36,6 +36,10 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
+# One row's image entry (an image, encoded bytes, a list of them, or empty) as a list of PIL
+# images, and the length-bucket choice: shared with the Qwen2-VL processor.
+from metaembed_jax.models.qwen2_vl.processing import _as_image_list, _smallest_fitting
+
 FEATURE_KEYS = (
     "input_ids",
     "attention_mask",
@@ -55,6 +59,8 @@ QUERY_PREFIX, CANDIDATE_PREFIX = "Query: ", ""
 IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+# Llama-3.2-11B-Vision's image settings (transformers' `MllamaImageProcessorPil` defaults)
+PUBLISHED_TILE_SIZE, PUBLISHED_MAX_TILES = 560, 4
 
 
 def _token_id(tokenizer, token: str) -> int:
@@ -65,13 +71,6 @@ def _token_id(tokenizer, token: str) -> int:
             f"Mllama tokenizer with {SPECIAL_TOKENS} is expected"
         )
     return int(encoded[0])
-
-
-def _smallest_fitting(buckets: Sequence[int] | None, size: int) -> int | None:
-    for bucket in sorted(buckets or ()):
-        if bucket >= size:
-            return bucket
-    return None
 
 
 class MllamaEmbedProcessor:
@@ -159,7 +158,10 @@ class MllamaEmbedProcessor:
         if images is not None and len(images) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(images)} image entries")
         row_ids = list(range(len(texts))) if row_ids is None else list(row_ids)
-        per_row = [list(images[i] or ()) if images is not None else [] for i in range(len(texts))]
+        per_row = [
+            _as_image_list(None if images is None else images[i], row_ids[i])
+            for i in range(len(texts))
+        ]
         prompts = []
         for i, text in enumerate(texts):
             text = (text or "").strip()
@@ -231,15 +233,15 @@ def make_processor(data_config, path: str | os.PathLike | None = None) -> Mllama
     """The family's processor for a data config: the tokenizer / image settings of `path` (a
     checkpoint or tokenizer dir; default: the built-in tokenizer `<config.data.dir>/tokenizer`),
     the config's length buckets and `max_images`, and `data_config.mllama_tile_size` /
-    `mllama_max_tiles` when set (tiny models; default: the checkpoint's image settings)."""
+    `mllama_max_tiles` when non-zero (tiny models; 0: the checkpoint's image settings)."""
     path = Path(data_config.dir) / "tokenizer" if path is None else path
     options = {}
-    if data_config.get("mllama_tile_size"):
+    if data_config.mllama_tile_size:
         side = int(data_config.mllama_tile_size)
         options["size"] = {"height": side, "width": side}
-    if data_config.get("mllama_max_tiles"):
+    if data_config.mllama_max_tiles:
         options["max_image_tiles"] = int(data_config.mllama_max_tiles)
-    max_images = int(data_config.get("max_images", 1)) or None
+    max_images = int(data_config.max_images) or None
     return MllamaEmbedProcessor.from_pretrained(
         path,
         length_buckets=tuple(data_config.length_buckets) or None,
@@ -256,10 +258,11 @@ class StaticShapes:
 
     def __init__(self, data_config, batch_size: int, multiple: int = 1, same_shapes: bool = False):
         del batch_size, multiple, same_shapes  # one image shape for every batch already
-        self.max_images = int(data_config.get("max_images", 1))
-        self.always_emit_pixels = bool(data_config.get("always_emit_pixels", True))
-        self.tiles = int(data_config.get("mllama_max_tiles") or 4)
-        self.tile_size = int(data_config.get("mllama_tile_size") or 560)
+        self.max_images = int(data_config.max_images)
+        self.always_emit_pixels = bool(data_config.always_emit_pixels)
+        # 0 = the published checkpoint's tiles (what its preprocessor_config.json holds)
+        self.tiles = int(data_config.mllama_max_tiles or PUBLISHED_MAX_TILES)
+        self.tile_size = int(data_config.mllama_tile_size or PUBLISHED_TILE_SIZE)
 
     def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
         features = {k: v for k, v in features.items() if v is not None}
