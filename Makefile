@@ -55,4 +55,4 @@ bench: $(VENV)/.bench
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs data_cache
+	rm -rf $(VENV) runs data_cache data_cache_*
