@@ -1,0 +1,138 @@
+"""Gradient caching (GradCache, Gao et al. 2021): one contrastive batch larger than memory.
+
+With `config.train.grad_cache` and `grad_accum_steps = k`, the k micro-batches of a step form ONE
+contrastive batch: every query is contrasted with every positive of the whole global batch, as in
+a step without accumulation, while only one micro-batch's activations are alive at a time:
+
+1. forward every micro-batch, keeping only its embeddings (nothing is differentiated, so no
+   activations are stored);
+2. the MMR loss of the global batch's embeddings and its gradient with respect to them (positives
+   gathered across the batch axes as in the one-shot step, inside the same `mmr_loss`);
+3. forward each micro-batch again under `jax.vjp` and pull its slice of those embedding gradients
+   back to the parameters; the sum over micro-batches is the gradient of the global-batch loss.
+
+Dropout: micro-batch i runs with the RNG streams the one-shot accumulation would give it (the
+step's streams advanced by the i micro-batches before it), in both passes, so passes 1 and 3 draw
+the same masks and the result is the exact gradient of the global loss under those masks. The
+streams after the last micro-batch are carried to the next step, as without caching.
+
+Cost: one extra forward per micro-batch (about a third more compute than accumulation without
+caching). The loss, its embeddings and the cached embedding gradients of the global batch are the
+only global-size tensors (`B x (R_q + R_c + n_neg R_c) x D` float32 each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from metaembed_jax.training.state import TrainState
+from metaembed_jax.training.step import embed_batch, embeddings_loss, merged_model
+
+
+def _embed_micro(state: TrainState, params, other, micro):
+    """(embeddings of one micro-batch, the RNG streams after its forward)."""
+    model = merged_model(state, params, other)
+    embeddings = embed_batch(model, micro)
+    return embeddings, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def _micro_batch_size(micro) -> int:
+    return int(micro["query"]["input_ids"].shape[0])
+
+
+def _check_micro_batches(micro_batches: Sequence) -> None:
+    sizes = [_micro_batch_size(micro) for micro in micro_batches]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"grad_cache needs micro-batches of equal size; got sizes {sizes}")
+    with_negatives = [micro.get("negative") is not None for micro in micro_batches]
+    if len(set(with_negatives)) != 1:
+        raise ValueError(
+            f"grad_cache needs hard negatives in every micro-batch or in none; got {with_negatives}"
+        )
+
+
+def interleave(parts: Sequence[jax.Array]) -> jax.Array:
+    """k arrays `[b, ...]` -> `[b * k, ...]`, row `j * k + i` = row j of part i.
+
+    Stacking on axis 1 keeps the leading (batch-sharded) axis in place, so every device's rows
+    of the global batch are the rows it already holds: no data moves between devices. The loss is
+    a sum over queries, each against the set of all positives, so the row order does not change
+    it (only the order of float summation).
+    """
+    stacked = jnp.stack(parts, axis=1)
+    return stacked.reshape(stacked.shape[0] * stacked.shape[1], *stacked.shape[2:])
+
+
+def deinterleave(whole: jax.Array, count: int) -> list[jax.Array]:
+    """The inverse of `interleave`: `[b * k, ...]` -> k arrays `[b, ...]`."""
+    split = whole.reshape(whole.shape[0] // count, count, *whole.shape[1:])
+    return [split[:, i] for i in range(count)]
+
+
+def _join(per_micro: Sequence[tuple]) -> tuple:
+    """Per-micro-batch (queries, positives, negatives | None) -> the global batch's."""
+    return tuple(
+        None if parts[0] is None else interleave(parts) for parts in zip(*per_micro, strict=True)
+    )
+
+
+def _split(global_part: tuple, count: int) -> list[tuple]:
+    """The inverse of `_join`: the global batch's tensors -> per-micro-batch tuples."""
+    columns = [
+        [None] * count if whole is None else deinterleave(whole, count) for whole in global_part
+    ]
+    return [tuple(column[i] for column in columns) for i in range(count)]
+
+
+def cached_gradients(
+    state: TrainState,
+    micro_batches: Sequence[dict],
+    *,
+    groups,
+    temperature: float,
+    mesh: Mesh | None = None,
+):
+    """The global-batch MMR loss over all `micro_batches` and its parameter gradients.
+
+    Takes the train state, k micro-batches of equal size (`{"query", "positive",
+    "negative"?}`), the loss settings and the mesh (or None). Returns `(loss, group_losses
+    [G], grads, other)`: the loss of the concatenated batch, its gradient with respect to
+    `state.params` (a sum over micro-batches, not a mean) and the RNG streams after the step.
+    Raises ValueError for micro-batches of unequal size or with negatives in only some of them.
+    """
+    _check_micro_batches(micro_batches)
+    count = len(micro_batches)
+    params = state.params
+
+    # Pass 1: embeddings only. Each micro-batch's RNG streams are kept for pass 3.
+    streams, per_micro, other = [], [], state.other
+    for micro in micro_batches:  # unrolled: micro-batches may differ in (static) length
+        streams.append(other)
+        embeddings, other = _embed_micro(state, params, other, micro)
+        per_micro.append(embeddings)
+
+    # Pass 2: the global-batch loss and its gradient with respect to the embeddings.
+    def loss_of(embeddings):
+        loss, aux = embeddings_loss(embeddings, groups, temperature, mesh)
+        return loss, aux["group_losses"]
+
+    (loss, group_losses), embedding_grads = jax.value_and_grad(loss_of, has_aux=True)(
+        _join(per_micro)
+    )
+
+    # Pass 3: each micro-batch's forward again, pulled back with its embedding gradients.
+    grads = None
+    for micro, stream, cotangent in zip(
+        micro_batches, streams, _split(embedding_grads, count), strict=True
+    ):
+        _, pull_back, _ = jax.vjp(
+            lambda p, s=stream, m=micro: _embed_micro(state, p, s, m), params, has_aux=True
+        )
+        (micro_grads,) = pull_back(cotangent)
+        grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
+    return loss, group_losses, grads, other
