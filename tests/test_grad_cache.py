@@ -7,6 +7,10 @@ what the cached step promises); two real processes against one. Tiny model: hidd
 1 vision block, R_q = 4, R_c = 8.
 """
 
+import json
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +20,16 @@ from flax import nnx
 
 from metaembed_jax import sharding
 from metaembed_jax.losses import mmr_loss
-from metaembed_jax.training import testing
-from metaembed_jax.training.config import loss_groups
+from metaembed_jax.training import loop, testing
+from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.grad_cache import cached_gradients, deinterleave, interleave
 from metaembed_jax.training.model import build_model
+from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep, embed_batch
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MICRO = 4  # examples per micro-batch on one device
 
 
@@ -224,3 +230,84 @@ def test_cached_step_on_a_2x2x2_mesh_equals_one_device(one_shot_16, count):
     per = 4 // count
     merged = tuple(concat_batches(micros[i : i + per]) for i in range(0, 4, per))
     assert_same_step(one_step(config, merged, grad_cache=True, mesh=mesh), want)
+
+
+class ConcatBatches:
+    """`count` consecutive batches of `testing.RandomBatches` as one (text-only) batch."""
+
+    def __init__(self, count: int, **batch_kwargs):
+        self.inner, self.count = testing.RandomBatches(0, **batch_kwargs), count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return concat_batches([next(self.inner) for _ in range(self.count)])
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state)
+
+
+CONFIG = """
+from metaembed_jax.training import testing
+config = testing.tiny_config(r_q=4, r_c=8)
+config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
+config.mesh.data = 8
+config.train.steps = 2
+config.train.batch_size = 16
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_the_one_shot_step(tmp_path, run_two_processes):
+    """Two processes x 4 CPU devices, k = 2 cached micro-batches of 8: the losses a single
+    process logs with the one-shot step on the 16-example global batches (<= 1e-5)."""
+    body = f"""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
+                               process_id=process_id)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    from metaembed_jax.training import loop, testing
+    {textwrap.indent(CONFIG, "    ").strip()}
+    config.distributed.mode = "off"  # initialised above
+    config.train.grad_accum_steps = 2
+    config.train.grad_cache = True
+    rows = loop.train(config, workdir, train_iterator=testing.RandomBatches(0, batch=8))
+    with open(f"{{workdir}}/rows_{{process_id}}.json", "w") as f:
+        json.dump(rows, f)
+    """
+    workdir = tmp_path / "two"
+    run_two_processes(body, workdir)
+    scope = {}
+    exec(CONFIG, scope)
+    want = loop.train(scope["config"], tmp_path / "one", train_iterator=ConcatBatches(2, batch=8))
+    for i in range(2):
+        rows = json.loads((workdir / f"rows_{i}.json").read_text())
+        assert [r["step"] for r in rows] == [r["step"] for r in want]
+        for key in ("loss", "group_losses", "grad_norm"):
+            np.testing.assert_allclose(
+                [r[key] for r in rows], [r[key] for r in want], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_recipe_variants():
+    """`:gradcache` turns caching on (7B: 8 micro-batches over an all-FSDP mesh, valid on 4
+    devices); the other variants keep their settings and leave it off."""
+    config = load_recipe(CONFIGS / "qwen2_5_vl_7b.py:gradcache")
+    assert config.train.grad_cache and config.train.grad_accum_steps == 8
+    assert (config.mesh.data, config.mesh.fsdp, config.train.batch_size) == (1, -1, 384)
+    validate_config(config, num_batch_shards=4)
+    demo = load_recipe(CONFIGS / "demo.py:gradcache")
+    assert demo.train.grad_cache and demo.train.grad_accum_steps == 4
+    for variant, loss_variant in (("", "mmr"), (":nommr", "nommr"), (":single", "single")):
+        config = load_recipe(f"{CONFIGS / 'qwen2_5_vl_7b.py'}{variant}")
+        assert config.loss.variant == loss_variant and not config.train.grad_cache
+        assert (config.mesh.fsdp, config.train.grad_accum_steps) == (4, 1)
