@@ -8,6 +8,9 @@ what the cached step promises); two real processes against one. Tiny model: hidd
 """
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -29,7 +32,8 @@ from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep, embed_batch
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 MICRO = 4  # examples per micro-batch on one device
 
 
@@ -311,3 +315,45 @@ def test_recipe_variants():
         config = load_recipe(f"{CONFIGS / 'qwen2_5_vl_7b.py'}{variant}")
         assert config.loss.variant == loss_variant and not config.train.grad_cache
         assert (config.mesh.fsdp, config.train.grad_accum_steps) == (4, 1)
+
+
+def _run_module(*command, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [sys.executable, *command], env=env, cwd=cwd, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_path):
+    """train.py on configs/demo.py (a small build of its dataset), 10 steps: `:gradcache` (4
+    micro-batches of 8) logs the losses of the plain run (one batch of 32) within 1e-5."""
+    data = tmp_path / "data"
+    sizes = ["--config.data.synthetic.num_train=640", "--config.data.synthetic.num_val=12"]
+    sizes.append("--config.data.synthetic.num_test=12")
+    demo = str(REPO / "configs" / "demo.py")
+    _run_module(
+        "-m",
+        "metaembed_jax.data.build",
+        f"--config={demo}",
+        f"--config.data.dir={data}",
+        *sizes,
+        cwd=REPO,
+    )
+    common = [f"--config.data.dir={data}", "--config.train.steps=10", "--config.train.log_every=1"]
+    common += ["--config.checkpoint.every=100", "--config.train.progress_bar=False", *sizes]
+    logged = {}
+    for name, config in (("plain", demo), ("cached", f"{demo}:gradcache")):
+        workdir = tmp_path / name
+        _run_module(
+            str(REPO / "train.py"), f"--config={config}", f"--workdir={workdir}", *common, cwd=REPO
+        )
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        logged[name] = [json.loads(line) for line in lines]
+    assert [r["step"] for r in logged["cached"]] == list(range(1, 11))
+    for key in ("loss", "group_losses"):
+        np.testing.assert_allclose(
+            [r[key] for r in logged["cached"]], [r[key] for r in logged["plain"]], atol=1e-5
+        )
