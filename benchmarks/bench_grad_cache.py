@@ -7,7 +7,7 @@ by the gradient-cached step split into k = 1, 2, 4, 8 micro-batches. Memory = XL
 figure caching divides by about k) and `args` (state + batch). It does not depend on the
 machine's load; the step times do (`--steps 0` skips them). One process, one device.
 
-    python benchmarks/bench_grad_cache.py [--hidden 128 --layers 4 --batch 32 --length 512]
+    python benchmarks/bench_grad_cache.py [--hidden 128 --layers 2 --batch 32 --length 256]
     python benchmarks/bench_grad_cache.py --model 7b --batch 48 --length 512
 
 `--model 7b`: the reference recipe's model and settings (Qwen2.5-VL-7B shapes from its published
@@ -113,9 +113,9 @@ def measure(step: TrainStep, state, batch, steps: int):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (0: none)")
     parser.add_argument("--counts", default="1,2,4,8")
