@@ -16,9 +16,10 @@ step's streams advanced by the i micro-batches before it), in both passes, so pa
 the same masks and the result is the exact gradient of the global loss under those masks. The
 streams after the last micro-batch are carried to the next step, as without caching.
 
-Cost: one extra forward per micro-batch (about a third more compute than accumulation without
-caching). The loss, its embeddings and the cached embedding gradients of the global batch are the
-only global-size tensors (`B x (R_q + R_c + n_neg R_c) x D` float32 each).
+Cost: one extra forward per micro-batch (a forward is about a third of a forward and backward
+without remat, a quarter with full remat, which already recomputes it once). The embeddings of
+the global batch and their cached gradients are the only global-size tensors
+(`B x (R_q + R_c + n_neg R_c) x D` float32 each).
 """
 
 from __future__ import annotations
