@@ -127,6 +127,24 @@ def test_cached_step_equals_the_one_shot_step(one_shot_8, count):
     assert_same_step(one_step(config, merged, grad_cache=True), want)
 
 
+def left_pad(side: dict, length: int) -> dict:
+    """A text-only side left-padded to `length` (the padding the pipeline's buckets add)."""
+    extra = length - side["input_ids"].shape[1]
+    pad = ((0, 0), (extra, 0))
+    return {k: np.pad(side[k], pad, constant_values=0) for k in ("input_ids", "attention_mask")}
+
+
+def test_micro_batches_of_different_lengths_equal_the_one_shot_step():
+    """Micro-batches padded to different lengths (length buckets) take the unrolled path and
+    still give the one-shot step on the global batch (padded to the longest)."""
+    config = small_config()
+    short = testing.random_batch(7, batch=4, length=12)
+    long = testing.random_batch(8, batch=4, length=20)
+    padded = {side: left_pad(short[side], 20) for side in short}
+    want = one_step(config, concat_batches([padded, long]), grad_cache=False)
+    assert_same_step(one_step(config, (short, long), grad_cache=True), want)
+
+
 def test_cached_step_differs_from_plain_accumulation(one_shot_8):
     """The test above can fail: accumulation without caching trains another objective."""
     config, micros, want = one_shot_8

@@ -2,7 +2,9 @@
 
 With `config.train.grad_cache` and `grad_accum_steps = k`, the k micro-batches of a step form ONE
 contrastive batch: every query is contrasted with every positive of the whole global batch, as in
-a step without accumulation, while only one micro-batch's activations are alive at a time:
+a step without accumulation, while only one micro-batch's activations are alive at a time
+(micro-batches of one shape run under `lax.scan`; of different shapes, unrolled, with no such
+guarantee):
 
 1. forward every micro-batch, keeping only its embeddings (nothing is differentiated, so no
    activations are stored);
