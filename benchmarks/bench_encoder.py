@@ -1,4 +1,5 @@
-"""Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model.
+"""Encoder forward throughput: our jitted JAX Qwen2.5-VL backbone vs transformers' PyTorch model
+(and a PaliGemma row: the full forward of a mid-size PaliGemma, same comparison).
 
 One process, same random weights (the HF model is saved with `save_pretrained` and loaded with
 `load_hf`), same inputs, float32, the same thread count for both. Mid-size config: hidden 512,
@@ -7,6 +8,12 @@ Also prints the compile time of the jitted forward for 4 vs 16 layers (decoder a
 the layer stacks are scanned, so it should stay nearly flat.
 
     python -m benchmarks.bench_encoder [--batch 8] [--repeats 5] [--threads N]
+    python -m benchmarks.bench_encoder --size large   # hidden 1024, 8+8 layers, 448 px + 64 tokens
+    python -m benchmarks.bench_encoder --images_only  # just the vision tower's images line
+
+Also prints the "linear in images" line: the JAX tower's forward (4 blocks, width 256, 2 of them
+full attention) on 8 images of 448 px packed in one batch, against 8 times one image, with the
+per-image bound (the per-example layout's) and without it (attention over the packed sequence).
 
 Prints a markdown table and the machine's load (a loaded machine inflates absolute times).
 """
@@ -35,36 +42,66 @@ from metaembed_jax.models import from_config, load_hf
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--text_tokens", type=int, default=32)
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--text_tokens", type=int, default=None, help="default: the size's")
+    parser.add_argument("--image_size", type=int, default=None, help="default: the size's")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per framework")
     # XLA's CPU client uses every core of the machine; torch is given the same count.
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--skip_compile", action="store_true", help="skip the 4 vs 16 layers part")
-    return parser.parse_args()
+    parser.add_argument(
+        "--paligemma_layers",
+        type=int,
+        default=8,
+        help="decoder = SigLIP depth of the PaliGemma row",
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+    parser.add_argument("--images_only", action="store_true", help="only the images line")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=0.0, help="the machine's peak, for MFU (0 = skip)"
+    )
+    args = parser.parse_args()
+    for name, value in SIZES[args.size]["defaults"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 IMAGE_PAD, VISION_START, VISION_END = 1000, 1001, 1002
 
 
-def mid_config(num_layers: int = 8, vision_depth: int = 8) -> transformers.Qwen2_5_VLConfig:
+# mid: the default (hidden 512); large: the issue's larger size (hidden 1024, 8+8 layers).
+SIZES = {
+    "mid": dict(
+        text=dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8),
+        vision=dict(hidden_size=256, intermediate_size=704, num_heads=4),
+        defaults=dict(text_tokens=32, image_size=224),
+    ),
+    "large": dict(
+        text=dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16),
+        vision=dict(hidden_size=512, intermediate_size=1408, num_heads=8),
+        defaults=dict(text_tokens=64, image_size=448),
+    ),
+}
+
+
+def mid_config(
+    num_layers: int = 8, vision_depth: int = 8, size: str = "mid"
+) -> transformers.Qwen2_5_VLConfig:
+    sizes = SIZES[size]
     text = dict(
         vocab_size=1024,
-        hidden_size=512,
-        intermediate_size=1408,
         num_hidden_layers=num_layers,
-        num_attention_heads=8,
         num_key_value_heads=2,
+        # head_dim 64 at both sizes: the sections sum to head_dim / 2
         rope_parameters=dict(rope_type="default", mrope_section=[8, 12, 12], rope_theta=1e6),
+        **sizes["text"],
     )
     vision = dict(
         depth=vision_depth,
-        hidden_size=256,
-        intermediate_size=704,
-        num_heads=4,
-        out_hidden_size=512,
+        out_hidden_size=sizes["text"]["hidden_size"],
         window_size=112,
         fullatt_block_indexes=[vision_depth // 2 - 1, vision_depth - 1],
+        **sizes["vision"],
     )
     return transformers.Qwen2_5_VLConfig(
         text_config=text,
@@ -153,19 +190,28 @@ def jax_runs(model, batch) -> tuple[dict, jax.Array, jax.Array]:
     graphdef, state = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     grid = batch["image_grid_thw"]
+    # The per-example layout (the pipeline's default): one image per example, so a reshape.
+    # Its patch budget bounds each image, and the tower attends per image.
+    examples = batch["input_ids"].shape[0]
+    per_example = {
+        **batch,
+        "pixel_values": batch["pixel_values"].reshape(examples, -1, batch["pixel_values"].shape[1]),
+        "image_grid_thw": grid.reshape(examples, 1, 3),
+    }
+    patches = per_example["pixel_values"].shape[1]
 
     def call(method):
         return jax.jit(lambda state, *args: method(nnx.merge(graphdef, state), *args))
 
     forward = call(lambda m, b: m(**b))
-    vision = call(lambda m, pixels, grid: m.visual(pixels, grid))
+    vision = call(lambda m, pixels, grid: m.visual(pixels, grid, max_image_patches=patches))
     decoder = call(lambda m, embeds, mask, positions: m.decode(embeds, mask, positions))
     embeds = call(lambda m, ids, pixels, grid: m.embed_inputs(ids, pixels, grid))(
         state, batch["input_ids"], batch["pixel_values"], grid
     )
     positions = model.position_ids(batch["input_ids"], batch["attention_mask"], grid)
     runs = {
-        "forward": lambda: forward(state, batch).block_until_ready(),
+        "forward": lambda: forward(state, per_example).block_until_ready(),
         "vision": lambda: vision(state, batch["pixel_values"], grid).block_until_ready(),
         "decoder": lambda: decoder(
             state, embeds, batch["attention_mask"], positions
@@ -174,9 +220,9 @@ def jax_runs(model, batch) -> tuple[dict, jax.Array, jax.Array]:
     return runs, embeds, positions
 
 
-def throughput(args) -> list[tuple[str, str, str, str]]:
+def throughput(args) -> list[tuple[str, ...]]:
     torch.manual_seed(0)
-    hf_model = transformers.Qwen2_5_VLForConditionalGeneration(mid_config()).eval()
+    hf_model = transformers.Qwen2_5_VLForConditionalGeneration(mid_config(size=args.size)).eval()
     batch = make_inputs(args.batch, args.text_tokens, args.image_size)
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)
@@ -192,11 +238,122 @@ def throughput(args) -> list[tuple[str, str, str, str]]:
         f"batch {args.batch} x {length} tokens ({length - args.text_tokens - 2} image tokens), "
         f"max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
     )
+    # Rough MFU: 2 FLOPs per parameter per token (vision params per patch, decoder per token).
+    params = {
+        "vision": _count(model.visual),
+        "decoder": _count(model) - _count(model.visual),
+    }
+    flops = {
+        "vision": 2 * params["vision"] * batch["pixel_values"].shape[0],
+        "decoder": 2 * params["decoder"] * batch["input_ids"].size,
+    }
+    flops["forward"] = flops["vision"] + flops["decoder"]
     rows = []
     for part in ("forward", "vision", "decoder"):
         torch_s, jax_s = seconds[f"torch {part}"], seconds[f"jax {part}"]
-        rows.append((part, f"{torch_s:.3f}", f"{jax_s:.3f}", f"{torch_s / jax_s:.2f}x"))
+        mfu = "-"
+        if args.peak_tflops:
+            mfu = f"{flops[part] / jax_s / (args.peak_tflops * 1e12):.1%}"
+        row = (part, f"{torch_s:.3f}", f"{jax_s:.3f}", f"{torch_s / jax_s:.2f}x")
+        rows.append((*row, f"{flops[part] / jax_s / 1e9:.1f}", mfu))
     return rows
+
+
+def _count(module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def images_line(args) -> None:
+    """The JAX tower on 8 images of 448 px in one packed batch vs 8 times one image: with the
+    per-image bound (attention per image) and without it (over the whole packed sequence)."""
+    config = mid_config(num_layers=1, vision_depth=4)
+    tower = from_config(config, rngs=nnx.Rngs(0)).visual
+    graphdef, state = nnx.split(tower)
+    one = make_inputs(1, 0, 448)
+    eight = make_inputs(8, 0, 448)
+    patches = int(np.prod(one["image_grid_thw"][0]))
+
+    def forward(bound):
+        def run(state, pixels, grid):
+            return nnx.merge(graphdef, state)(pixels, grid, max_image_patches=bound)
+
+        return jax.jit(run)
+
+    runs = {}
+    for name, bound in (("per image", patches), ("packed, no bound", None)):
+        fn = forward(bound)
+        for count, batch in (("1", one), ("8", eight)):
+            pixels, grid = jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["image_grid_thw"])
+            runs[(name, count)] = lambda fn=fn, p=pixels, g=grid: fn(
+                state, p, g
+            ).block_until_ready()
+    seconds = interleaved_seconds(runs, args.repeats)
+    print(
+        f"\nvision tower (4 blocks, width 256, 2 full-attention), 448 px images "
+        f"({patches} patches each), JAX jitted:\n"
+    )
+    print("| attention | 1 image, s | 8 images packed, s | 8 images / (8 x 1 image) |")
+    print("|---|---|---|---|")
+    for name in ("per image", "packed, no bound"):
+        single, batch8 = seconds[(name, "1")], seconds[(name, "8")]
+        print(f"| {name} | {single:.3f} | {batch8:.3f} | {batch8 / (8 * single):.2f}x |")
+
+
+def paligemma_forward(args) -> tuple[str, ...]:
+    """The PaliGemma row: full forward of a mid-size PaliGemma (Gemma decoder, hidden 512,
+    `--paligemma_layers` layers; SigLIP width 256, as deep), one `--image_size` image (its 14 px
+    patches as `<image>` tokens) + `<bos>` + `--text_tokens` text tokens per example."""
+    from metaembed_jax.models.paligemma import tiny_config as paligemma_config
+
+    layers = args.paligemma_layers
+    config = paligemma_config(
+        1024, image_size=args.image_size, hidden_size=512, intermediate_size=1408,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+    )  # fmt: skip
+    config["vision_config"].update(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.PaliGemmaForConditionalGeneration(
+        transformers.PaliGemmaConfig(**config)
+    ).eval()
+    rng = np.random.default_rng(0)
+    image_tokens = (args.image_size // 14) ** 2
+    head = [config["image_token_index"]] * image_tokens + [2]  # <image> x T, <bos>
+    rows = [head + rng.integers(4, 1000, args.text_tokens).tolist() for _ in range(args.batch)]
+    input_ids = np.asarray(rows, np.int32)
+    pixels = rng.normal(size=(args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
+    # token_type_ids of ones: transformers' causal path even without padding (the model's
+    # docstring: its SDPA path is bidirectional for an unpadded batch without them).
+    batch = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    batch.update(pixel_values=pixels, token_type_ids=np.ones_like(input_ids))
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model.save_pretrained(directory)
+        model = load_hf(directory, dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, b: nnx.merge(graphdef, state)(**b))
+    jax_batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "token_type_ids"}
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        tensors[key] = tensors[key].long()
+
+    def torch_forward():
+        with torch.inference_mode():
+            return hf_model.model(**tensors).last_hidden_state
+
+    runs = {
+        "jax": lambda: forward(state, jax_batch).block_until_ready(),
+        "torch": torch_forward,
+    }
+    diff = float(np.abs(np.asarray(runs["jax"]()) - runs["torch"]().numpy()).max())
+    seconds = interleaved_seconds(runs, args.repeats)
+    print(
+        f"PaliGemma: batch {args.batch} x {input_ids.shape[1]} tokens ({image_tokens} image "
+        f"tokens), max abs diff of last hidden states JAX vs torch: {diff:.1e}\n"
+    )
+    torch_s, jax_s = seconds["torch"], seconds["jax"]
+    speedup = f"{torch_s / jax_s:.2f}x"
+    return ("paligemma forward", f"{torch_s:.3f}", f"{jax_s:.3f}", speedup, "-", "-")
 
 
 def compile_seconds(num_layers: int, batch: dict) -> float:
@@ -217,11 +374,17 @@ def main(args) -> None:
         f"transformers {transformers.__version__}, threads {args.threads}, float32; "
         f"{machine_load.describe()}\n"
     )
+    if args.images_only:
+        images_line(args)
+        return
+    print(f"size {args.size}")
     rows = throughput(args)
-    print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up |")
-    print("|---|---|---|---|")
+    rows.append(paligemma_forward(args))
+    print("| part | transformers (PyTorch), s | JAX jitted, s | JAX speed-up | JAX GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    images_line(args)
     if not args.skip_compile:
         batch = {k: jnp.asarray(v) for k, v in make_inputs(2, 8, 112).items()}
         print("\n| layers (decoder = vision depth) | compile time of the jitted forward, s |")

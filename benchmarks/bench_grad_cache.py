@@ -28,10 +28,11 @@ from ml_collections import ConfigDict
 
 from benchmarks import machine_load
 from metaembed_jax.losses import MMR_GROUPS
-from metaembed_jax.training import testing
+from metaembed_jax.models.qwen2_vl import tiny_config
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
+from tests import helpers
 
 MIB = 2.0**20
 
@@ -60,10 +61,10 @@ QWEN2_5_VL_7B_VISION = dict(
 
 def recipe_7b_config():
     """The reference recipe's model settings on the 7B shapes (random init, abstract only)."""
-    hf = testing.tiny_hf_config()
+    hf = tiny_config()
     hf["text_config"].update(QWEN2_5_VL_7B_TEXT)
     hf["vision_config"].update(QWEN2_5_VL_7B_VISION)
-    config = testing.tiny_config()
+    config = helpers.tiny_run_config()
     config.model.hf_config = ConfigDict(hf)
     config.model.dtype, config.model.remat = "bfloat16", "full"
     config.lora.enabled, config.lora.rank, config.lora.alpha = True, 32, 32.0
@@ -127,9 +128,9 @@ def main():
         config = recipe_7b_config()
         args.steps = 0
     else:
-        config = testing.tiny_config()
+        config = helpers.tiny_run_config()
         config.model.hf_config = ConfigDict(
-            testing.tiny_hf_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+            tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
         )
         config.model.remat = args.remat
     config.optimizer.warmup_steps = 0
@@ -139,14 +140,14 @@ def main():
         state = abstract_state(config, tx)
         batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-            testing.random_batch(0, batch=args.batch, length=args.length, vocab=1024),
+            helpers.random_batch(0, batch=args.batch, length=args.length, vocab=1024),
         )
         described = "Qwen2.5-VL-7B shapes, LoRA r=32 dropout 0.1, bfloat16, remat full"
     else:
         state = create_train_state(build_model(config), tx, lora=False)
         batch = jax.tree.map(
             jnp.asarray,
-            testing.random_batch(0, batch=args.batch, length=args.length, vocab=1024),
+            helpers.random_batch(0, batch=args.batch, length=args.length, vocab=1024),
         )
         described = f"hidden {args.hidden}, layers {args.layers}, remat {args.remat}"
     print(

@@ -23,6 +23,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks import machine_load  # noqa: E402
 from metaembed_jax.data import build, builders, pipeline  # noqa: E402
+from metaembed_jax.models.qwen2_vl import FAMILY  # noqa: E402
 from metaembed_jax.training.recipes import load_recipe  # noqa: E402
 
 
@@ -39,9 +40,8 @@ def plain_loop(config, processor, batch_size: int, batches: int) -> float:
     source = builders.open_pairs(pipeline.dataset_dir(config))
     order = np.random.default_rng(0).permutation(len(source))
     decode = pipeline.DecodeRecord("bench", config.hard_negatives)
-    collate = pipeline.Collate(
-        processor, pipeline.StaticShapes(config, batch_size), config.hard_negatives
-    )
+    shapes = FAMILY.static_shapes(config, batch_size)
+    collate = pipeline.Collate(processor, shapes, FAMILY.feature_keys, config.hard_negatives)
     start = None
     for step in range(batches + 1):
         if step == 1:
@@ -53,7 +53,7 @@ def plain_loop(config, processor, batch_size: int, batches: int) -> float:
 
 def grain_rate(config, processor, batch_size: int, batches: int, mesh) -> float:
     iterator = pipeline.make_train_iterator(
-        config, processor, mesh=mesh, global_batch_size=batch_size, seed=0
+        config, processor, family=FAMILY, mesh=mesh, global_batch_size=batch_size, seed=0
     )
     jax.block_until_ready(next(iterator))  # start-up (workers, first reads) not timed
     start = time.perf_counter()
@@ -81,8 +81,8 @@ def main() -> None:
 
 def run(args, data_dir: str) -> None:
     config = demo_like_config(args.config, data_dir, args.num_train)
-    build.build_synthetic(config, progress=False)
-    processor = pipeline.processor_from_config(config)
+    build.build_synthetic(config, FAMILY.special_tokens, progress=False)
+    processor = FAMILY.make_processor(config)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
 
     rows = [("plain loop (peer)", plain_loop(config, processor, args.batch_size, args.batches))]

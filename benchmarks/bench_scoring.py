@@ -5,6 +5,12 @@
     python benchmarks/bench_scoring.py --quick    # small, fast
     python benchmarks/bench_scoring.py --embeddings FILE.npz   # two-stage / int8 recall on
                                                   # real embeddings (queries, candidates arrays)
+    python benchmarks/bench_scoring.py --skip-scoring --skip-recall   # index search only:
+                                                  # (1, 1) at N = 4k / 20k, D = 256 / 2048
+
+The index rows time `MultiVectorIndex.search` (budget-major layout: the (1, 1) prefix is one
+contiguous range) with k = 10 against the peers' scorers + `torch.topk` on contiguous prefix
+tensors prepared outside the timed region.
 
 Prints markdown tables. Peers are called from their installed packages (colpali-engine's
 `BaseVisualRetrieverProcessor.score_multi_vector`, PyLate's `pylate.scores.colbert_scores`),
@@ -20,6 +26,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 import types
 
@@ -193,6 +200,82 @@ def print_scoring_table(rows, peaks):
         print(f"- D={dim} {dtype_name}: JAX {peak['jax']:.0f}, torch {peak['torch']:.0f}")
 
 
+# ------------------------------------------------------------------------------------- index
+def _budget_index(rng, num_candidates, dim, dtype_name, prefix_rc, block=1000):
+    """An index of random unit vectors [N, R_C, D] generated ``block`` rows at a time (no full
+    float32 copy), and the float32 prefix [N, prefix_rc, D] the peers get."""
+    index = MultiVectorIndex(R_C, dim, dtype_name)
+    prefix = np.empty((num_candidates, prefix_rc, dim), np.float32)
+    for start in range(0, num_candidates, block):
+        rows = unit_vectors(rng, (min(block, num_candidates - start), R_C, dim))
+        prefix[start : start + len(rows)] = rows[:, :prefix_rc]
+        index.add(rows)
+    return index, prefix
+
+
+def bench_index_search(peers, args, k=10):
+    """Index search vs peers (scores + top-k) at the given budgets, per size, D and dtype."""
+    budgets = [tuple(int(r) for r in b.split("x")) for b in args.index_budgets.split(",")]
+    rows = []
+    for num_candidates in (int(n) for n in args.index_sizes.split(",")):
+        for dim in (int(d) for d in args.index_dims.split(",")):
+            for dtype_name in ("float32", "bfloat16"):
+                itemsize = 4 if dtype_name == "float32" else 2
+                gigabytes = num_candidates * R_C * dim * itemsize / 1e9
+                if gigabytes > args.max_index_gb:
+                    print(
+                        f"  skipped N={num_candidates} D={dim} {dtype_name}: index "
+                        f"{gigabytes:.1f} GB > --max-index-gb {args.max_index_gb}"
+                    )
+                    continue
+                rows += _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k)
+    print(
+        f"\n**Index search (budget-major layout), {args.num_queries} queries, k={k}, random unit "
+        f"vectors (R_q={R_Q}, R_c={R_C}), peers: scores + torch.topk on contiguous prefixes**\n"
+    )
+    print(
+        "| N | D | dtype | budget | index GB | ours ms/query | colpali ms/query | PyLate ms/query "
+        "| speed-up vs faster peer |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
+    rng = np.random.default_rng(num_candidates + dim)
+    index, prefix = _budget_index(
+        rng, num_candidates, dim, dtype_name, max(r_c for _, r_c in budgets)
+    )
+    queries = unit_vectors(rng, (args.num_queries, R_Q, dim))
+    tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+    q_torch, c_torch = torch.from_numpy(queries).to(tdtype), torch.from_numpy(prefix).to(tdtype)
+    del prefix
+    rows = []
+    for budget in budgets:
+        r_q, r_c = budget
+        ours = best_time(lambda b=budget: index.search(queries, b, k=k), args.repeats)
+        q_prefix, c_prefix = q_torch[:, :r_q].contiguous(), c_torch[:, :r_c].contiguous()
+        peer_times = {
+            name: best_time(
+                lambda f=fn, q=q_prefix, c=c_prefix: torch.topk(f(q, c), k, dim=1), args.repeats
+            )
+            for name, fn in peers.items()
+        }
+        faster = min(peer_times, key=peer_times.get)
+        per_query = {name: t / args.num_queries * 1e3 for name, t in peer_times.items()}
+        rows.append(
+            f"| {num_candidates} | {dim} | {dtype_name} | {budget} | {index.nbytes / 1e9:.2f} | "
+            f"{ours / args.num_queries * 1e3:.3f} | {per_query['colpali']:.3f} | "
+            f"{per_query['pylate']:.3f} | {peer_times[faster] / ours:.2f}x ({faster}) |"
+        )
+        print(
+            f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours:.4f}s, "
+            + ", ".join(f"{n} {t:.4f}s" for n, t in peer_times.items()),
+            flush=True,
+        )
+    return rows
+
+
 # ------------------------------------------------------------------------------------- recall
 def synthetic_stand_in(rng, num_queries, num_candidates, dim, cluster_size=20):
     """SYNTHETIC stand-in for embeddings of a trained MMR model (used without --embeddings).
@@ -208,7 +291,8 @@ def synthetic_stand_in(rng, num_queries, num_candidates, dim, cluster_size=20):
     def noisy(centres, scale):
         noise = rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(dim)
         x = centres + scale * noise
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        # float32: numpy 2 promotes the float32 noise divided by np.sqrt's float64 scalar.
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
     clusters = unit_vectors(rng, (-(-num_candidates // cluster_size), 1, dim))
     topics = noisy(np.repeat(clusters, cluster_size, axis=0)[:num_candidates], 0.7)
@@ -297,8 +381,9 @@ def bench_two_stage(queries, candidates, coarse_budgets, shortlists, repeats, la
     print("\n".join(rows))
 
 
-def bench_quantised(queries, candidates, label, truth, k):
-    """bfloat16 / int8 vs float32 index: exhaustive search quality at the fine budget, bytes."""
+def bench_quantised(queries, candidates, label, truth, k, rescores=(50, 100)):
+    """bfloat16 / int8 (and int8 + exact float32 rescoring of its best ``rescores``) vs a float32
+    index: exhaustive search quality at the fine budget, bytes in RAM."""
     fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
     exact_ids = truth.top_ids
     size = (
@@ -315,6 +400,17 @@ def bench_quantised(queries, candidates, label, truth, k):
             f"| {label} | {dtype_name} | {index.nbytes:,} | 1/{size / index.nbytes:.2f} | "
             f"{_quality(truth, found, exact_ids)} |"
         )
+        del index
+    with tempfile.TemporaryDirectory() as directory:
+        # Saved and loaded: the float32 copy is then memory-mapped, RAM holds the int8 copy.
+        MultiVectorIndex.build(candidates, dtype="int8", full_precision=True).save(directory)
+        index = MultiVectorIndex.load(directory)
+        for rescore in rescores:
+            found = np.asarray(index.search(queries, fine, k=k, rescore=rescore)[1])
+            print(
+                f"| {label} | int8 + rescore {rescore} (float32 on disk) | {index.nbytes:,} "
+                f"(RAM) | {index.nbytes / size:.3f}x | {_quality(truth, found, exact_ids)} |"
+            )
         del index
 
 
@@ -346,7 +442,8 @@ def bench_recall(args, k=10):
     fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
     truth = Truth(queries, candidates, fine, targets, k)
     print(f"\n{label}: {describe_ties(truth, k)}")
-    bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label, truth, k)
+    if not args.skip_two_stage:
+        bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label, truth, k)
     bench_quantised(queries, candidates, label, truth, k)
     rng = np.random.default_rng(8)
     queries = unit_vectors(rng, (args.num_queries, R_Q, 512))
@@ -375,12 +472,26 @@ def parse_args():
         "--coarse-budgets", default="1x1", help="two-stage first passes, e.g. 1x1,2x4"
     )
     parser.add_argument("--embeddings", help=".npz with queries [Nq,R_q,D], candidates [Nc,R_c,D]")
+    parser.add_argument("--index-sizes", default="4000,20000", help="N of the index rows")
+    parser.add_argument("--index-dims", default="256,2048", help="D of the index rows")
+    parser.add_argument("--index-budgets", default="1x1", help="e.g. 1x1,2x4,4x8,8x16,16x64")
+    parser.add_argument(
+        "--max-index-gb",
+        type=float,
+        default=12.0,
+        help="skip index rows whose stored vectors exceed this (20k x 64 x 2048 float32: 10.5)",
+    )
+    parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-scoring", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
+    parser.add_argument(
+        "--skip-two-stage", action="store_true", help="recall: quantised-index tables only"
+    )
     args = parser.parse_args()
     if args.quick:
         args.num_candidates, args.num_candidates_2048 = 2000, 500
         args.repeats, args.shortlists = 1, "50,200"
+        args.index_sizes, args.index_dims = "1000", "64"
     return args
 
 
@@ -415,6 +526,8 @@ def main():
             f"{args.num_candidates_2048} at D=2048**"
         )
         print_scoring_table(rows, peaks)
+    if not args.skip_index:
+        bench_index_search(peers, args)
     if not args.skip_recall:
         bench_recall(args)
     print(f"\nat end: {machine_load.describe()}")

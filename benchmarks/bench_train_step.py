@@ -7,6 +7,12 @@ are text-only (query / positive / hard negative), left-padded. One process, CPU.
 MFU = XLA's FLOP count of the compiled step / step time / a measured float32 matmul peak.
 
     python benchmarks/bench_train_step.py [--hidden 128 --layers 2 --batch 16 --length 64]
+    python benchmarks/bench_train_step.py --size representative   # hidden 512, 4 layers
+
+`--size` sets the defaults of --hidden / --layers / --batch / --length (explicit flags win):
+tiny (the default, hidden 128, 2 layers) or representative (hidden 512, 4 layers, batch 16 x 3
+sides, length 128). Both text-only: the PyTorch reference has no image path.
+XLA's FLOP count counts the scanned layer body once, so the MFU printed is a lower bound.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from benchmarks import machine_load
 from metaembed_jax.losses import MMR_GROUPS
-from metaembed_jax.training import testing
+from metaembed_jax.models.qwen2_vl import tiny_config
+from metaembed_jax.training.config import base_config
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
@@ -39,6 +46,19 @@ def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
+def text_batch(seed: int, batch: int, length: int, vocab: int) -> dict:
+    """{"query", "positive", "negative"}: left-padded random text (3..length tokens, no images)."""
+    rng = np.random.default_rng(seed)
+
+    def side():
+        lengths = rng.integers(3, length + 1, batch)
+        mask = (np.arange(length)[None] >= length - lengths[:, None]).astype(np.int32)
+        ids = np.where(mask, rng.integers(8, vocab, (batch, length)), 0).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return {name: side() for name in ("query", "positive", "negative")}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -46,7 +66,7 @@ def _timed(fn) -> float:
 
 
 def torch_mmr_loss(q, pos, neg, groups, tau):
-    """The MMR loss (DESIGN.md) in torch: q [B,Rq,D], pos [B,Rc,D], neg [B,Rc,D]."""
+    """The MMR loss (docs/design.md) in torch: q [B,Rq,D], pos [B,Rc,D], neg [B,Rc,D]."""
     losses = []
     targets = torch.arange(q.shape[0])
     for r_q, r_c, _ in groups:
@@ -81,19 +101,30 @@ class TorchMetaEmbed(torch.nn.Module):
         return torch.nn.functional.normalize(hidden.float(), dim=-1)
 
 
+SIZES = {
+    "tiny": dict(hidden=128, layers=2, batch=16, length=64),
+    "representative": dict(hidden=512, layers=4, batch=16, length=128),
+}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
+    for name, value in SIZES[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    hf_dict = testing.tiny_hf_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
-    config = testing.tiny_config()
+    hf_dict = tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+    config = base_config()
     config.model.hf_config = ConfigDict(hf_dict)
+    config.optimizer.lr = 1e-3  # the torch peer's AdamW below
     config.train.batch_size = args.batch
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
@@ -107,7 +138,7 @@ def main():
     state = create_train_state(model, tx, lora=False)
     step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
     batches = [
-        testing.random_batch(i, batch=args.batch, length=args.length, vocab=1024)
+        text_batch(i, batch=args.batch, length=args.length, vocab=1024)
         for i in range(args.steps + 1)
     ]
     jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]

@@ -54,7 +54,9 @@ def parse_args():
 def main():
     args = parse_args()
     config = load_recipe(args.config)
-    cfg = synthetic.SyntheticConfig.from_mapping(config.data.synthetic, progress=False)
+    cfg = synthetic.SyntheticConfig.from_mapping(
+        config.data.synthetic, ignore=("vocab_size",), progress=False
+    )
     scenes = distinct_scenes(cfg, args.num_candidates, args.seed)
     renderer = synthetic._Renderer(cfg)
     targets = np.random.default_rng(args.seed).choice(len(scenes), args.num_queries, replace=False)

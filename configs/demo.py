@@ -7,9 +7,9 @@ Variants (the paper's ablations) via the config argument:
   --config configs/demo.py:single   one vector per item (last token), single-vector InfoNCE
 """
 
+from metaembed_jax.models.qwen2_vl import tiny_config
 from metaembed_jax.training.config import base_config
 from metaembed_jax.training.recipes import apply_variant
-from metaembed_jax.training.testing import tiny_hf_config
 
 
 def get_config(variant: str | None = None):
@@ -19,7 +19,7 @@ def get_config(variant: str | None = None):
     config.init_from = ""
     # Tiny Qwen2.5-VL: 2 decoder layers of width 128 (learns much faster per step than width 64
     # for little extra cost at these lengths), a 1-block vision tower of width 64.
-    config.model.hf_config = tiny_hf_config(
+    config.model.hf_config = tiny_config(
         vocab_size=0, hidden=128, layers=2, vision_hidden=64, vision_depth=1
     )
     config.model.num_query_tokens = 16

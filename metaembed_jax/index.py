@@ -3,6 +3,11 @@
 Storage dtypes: float32, bfloat16 (kept on the host and devices as its raw 16-bit words, see
 `scoring.bfloat16_words`) and int8 with one float32 scale per vector (symmetric, absmax / 127).
 
+Layout: budget-major. Each block of candidates is stored as ``[R_c, n, D]`` (scales
+``[R_c, n]``), so the first ``r_c`` vectors of all its candidates are one contiguous range, in
+memory, in the files and under mmap: a ``(1, 1)`` search reads 1/R_c of the index with no stride,
+and a memory-mapped index streams only the prefix its budget needs.
+
 Search runs on a device mesh, which may span several processes: the candidate axis is split over
 all devices of the mesh (each process reads only the rows of its own devices), each device scores
 its shard (chunked MaxSim, float32 accumulation) and keeps a local top-k, and one
@@ -12,57 +17,94 @@ merged in position order), so results equal the single-device ones. An index loa
 
 Two-stage search: a cheap coarse pass at ``coarse_budget`` over everything keeps ``shortlist``
 candidates per query; those are rescored exactly at ``budget``.
+
+Rescoring a quantised index (the "reorder" step of FAISS / ScaNN): built with
+``full_precision=True``, an int8 / bfloat16 index also keeps every vector in float32, on disk once
+saved (memory-mapped on load, so RAM holds only the quantised copy); ``search(..., rescore=S)``
+keeps the quantised search's best ``S`` per query and returns their exact float32 order.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import _index_io
-from metaembed_jax.scoring import (
-    chunked_scores,
-    compute_dtype,
-    default_chunk_size,
-    resolve_budget,
-    score_block,
-)
+from metaembed_jax import _index_search as kernels
+from metaembed_jax.scoring import default_chunk_size, resolve_budget, top_k
 
 DTYPES = ("float32", "bfloat16", "int8")
 _HOST_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
 _CONVERT_ROWS = 4096  # rows converted at a time: bounds the float32 temporaries of build/add
 DEFAULT_SHARD_ROWS = 65536  # candidates per file shard on save (= streaming block size)
+_RESCORE_BYTES = 256 << 20  # float32 vectors gathered at a time when rescoring
+
+
+def _quantize_rows(block: np.ndarray, dtype: str, first_row: int):
+    """One float32 block [n, R, D] -> (stored [n, R, D], scales [n, R] | None); rejects
+    non-finite values (an int8 index would store NaN, a search would rank garbage)."""
+    finite = np.isfinite(block).all(axis=(1, 2))
+    if not finite.all():
+        row = first_row + int(np.argmin(finite))
+        raise ValueError(
+            f"embeddings of candidate {row} (row {row} of the input) contain NaN or inf; "
+            "only finite vectors can be indexed"
+        )
+    if dtype == "float32":
+        return block, None
+    if dtype == "bfloat16":
+        return block.astype(jnp.bfloat16).view(np.uint16), None
+    absmax = np.abs(block).max(axis=-1)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(block / scale[..., None]), -127, 127).astype(np.int8), scale
 
 
 def quantize(embeddings: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """[N, R, D] float -> (stored vectors in the host layout of ``dtype``, scales [N, R] | None)."""
+    """[N, R, D] float -> (stored vectors [N, R, D] in the host dtype of ``dtype``, scales
+    [N, R] | None), in the candidate-major layout `scoring.maxsim` takes.
+
+    Raises:
+      ValueError: non-finite values (naming the first bad candidate).
+    """
     embeddings = np.asarray(embeddings)
     vectors = np.empty(embeddings.shape, _HOST_DTYPES[dtype])
     scales = np.empty(embeddings.shape[:2], np.float32) if dtype == "int8" else None
     for start in range(0, embeddings.shape[0], _CONVERT_ROWS):
         rows = slice(start, start + _CONVERT_ROWS)
-        block = np.asarray(embeddings[rows], np.float32)
-        if dtype == "float32":
-            vectors[rows] = block
-        elif dtype == "bfloat16":
-            vectors[rows] = block.astype(jnp.bfloat16).view(np.uint16)
-        else:
-            absmax = np.abs(block).max(axis=-1)
-            scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-            vectors[rows] = np.clip(np.rint(block / scale[..., None]), -127, 127)
+        stored, scale = _quantize_rows(np.asarray(embeddings[rows], np.float32), dtype, start)
+        vectors[rows] = stored
+        if scales is not None:
             scales[rows] = scale
     return vectors, scales
 
 
+def _to_store(embeddings: np.ndarray, dtype: str, full_precision: bool):
+    """[n, R, D] float -> budget-major (vectors [R, n, D], scales [R, n] | None,
+    float32 copy [R, n, D] | None), converted a bounded number of rows at a time."""
+    n, r, d = embeddings.shape
+    vectors = np.empty((r, n, d), _HOST_DTYPES[dtype])
+    scales = np.empty((r, n), np.float32) if dtype == "int8" else None
+    full = np.empty((r, n, d), np.float32) if full_precision else None
+    for start in range(0, n, _CONVERT_ROWS):
+        rows = slice(start, start + _CONVERT_ROWS)
+        block = np.asarray(embeddings[rows], np.float32)
+        stored, scale = _quantize_rows(block, dtype, start)
+        vectors[:, rows] = stored.transpose(1, 0, 2)
+        if scales is not None:
+            scales[:, rows] = scale.T
+        if full is not None:
+            full[:, rows] = block.transpose(1, 0, 2)
+    return vectors, scales, full
+
+
 def dequantize(vectors: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
-    """Inverse of `quantize` (exact for float32 / bfloat16), as float32."""
+    """Inverse of `quantize` (exact for float32 / bfloat16), as float32, in any layout (scales
+    shaped like the vectors without D)."""
     if dtype == "bfloat16":
         return np.asarray(vectors).view(jnp.bfloat16).astype(np.float32)
     if dtype == "int8":
@@ -70,124 +112,37 @@ def dequantize(vectors: np.ndarray, scales: np.ndarray | None, dtype: str) -> np
     return np.asarray(vectors, np.float32)
 
 
-def _mesh_axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(mesh.axis_names)
-
-
-def _merge(values, positions, k):
-    """Global top-k of per-part lists concatenated in position order (ties: earlier part)."""
-    best, order = lax.top_k(values, k)
-    return best, jnp.take_along_axis(positions, order, axis=1)
-
-
-def _local_top_k(scores, positions, limit, k):
-    """Top-k of one device's scores [Nq, n]; positions >= limit (padding) never win."""
-    scores = jnp.where(positions < limit, scores, -jnp.inf)
-    best, order = lax.top_k(scores, min(k, scores.shape[1]))
-    return best, jnp.take_along_axis(positions, order, axis=1)
-
-
-def _gather_merge(values, positions, axes, k):
-    values = lax.all_gather(values, axes, axis=1, tiled=True)
-    positions = lax.all_gather(positions, axes, axis=1, tiled=True)
-    return _merge(values, positions, k)
-
-
-@functools.lru_cache(maxsize=64)
-def _exhaustive_fn(mesh, r_q, r_c, k, chunk_size, has_scales, has_mask):
-    """Jitted sharded exhaustive search of one block: -> (scores [Nq, k], positions [Nq, k])."""
-    axes = _mesh_axes(mesh)
-
-    def local(queries, query_mask, block, scales, offset, limit):
-        n_local = block.shape[0]
-        positions = offset + lax.axis_index(axes) * n_local + jnp.arange(n_local)
-        scores = chunked_scores(
-            queries, block, query_mask, None, scales, r_q=r_q, r_c=r_c, chunk_size=chunk_size
-        )
-        positions = jnp.broadcast_to(positions, scores.shape)
-        values, positions = _local_top_k(scores, positions, limit, k)
-        return _gather_merge(values, positions, axes, k)
-
-    return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=2)
-
-
-def _jit_sharded(local, mesh, axes, has_mask, has_scales, *, num_replicated):
-    """`local(queries, query_mask, block, scales, *replicated)` jitted under shard_map: the
-    candidate block (and its scales) split over the mesh axes, everything else replicated,
-    outputs (the merged top-k) replicated."""
-    shard_spec = P(axes)
-    in_specs = (P(), P() if has_mask else None, shard_spec, shard_spec if has_scales else None)
-    return jax.jit(
-        jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(*in_specs, *([P()] * num_replicated)),
-            out_specs=(P(), P()),
-            check_vma=False,
-        )
-    )
-
-
-def _rerank_one(query, query_mask, block, scales, local_positions, *, r_q, r_c):
-    """Exact scores of one query [R_q, D] against its own gathered candidates -> [S]."""
-    candidates = block[local_positions, :r_c]  # one gather of [S, r_c, D]
-    if candidates.dtype == jnp.uint16:
-        candidates = lax.bitcast_convert_type(candidates, jnp.bfloat16)
-    dtype = compute_dtype(query.dtype, candidates.dtype)
-    return score_block(
-        query[:r_q].astype(dtype),
-        None if query_mask is None else query_mask[None, :r_q],
-        candidates,
-        None,
-        None if scales is None else scales[local_positions, :r_c],
-        num_queries=1,
-        r_q=r_q,
-        dtype=dtype,
-    )[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _rerank_fn(mesh, r_q, r_c, k, has_scales, has_mask):
-    """Jitted sharded exact rerank of a shortlist [Nq, S] (sorted global positions): each device
-    scores the shortlisted candidates it owns, then one global merge."""
-    axes = _mesh_axes(mesh)
-
-    def local(queries, query_mask, block, scales, offset, limit, shortlist):
-        n_local = block.shape[0]
-        start = offset + lax.axis_index(axes) * n_local
-        # Sorted positions: ties of the exact scores then resolve to the lower position.
-        shortlist = jnp.sort(shortlist, axis=1)
-        local_positions = shortlist - start
-        owned = (local_positions >= 0) & (local_positions < n_local) & (shortlist < limit)
-        local_positions = jnp.clip(local_positions, 0, n_local - 1)
-        rerank = functools.partial(_rerank_one, block=block, scales=scales, r_q=r_q, r_c=r_c)
-        masks = query_mask if query_mask is not None else jnp.zeros(queries.shape[0])
-        scores = lax.map(
-            lambda args: rerank(
-                args[0], args[1] if query_mask is not None else None, local_positions=args[2]
-            ),
-            (queries, masks, local_positions),
-        )
-        values, positions = _merge(jnp.where(owned, scores, -jnp.inf), shortlist, k)
-        return _gather_merge(values, positions, axes, k)
-
-    return _jit_sharded(local, mesh, axes, has_mask, has_scales, num_replicated=3)
-
-
 def _default_mesh() -> Mesh:
     # This process's first device: with several processes, each then searches on its own.
     return Mesh(np.array(jax.local_devices()[:1]), ("index",))
 
 
-def _check_ids(ids, count: int, start: int) -> list:
+def _check_ids(ids, count: int, existing: list) -> list:
+    """The ids of ``count`` new candidates (default: their positions), checked to be ints or
+    strs, unique, and not already in ``existing``."""
     if ids is None:
-        return list(range(start, start + count))
+        ids = list(range(len(existing), len(existing) + count))
     ids = [i.item() if isinstance(i, np.generic) else i for i in ids]
     if len(ids) != count:
         raise ValueError(f"got {len(ids)} ids for {count} embeddings")
     if not all(isinstance(i, int | str) and not isinstance(i, bool) for i in ids):
         raise ValueError("ids must be ints or strs (they are stored in the JSON manifest)")
+    seen = set(existing)
+    for row, candidate_id in enumerate(ids):
+        if candidate_id in seen:
+            where = "earlier in these ids" if candidate_id in ids[:row] else "in the index"
+            raise ValueError(f"duplicate id {candidate_id!r} (row {row}): already {where}")
+        seen.add(candidate_id)
     return ids
+
+
+def _check_finite_queries(queries) -> None:
+    finite = np.isfinite(np.asarray(queries, np.float32)).all(axis=(1, 2))
+    if not finite.all():
+        raise ValueError(
+            f"query {int(np.argmin(finite))} contains NaN or inf; only finite queries can be "
+            "searched"
+        )
 
 
 class MultiVectorIndex:
@@ -196,37 +151,62 @@ class MultiVectorIndex:
     Build with `build`, extend with `add`, persist with `save` / `load`.
     """
 
-    def __init__(self, num_vectors: int, dim: int, dtype: str = "bfloat16", *, streaming=False):
+    def __init__(
+        self,
+        num_vectors: int,
+        dim: int,
+        dtype: str = "bfloat16",
+        *,
+        streaming=False,
+        full_precision=False,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if full_precision and dtype == "float32":
+            raise ValueError("full_precision is for quantised indexes: float32 already is exact")
         self.num_vectors, self.dim, self.dtype = int(num_vectors), int(dim), dtype
         self.streaming = streaming  # True: blocks stay on disk (memmaps), streamed per search
-        self._blocks: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.full_precision = bool(full_precision)  # keeps float32 copies for `rescore`
+        self._blocks: list[tuple[np.ndarray, np.ndarray | None]] = []  # [R, n, D], [R, n]
+        self._full: list[np.ndarray] = []  # float32 [R, n_i, D]; memmaps once saved / loaded
         self._ids: list = []
-        self._device_cache: dict = {}  # mesh -> the placed (vectors, scales): one at a time
+        self._device_cache: dict = {}  # mesh -> (r_c, placed vectors, scales): one at a time
         self._ids_cache: np.ndarray | None = None  # the ids as one array, until `add`
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def build(cls, embeddings, ids=None, dtype: str = "bfloat16") -> MultiVectorIndex:
-        """Index ``embeddings`` [N, R_c, D] (float); ``ids`` default to 0..N-1."""
+    def build(
+        cls, embeddings, ids=None, dtype: str = "bfloat16", *, full_precision: bool = False
+    ) -> MultiVectorIndex:
+        """Index ``embeddings`` [N, R_c, D] (finite floats); ``ids`` default to 0..N-1.
+
+        ``full_precision``: also keep the vectors in float32 (on disk once saved) so that
+        ``search(..., rescore=...)`` can return exact float32 results from a quantised index.
+
+        Raises:
+          ValueError: bad shape, dtype, non-finite values, bad or duplicate ids.
+        """
         shape = np.shape(embeddings)
         if len(shape) != 3:
             raise ValueError(f"expected embeddings [N, R_c, D], got shape {shape}")
-        index = cls(shape[1], shape[2], dtype)
+        index = cls(shape[1], shape[2], dtype, full_precision=full_precision)
         index.add(embeddings, ids)
         return index
 
     def add(self, embeddings, ids=None) -> None:
-        """Append embeddings [n, R_c, D] (same R_c and D as the index) and their ids."""
+        """Append embeddings [n, R_c, D] (same R_c and D as the index) and their ids (unique,
+        not yet in the index). Raises ValueError as `build`."""
         shape = np.shape(embeddings)
         if len(shape) != 3 or shape[1:] != (self.num_vectors, self.dim):
             raise ValueError(
                 f"expected embeddings [n, {self.num_vectors}, {self.dim}] for this index, got "
                 f"shape {shape}"
             )
-        ids = _check_ids(ids, shape[0], len(self._ids))
-        self._blocks.append(quantize(np.asarray(embeddings), self.dtype))
+        ids = _check_ids(ids, shape[0], self._ids)
+        vectors, scales, full = _to_store(np.asarray(embeddings), self.dtype, self.full_precision)
+        self._blocks.append((vectors, scales))
+        if full is not None:
+            self._full.append(full)
         self._ids.extend(ids)
         self._device_cache.clear()
         self._ids_cache = None
@@ -240,109 +220,168 @@ class MultiVectorIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of stored vectors and scales (what the index costs in memory / on disk)."""
+        """Bytes of stored (quantised) vectors and scales: what the index costs in memory. The
+        float32 copy of a ``full_precision`` index is not counted (it lives on disk)."""
         return sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in self._blocks)
 
     def embeddings(self) -> np.ndarray:
         """All stored vectors dequantised to float32 [N, R_c, D] (for inspection and tests)."""
-        parts = [dequantize(v, s, self.dtype) for v, s in self._blocks]
+        parts = [dequantize(v, s, self.dtype).transpose(1, 0, 2) for v, s in self._blocks]
         return np.concatenate(parts) if parts else np.zeros((0, self.num_vectors, self.dim))
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, shard_rows: int = DEFAULT_SHARD_ROWS) -> None:
-        """Atomically write the index to directory ``path`` (see `_index_io`)."""
+        """Atomically write the index to directory ``path`` (see `_index_io`): safe against a
+        crash (the previous index stays readable) and against concurrent saves to one path.
+
+        A ``full_precision`` index then reads its float32 copy from the saved files (mmap)."""
         shards = []
         for vectors, scales in self._blocks:
-            for start in range(0, vectors.shape[0], shard_rows):
+            for start in range(0, vectors.shape[1], shard_rows):
                 rows = slice(start, start + shard_rows)
                 shards.append(
-                    {"vectors": vectors[rows], "scales": None if scales is None else scales[rows]}
+                    {
+                        "vectors": vectors[:, rows],
+                        "scales": None if scales is None else scales[:, rows],
+                    }
                 )
+        if self.full_precision:
+            offset = 0
+            for shard in shards:
+                count = shard["vectors"].shape[1]
+                shard["full"] = _host_rows(self._full, offset, offset + count)
+                offset += count
         header = {
             "dtype": self.dtype,
             "count": len(self),
             "num_vectors": self.num_vectors,
             "dim": self.dim,
+            "full_precision": self.full_precision,
             "ids": self._ids,
         }
-        _index_io.save(os.fspath(path), header, shards)
+        path = os.fspath(path)
+        entries = _index_io.save(path, header, shards)
+        if self.full_precision:  # RAM keeps only the quantised copy from now on
+            self._full = [
+                _index_io.read_array(path, e["full"], mmap=True, verify=False) for e in entries
+            ]
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = False, verify: bool = True):
-        """Read an index saved by `save`.
+        """Read an index saved by `save` (format version 2, or version 1 of earlier releases).
 
         Args:
           mmap: keep the shards on disk (memory-mapped) and stream them per search, so the index
-            may be larger than RAM.
+            may be larger than RAM. The float32 copy of a ``full_precision`` index is always
+            memory-mapped.
           verify: check every shard's sha256 (reads each file once, streaming).
 
         Raises:
-          FileNotFoundError: no index or a missing shard. ValueError: corrupt manifest, or a
+          FileNotFoundError: no index or a missing shard. ValueError: corrupt or unsupported
+          manifest (named field, file name outside the directory, unknown format version), or a
           truncated or altered shard.
         """
         path = os.fspath(path)
-        manifest = _index_io.read_manifest(path)
-        if manifest["dtype"] not in DTYPES:
-            raise ValueError(f"{path!r}: unknown index dtype {manifest['dtype']!r}")
-        index = cls(manifest["num_vectors"], manifest["dim"], manifest["dtype"], streaming=mmap)
-        expected_host = np.dtype(_HOST_DTYPES[index.dtype])
-        for entry in manifest["shards"]:
-            vectors = _index_io.read_array(path, entry["vectors"], mmap=mmap, verify=verify)
-            if vectors.dtype != expected_host or vectors.shape[1:] != (
-                index.num_vectors,
-                index.dim,
-            ):
-                raise ValueError(
-                    f"{path!r}: shard {entry['vectors']['file']} does not match "
-                    f"the manifest's dtype / shape"
-                )
-            scales = None
-            if index.dtype == "int8":
-                if "scales" not in entry:
-                    raise ValueError(f"{path!r}: int8 shard without scales")
-                scales = _index_io.read_array(path, entry["scales"], mmap=mmap, verify=verify)
-                if scales.shape != vectors.shape[:2] or scales.dtype != np.float32:
-                    raise ValueError(
-                        f"{path!r}: scales of {entry['vectors']['file']} do not "
-                        f"match its vectors {vectors.shape}"
-                    )
-            index._blocks.append((vectors, scales))
+        with _index_io.locked(path, shared=True):  # no save swaps files while we read them
+            manifest = _index_io.read_manifest(path)
+            if manifest["dtype"] not in DTYPES:
+                raise ValueError(f"{path!r}: unknown index dtype {manifest['dtype']!r}")
+            index = cls(
+                manifest["num_vectors"],
+                manifest["dim"],
+                manifest["dtype"],
+                streaming=mmap,
+                full_precision=bool(manifest.get("full_precision", False)),
+            )
+            for entry in manifest["shards"]:
+                index._load_shard(path, entry, manifest["version"], mmap=mmap, verify=verify)
         index._ids = list(manifest["ids"])
         return index
 
+    def _load_shard(self, path, entry, version, *, mmap, verify):
+        """Read one manifest shard entry into `_blocks` (and `_full`), as budget-major arrays
+        (a version-1 shard [n, R, D] is transposed: a copy in RAM, a strided view under mmap)."""
+        read = _index_io.read_array
+        vectors = read(path, entry["vectors"], mmap=mmap, verify=verify)
+        name = entry["vectors"]["file"]
+        if version == 1 and vectors.ndim == 3:
+            vectors = vectors.transpose(1, 0, 2)
+        if vectors.dtype != np.dtype(_HOST_DTYPES[self.dtype]) or (
+            vectors.shape[0],
+            vectors.shape[2:],
+        ) != (self.num_vectors, (self.dim,)):
+            raise ValueError(
+                f"{path!r}: shard {name} has dtype {vectors.dtype} and shape {vectors.shape}; "
+                f"the manifest's index needs {np.dtype(_HOST_DTYPES[self.dtype])} "
+                f"[{self.num_vectors}, n, {self.dim}]"
+            )
+        scales = None
+        if self.dtype == "int8":
+            if "scales" not in entry:
+                raise ValueError(f"{path!r}: int8 shard {name} without scales")
+            scales = read(path, entry["scales"], mmap=mmap, verify=verify)
+            scales = scales.T if version == 1 else scales
+            if scales.shape != vectors.shape[:2] or scales.dtype != np.float32:
+                raise ValueError(
+                    f"{path!r}: scales of {name} ({scales.dtype} {scales.shape}) do not match "
+                    f"its vectors {vectors.shape}"
+                )
+        if not mmap and version == 1:
+            vectors = np.ascontiguousarray(vectors)
+            scales = None if scales is None else np.ascontiguousarray(scales)
+        self._blocks.append((vectors, scales))
+        if self.full_precision:
+            if "full" not in entry:
+                raise ValueError(f"{path!r}: full-precision index, shard {name} has no 'full'")
+            full = read(path, entry["full"], mmap=True, verify=verify)
+            if full.shape != vectors.shape or full.dtype != np.float32:
+                raise ValueError(
+                    f"{path!r}: float32 copy of {name} ({full.dtype} {full.shape}) does not "
+                    f"match its vectors {vectors.shape}"
+                )
+            self._full.append(full)
+
     # ----------------------------------------------------------------------------- search
-    def _device_blocks(self, mesh: Mesh):
-        """Yield (offset, vectors, scales, limit) blocks placed on ``mesh``, rows split evenly
-        over its devices (zero rows pad to a multiple of the device count; never returned).
+    def _device_blocks(self, mesh: Mesh, r_c: int):
+        """Yield (offset, vectors, scales, limit) blocks placed on ``mesh``, candidates split
+        evenly over its devices (zero rows pad to a multiple of the device count; never
+        returned). Only the first ``r_c`` vectors are placed (one contiguous range per block):
+        in memory they stay cached on the devices until a larger ``r_c`` (or `add`) replaces
+        them, so device memory grows with the largest budget searched, not with R_c; streamed,
+        each file shard's prefix is placed per search.
 
         Each process reads only the rows its own devices hold (`_place_rows`), so on a mesh that
         spans several processes a memory-mapped index is read from disk once in total, not once
         per process.
         """
         devices = mesh.devices.size
-        sharding = NamedSharding(mesh, P(_mesh_axes(mesh)))
+        sharding = NamedSharding(mesh, P(None, kernels.mesh_axes(mesh)))
         has_scales = self.dtype == "int8"
         if not self.streaming:
-            if mesh not in self._device_cache:
-                self._device_cache.clear()  # one placement at a time: each is a full copy
+            placed = self._device_cache.get(mesh)
+            if placed is None or placed[0] < r_c:
+                self._device_cache.clear()  # one placement at a time: each is a copy
                 rows = -(-max(1, len(self)) // devices) * devices
-                vectors = [v for v, _ in self._blocks]
-                scales = [s for _, s in self._blocks] if has_scales else None
+                vectors = [v[:r_c] for v, _ in self._blocks]
+                scales = [s[:r_c] for _, s in self._blocks] if has_scales else None
                 self._device_cache[mesh] = (
+                    r_c,
                     _place_rows(vectors, rows, sharding),
                     None if scales is None else _place_rows(scales, rows, sharding),
                 )
-            yield (0, *self._device_cache[mesh], len(self))
+            yield (0, *self._device_cache[mesh][1:], len(self))
             return
         # Streaming: every block padded to one row count, so a single compiled program serves.
-        rows = max(v.shape[0] for v, _ in self._blocks)
+        rows = max(v.shape[1] for v, _ in self._blocks)
         rows = -(-rows // devices) * devices
         offset = 0
         for vectors, scales in self._blocks:
-            count = vectors.shape[0]
+            count = vectors.shape[1]
             if count:
-                placed = _place_rows([vectors], rows, sharding)
-                placed_scales = None if scales is None else _place_rows([scales], rows, sharding)
+                placed = _place_rows([vectors[:r_c]], rows, sharding)
+                placed_scales = (
+                    None if scales is None else _place_rows([scales[:r_c]], rows, sharding)
+                )
                 yield offset, placed, placed_scales, offset + count
             offset += count
 
@@ -355,6 +394,7 @@ class MultiVectorIndex:
             )
         if query_mask is not None and np.shape(query_mask) != shape[:2]:
             raise ValueError(f"query_mask must have shape {shape[:2]}, got {np.shape(query_mask)}")
+        _check_finite_queries(queries)
 
     def search(
         self,
@@ -367,43 +407,99 @@ class MultiVectorIndex:
         query_mask=None,
         mesh: Mesh | None = None,
         chunk_size: int | None = None,
+        rescore: int | None = None,
     ):
         """Top-k candidates of each query at ``budget``.
 
         Args:
-          queries: [Nq, R_q, D] float (cast to float32; a bfloat16 index multiplies in bfloat16).
+          queries: [Nq, R_q, D] finite floats (cast to float32; a bfloat16 index multiplies in
+            bfloat16).
           budget: (r_q, r_c) of the final scores.
           k: results per query, 1 <= k <= len(index).
           coarse_budget: if given, two-stage search: score everything at this budget, keep the
             best ``shortlist`` per query, rescore those exactly at ``budget``.
           query_mask: optional [Nq, R_q]; masked query vectors add 0.
           mesh: jax Mesh to shard the candidates over (all its axes); default one device.
+          rescore: for a ``full_precision`` index: keep the best ``rescore`` (>= k) candidates
+            of the search on the stored (quantised) vectors, score them exactly from the float32
+            copy and return the best k of those: float32 results whenever the float32 top-k is
+            within that shortlist.
 
         Returns:
           (scores [Nq, k] float32 numpy, ids [Nq, k] numpy array of the stored ids), best first;
           equal scores are ordered by position in the index.
+
+        Raises:
+          ValueError: bad shapes, budget, k, shortlist or rescore; non-finite queries.
         """
         self._check_queries(queries, query_mask)
         r_q, r_c = resolve_budget(budget, np.shape(queries)[1], self.num_vectors)
         if not (isinstance(k, int | np.integer) and 1 <= k <= len(self)):
             raise ValueError(f"k must be an int in [1, {len(self)}] (index size), got {k!r}")
+        found = k if rescore is None else self._check_rescore(rescore, k)
+        host_queries = np.asarray(queries, np.float32)
+        host_mask = None if query_mask is None else np.asarray(query_mask, bool)
         mesh = _default_mesh() if mesh is None else mesh
-        queries = _replicate(np.asarray(queries, np.float32), mesh)
-        if query_mask is not None:
-            query_mask = _replicate(np.asarray(query_mask, bool), mesh)
+        queries = _replicate(host_queries, mesh)
+        query_mask = None if host_mask is None else _replicate(host_mask, mesh)
         if coarse_budget is None:
             values, positions = self._exhaustive(
-                queries, query_mask, (r_q, r_c), k, mesh, chunk_size
+                queries, query_mask, (r_q, r_c), found, mesh, chunk_size
             )
         else:
             coarse = resolve_budget(coarse_budget, queries.shape[1], self.num_vectors)
             size = min(int(shortlist), len(self))
-            if size < k:
-                raise ValueError(f"shortlist must be >= k={k}, got {shortlist!r}")
+            if size < found:
+                what = f"k={k}" if rescore is None else f"k and rescore={found}"
+                raise ValueError(f"shortlist must be >= {what}, got {shortlist!r}")
             _, candidates = self._exhaustive(queries, query_mask, coarse, size, mesh, chunk_size)
-            values, positions = self._rerank(queries, query_mask, (r_q, r_c), k, candidates, mesh)
+            values, positions = self._rerank(
+                queries, query_mask, (r_q, r_c), found, candidates, mesh
+            )
         positions = np.clip(np.asarray(positions), 0, len(self) - 1)
+        if rescore is not None:
+            values, positions = self._rescore(host_queries, host_mask, (r_q, r_c), k, positions)
         return np.asarray(values, np.float32), self._ids_array()[positions]
+
+    def _check_rescore(self, rescore, k) -> int:
+        """The shortlist size of a rescored search (at most the index size)."""
+        if not self.full_precision:
+            raise ValueError(
+                "rescore needs the float32 copy of the vectors: build the index with "
+                "full_precision=True"
+            )
+        if not (isinstance(rescore, int | np.integer) and rescore >= k):
+            raise ValueError(f"rescore must be an int >= k={k}, got {rescore!r}")
+        return min(int(rescore), len(self))
+
+    def _rescore(self, queries, query_mask, budget, k, shortlist):
+        """Exact float32 top-k of each query among its own ``shortlist`` [Nq, S] positions."""
+        r_q, r_c = budget
+        unique = np.unique(shortlist)  # sorted: ties then go to the lower position
+        group = max(1, _RESCORE_BYTES // (r_c * self.dim * 4))
+        bucket = min(group, 1 << int(np.ceil(np.log2(len(unique)))))  # few compiled shapes
+        chunk = default_chunk_size(len(queries) * r_q, r_c, bucket, self.dim, 4)
+        ranges, parts = _row_ranges(self._full), []
+        for start in range(0, len(unique), bucket):
+            chosen = unique[start : start + bucket]
+            gathered = _gather_columns(self._full, chosen, r_c, ranges)
+            if len(chosen) < bucket:
+                pad = np.zeros((r_c, bucket - len(chosen), self.dim), np.float32)
+                gathered = np.concatenate([gathered, pad], axis=1)
+            scores = kernels.full_precision_scores(
+                jnp.asarray(queries),
+                None if query_mask is None else jnp.asarray(query_mask),
+                jnp.asarray(gathered),
+                r_q=r_q,
+                r_c=r_c,
+                chunk_size=chunk,
+            )
+            parts.append(np.asarray(scores)[:, : len(chosen)])
+        scores = np.concatenate(parts, axis=1)  # [Nq, U]
+        member = np.zeros(scores.shape, bool)
+        member[np.arange(len(scores))[:, None], np.searchsorted(unique, shortlist)] = True
+        values, order = top_k(np.where(member, scores, -np.inf), k)
+        return values, unique[np.asarray(order)]
 
     def _ids_array(self) -> np.ndarray:
         """The ids as one numpy array (int64 if all ints, else object), cached until `add`."""
@@ -412,74 +508,85 @@ class MultiVectorIndex:
             self._ids_cache = np.asarray(self._ids, np.int64 if all_ints else object)
         return self._ids_cache
 
-    def _merged_over_blocks(self, mesh, k, search_block):
+    def _merged_over_blocks(self, mesh, k, r_c, search_block):
         """``search_block(vectors, scales, offset, limit) -> (values, positions)`` on every placed
         block, the per-block top-k lists merged in position order (ties: lower position)."""
         best = None
-        for offset, vectors, scales, limit in self._device_blocks(mesh):
+        for offset, vectors, scales, limit in self._device_blocks(mesh, r_c):
             found = search_block(vectors, scales, jnp.int32(offset), jnp.int32(limit))
-            best = found if best is None else _merge_pairs(best, found, k)
+            best = found if best is None else kernels.merge_pairs(best, found, k)
         return best
 
     def _exhaustive(self, queries, query_mask, budget, k, mesh, chunk_size):
         r_q, r_c = budget
 
         def search_block(vectors, scales, offset, limit):
-            n_local = vectors.shape[0] // mesh.devices.size
+            n_local = vectors.shape[1] // mesh.devices.size
             chunk = chunk_size or default_chunk_size(
                 queries.shape[0] * r_q, r_c, n_local, self.dim, vectors.dtype.itemsize
             )
-            search = _exhaustive_fn(
+            search = kernels.exhaustive_fn(
                 mesh,
                 r_q,
                 r_c,
-                min(k, vectors.shape[0]),
+                min(k, vectors.shape[1]),
                 min(chunk, n_local),
                 scales is not None,
                 query_mask is not None,
             )
             return search(queries, query_mask, vectors, scales, offset, limit)
 
-        return self._merged_over_blocks(mesh, k, search_block)
+        return self._merged_over_blocks(mesh, k, r_c, search_block)
 
     def _rerank(self, queries, query_mask, budget, k, shortlist, mesh):
         def rerank_block(vectors, scales, offset, limit):
-            rerank = _rerank_fn(mesh, *budget, k, scales is not None, query_mask is not None)
+            rerank = kernels.rerank_fn(mesh, *budget, k, scales is not None, query_mask is not None)
             return rerank(queries, query_mask, vectors, scales, offset, limit, shortlist)
 
-        return self._merged_over_blocks(mesh, k, rerank_block)
+        return self._merged_over_blocks(mesh, k, budget[1], rerank_block)
 
 
-def _merge_pairs(first, second, k):
-    """Merge two (values, positions) top lists; ``first`` holds the lower positions."""
-    values = jnp.concatenate([first[0], second[0]], axis=1)
-    positions = jnp.concatenate([first[1], second[1]], axis=1)
-    return _merge(values, positions, min(k, values.shape[1]))
+def _row_ranges(blocks: list[np.ndarray]) -> np.ndarray:
+    """Start position of each budget-major block (and the total at the end)."""
+    return np.cumsum([0] + [b.shape[1] for b in blocks])
+
+
+def _gather_columns(blocks, positions, r_c, ranges) -> np.ndarray:
+    """The first r_c vectors of the candidates at sorted ``positions``: [r_c, S, D] float32."""
+    pieces = []
+    for block, low, high in zip(blocks, ranges[:-1], ranges[1:], strict=True):
+        first, last = np.searchsorted(positions, (low, high))
+        if first < last:
+            pieces.append(np.asarray(block[:r_c, positions[first:last] - low], np.float32))
+    return np.concatenate(pieces, axis=1)
 
 
 def _host_rows(blocks: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the concatenation of ``blocks``; rows past the end are zeros."""
+    """Candidates [start, stop) of the concatenation of budget-major ``blocks`` [R, n_i, ...]
+    (along axis 1), as one contiguous array; candidates past the end are zeros."""
     pieces, offset = [], 0
     for block in blocks:
-        low, high = max(start - offset, 0), min(stop - offset, block.shape[0])
+        low, high = max(start - offset, 0), min(stop - offset, block.shape[1])
         if low < high:
-            pieces.append(np.asarray(block[low:high]))
-        offset += block.shape[0]
-    missing = (stop - start) - sum(piece.shape[0] for piece in pieces)
+            pieces.append(np.asarray(block[:, low:high]))
+        offset += block.shape[1]
+    missing = (stop - start) - sum(piece.shape[1] for piece in pieces)
     if missing:
-        pieces.append(np.zeros((missing, *blocks[0].shape[1:]), blocks[0].dtype))
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        first = blocks[0]
+        pieces.append(np.zeros((first.shape[0], missing, *first.shape[2:]), first.dtype))
+    return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1))
 
 
 def _place_rows(blocks: list[np.ndarray], rows: int, sharding: NamedSharding) -> jax.Array:
-    """The concatenated ``blocks``, zero-padded to ``rows``, as one global array with
-    ``sharding`` (split over the first axis). Only the rows of this process's devices are read
-    from the host arrays (which may be memmaps)."""
-    shape = (rows, *blocks[0].shape[1:])
+    """The budget-major ``blocks`` [R, n_i, ...] concatenated along the candidate axis,
+    zero-padded to ``rows`` candidates, as one global array with ``sharding`` (split over the
+    candidate axis). Only the candidates of this process's devices are read from the host arrays
+    (which may be memmaps)."""
+    shape = (blocks[0].shape[0], rows, *blocks[0].shape[2:])
 
     def fetch(index):
-        start, stop, _ = index[0].indices(rows)
-        return _host_rows(blocks, start, stop)
+        start, stop, _ = index[1].indices(rows)
+        return _host_rows(blocks, start, stop)[index[0]]
 
     return jax.make_array_from_callback(shape, sharding, fetch)
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import sharding
-from metaembed_jax.scoring import maxsim
+from metaembed_jax.scoring import maxsim, resolve_budget
 
 Group = tuple[int, int, float]
 
@@ -59,16 +59,13 @@ def groups_for_variant(variant: str, groups: Sequence[Sequence[float]] = MMR_GRO
 
 
 def validate_groups(groups: Sequence[Sequence[float]], num_query: int, num_candidate: int):
-    """Raise ValueError unless the groups are well formed (`as_groups`) and every one fits in
-    `num_query` x `num_candidate` vectors."""
+    """Raise ValueError unless the groups are well formed (`as_groups`) and every one's budget
+    fits in `num_query` x `num_candidate` vectors (`scoring.resolve_budget`)."""
     for group in as_groups(groups):
-        r_q, r_c, _ = group
-        if not (1 <= r_q <= num_query and 1 <= r_c <= num_candidate):
-            raise ValueError(
-                f"loss group {tuple(group)} needs r_q in [1, {num_query}] and r_c in "
-                f"[1, {num_candidate}] (the model has {num_query} query and {num_candidate} "
-                "candidate vectors)"
-            )
+        try:
+            resolve_budget(group[:2], num_query, num_candidate)
+        except ValueError as error:
+            raise ValueError(f"loss group {tuple(group)}: {error}") from None
 
 
 def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):

@@ -38,10 +38,14 @@ _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def resolve_budget(budget, num_query_vectors: int, num_candidate_vectors: int) -> tuple[int, int]:
-    """Return ``(r_q, r_c)``; ``None`` means all stored vectors.
+    """The one budget check (scoring, the index, evaluation, loss groups): ``(r_q, r_c)`` as
+    ints; ``None`` means all vectors.
+
+    Prefixes past the stored (trained) vector counts do not exist, so a budget beyond them is an
+    error, not a silent clip.
 
     Raises:
-      ValueError: when the budget is not two positive ints within the stored vector counts.
+      ValueError: when the budget is not two positive ints within the vector counts.
     """
     if budget is None:
         return int(num_query_vectors), int(num_candidate_vectors)
@@ -53,14 +57,29 @@ def resolve_budget(budget, num_query_vectors: int, num_candidate_vectors: int) -
         if (r_q, r_c) != tuple(budget):
             raise TypeError
     except (TypeError, ValueError):
-        raise ValueError(f"budget must be a pair of ints (r_q, r_c), got {budget!r}") from None
+        raise ValueError(
+            f"a budget must be a pair of integers (r_q, r_c), got {budget!r}"
+        ) from None
     if not (1 <= r_q <= num_query_vectors and 1 <= r_c <= num_candidate_vectors):
         raise ValueError(
-            f"budget {(r_q, r_c)} is out of range: expected 1 <= r_q <= {num_query_vectors} "
-            f"(query vectors stored) and 1 <= r_c <= {num_candidate_vectors} "
-            "(candidate vectors stored)"
+            f"budget {(r_q, r_c)} is out of range: there are {num_query_vectors} query and "
+            f"{num_candidate_vectors} candidate vectors (R_q={num_query_vectors}, "
+            f"R_c={num_candidate_vectors}), so r_q must be in [1, {num_query_vectors}] and r_c "
+            f"in [1, {num_candidate_vectors}]"
         )
     return r_q, r_c
+
+
+def resolve_budgets(
+    budgets, num_query_vectors: int, num_candidate_vectors: int
+) -> list[tuple[int, int]]:
+    """`resolve_budget` for each of a non-empty list of budgets (no `None`)."""
+    if not budgets:
+        raise ValueError("no budget to evaluate: the budget list (config.eval.budgets) is empty")
+    return [
+        resolve_budget(tuple(budget), num_query_vectors, num_candidate_vectors)
+        for budget in budgets
+    ]
 
 
 def _check_inputs(queries, candidates, query_mask, candidate_mask, candidate_scales):
@@ -117,62 +136,85 @@ def default_chunk_size(
     return int(max(1, min(chunk, num_candidates)))
 
 
-def score_block(q_rows, q_mask, cand, cand_mask, cand_scales, *, num_queries, r_q, dtype):
+def score_block(
+    q_rows, q_mask, cand, cand_mask, cand_scales, *, num_queries, r_q, dtype, vector_major=False
+):
     """MaxSim of all queries against one block of candidates.
 
     q_rows [Nq * r_q, D] (already in ``dtype``), q_mask [Nq, r_q] bool or None,
-    cand [n, r_c, D], cand_mask [n, r_c] bool or None, cand_scales [n, r_c] or None.
-    Returns [Nq, n] float32.
+    cand [n, r_c, D], cand_mask [n, r_c] bool or None, cand_scales [n, r_c] or None; with
+    ``vector_major`` the candidate arrays are [r_c, n, D] / [r_c, n] (the index's layout, in
+    which every prefix of the vectors is contiguous). Returns [Nq, n] float32.
     """
-    n, r_c, dim = cand.shape
+    if vector_major:
+        r_c, n, dim = cand.shape
+    else:
+        n, r_c, dim = cand.shape
+    grid = (r_c, n) if vector_major else (n, r_c)
     sims = lax.dot_general(
         q_rows,
         cand.astype(dtype).reshape(n * r_c, dim),
         (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
-    ).reshape(num_queries, r_q, n, r_c)
+    ).reshape(num_queries, r_q, *grid)
     if cand_scales is not None:
         sims = sims * cand_scales.astype(jnp.float32)
     if cand_mask is not None:
         sims = jnp.where(cand_mask, sims, -jnp.inf)
-    best = sims.max(axis=-1)  # [Nq, r_q, n]
+    best = sims.max(axis=-2 if vector_major else -1)  # [Nq, r_q, n]
     if q_mask is not None:
         # where, not multiply: a fully masked candidate gives -inf and -inf * 0 would be NaN.
         best = jnp.where(q_mask[:, :, None], best, 0.0)
     return best.sum(axis=1)
 
 
-def _slice_rows(x, start, size, r):
-    """Rows [start, start + size) and the first r vectors of x [N, R, ...] (None passes)."""
+def _slice_rows(x, start, size, r, vector_major=False):
+    """Candidates [start, start + size) and their first r vectors of x [N, R, ...], or of
+    x [R, N, ...] with ``vector_major`` (None passes)."""
     if x is None:
         return None
-    starts = (start,) + (0,) * (x.ndim - 1)
-    chunk = lax.dynamic_slice(x, starts, (size, r, *x.shape[2:]))
+    starts = ((0, start) if vector_major else (start, 0)) + (0,) * (x.ndim - 2)
+    sizes = (r, size) if vector_major else (size, r)
+    chunk = lax.dynamic_slice(x, starts, (*sizes, *x.shape[2:]))
     return lax.bitcast_convert_type(chunk, jnp.bfloat16) if x.dtype == jnp.uint16 else chunk
 
 
 def chunked_scores(
-    queries, candidates, query_mask, candidate_mask, candidate_scales, *, r_q, r_c, chunk_size
+    queries,
+    candidates,
+    query_mask,
+    candidate_mask,
+    candidate_scales,
+    *,
+    r_q,
+    r_c,
+    chunk_size,
+    vector_major=False,
 ):
     """Traceable core of `maxsim` (call it inside jit / shard_map); 1 <= chunk_size <= Nc.
 
-    ``candidates`` [Nc, >= r_c, D] may be float32, int8, or uint16 holding raw bfloat16 words
-    (how the index keeps bfloat16 vectors, see below). Returns [Nq, Nc] float32.
+    ``candidates`` [Nc, >= r_c, D] (or [>= r_c, Nc, D] with ``vector_major``, masks and scales
+    alike) may be float32, int8, or uint16 holding raw bfloat16 words (how the index keeps
+    bfloat16 vectors, see below). Returns [Nq, Nc] float32.
     """
-    num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+    num_queries = queries.shape[0]
+    num_candidates = candidates.shape[1 if vector_major else 0]
     dtype = compute_dtype(queries.dtype, candidates.dtype)
     q_rows = queries[:, :r_q].astype(dtype).reshape(num_queries * r_q, queries.shape[2])
     q_mask = None if query_mask is None else query_mask[:, :r_q].astype(bool)
     c_mask = None if candidate_mask is None else candidate_mask.astype(bool)
-    score = functools.partial(score_block, num_queries=num_queries, r_q=r_q, dtype=dtype)
+    score = functools.partial(
+        score_block, num_queries=num_queries, r_q=r_q, dtype=dtype, vector_major=vector_major
+    )
+    take = functools.partial(_slice_rows, r=r_c, vector_major=vector_major)
 
     def chunk_scores(start, size):
         return score(
             q_rows,
             q_mask,
-            _slice_rows(candidates, start, size, r_c),
-            _slice_rows(c_mask, start, size, r_c),
-            _slice_rows(candidate_scales, start, size, r_c),
+            take(candidates, start, size),
+            take(c_mask, start, size),
+            take(candidate_scales, start, size),
         )
 
     # Every chunk has the same size: the last one is shifted back to end at the last candidate

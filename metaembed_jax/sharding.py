@@ -21,32 +21,33 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from metaembed_jax.models.family import family_axis_rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # GSPMD ("auto") axes: shardings are placed by the rules and propagated by XLA; the one explicit
 # collective (the positives' all-gather in the loss) runs under shard_map.
 AUTO_AXES = (AxisType.Auto,) * len(MESH_AXES)
 
-# logical name -> mesh axis (or tuple of axes, or None = replicated). Parameters and activations.
+# logical name -> mesh axis (or tuple of axes, or None = replicated), for the names every
+# backbone shares; a family adds rules for names of its own (`BackboneFamily.axis_rules`, e.g.
+# Qwen2-VL's vision tower), and `axis_rules()` is the table in force.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # parameters
     ("embed", "fsdp"),  # hidden size: FSDP splits weights along it
     ("mlp", "tensor"),  # MLP intermediate
     ("heads", "tensor"),  # attention heads (q / o projections)
     ("kv_heads", "tensor"),  # key/value heads
-    ("head_dim", None),
     ("vocab", "tensor"),  # embedding table / lm head rows
-    ("vision_embed", "fsdp"),
-    ("vision_mlp", "tensor"),
-    ("vision_patch", None),
     ("layers", None),  # stacked-layer axis (scanned, never split)
     ("norm", None),  # norm scales are tiny
     ("meta", None),  # meta-token table rows
-    # activations
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("act_embed", None),
+    ("batch", BATCH_AXES),  # the leading axis of batches
 )
+
+
+def axis_rules() -> tuple[tuple[str, Any], ...]:
+    """`LOGICAL_AXIS_RULES` plus the rules of every registered backbone family."""
+    return LOGICAL_AXIS_RULES + family_axis_rules()
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
@@ -96,15 +97,16 @@ def logical_to_spec(
     axes: Sequence[str | None] | None,
     shape: Sequence[int],
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+    rules: Sequence[tuple[str, Any]] | None = None,
 ) -> P:
-    """PartitionSpec for an array of `shape` whose dims have logical names `axes`.
+    """PartitionSpec for an array of `shape` whose dims have logical names `axes` (rules:
+    default `axis_rules()`).
 
     Unknown names raise ValueError (a typo would silently replicate a huge weight otherwise).
     """
     if axes is None:
         return P()
-    table = dict(rules)
+    table = dict(axis_rules() if rules is None else rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape, strict=True):
@@ -131,7 +133,7 @@ def variable_axes(variable: nnx.Variable) -> Sequence[str | None] | None:
     return None if axes is None else tuple(axes)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def state_shardings(state: Any, mesh: Mesh, rules=None) -> Any:
     """NamedShardings with the structure of `state` (an nnx.State, or a pytree containing some).
 
     Variables are placed from their logical axis names; anything without names is replicated.
@@ -146,14 +148,34 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_state(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def shard_state(state: Any, mesh: Mesh, rules=None) -> Any:
     """`state` moved onto the mesh following the logical-axis rules."""
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Leading (batch) dimension split over the batch axes, the rest replicated."""
-    return NamedSharding(mesh, P(present_batch_axes(mesh, axes), *([None] * (ndim - 1))))
+def put_batch(
+    batch: Any, mesh: Mesh | None, axes: Sequence[str] = BATCH_AXES, *, whole: bool = False
+) -> Any:
+    """Host (numpy) arrays of a batch -> global jax.Arrays, dim 0 split over the batch `axes`
+    of `mesh` (those it has); jax.Arrays pass unchanged, and without a mesh everything does.
+
+    `whole=False` (the input pipeline): each process passes its own block of rows and the global
+    array is the blocks in process order. `whole=True` (tests, benchmarks, evaluation): every
+    process passes the same whole batch and keeps its shards of it.
+    """
+    if mesh is None:
+        return batch
+    present = present_batch_axes(mesh, axes)
+    placement = NamedSharding(mesh, P(present if present else None))
+
+    def put(x):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        global_shape = x.shape if whole else None
+        return jax.make_array_from_process_local_data(placement, x, global_shape)
+
+    return jax.tree.map(put, batch)
 
 
 def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:

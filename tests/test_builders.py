@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from metaembed_jax.data import builders, sources
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 tfds.disable_progress_bar()
@@ -214,8 +215,10 @@ def test_build_synthetic_round_trip_and_idempotence(tmp_path):
     config = get_data_config()
     config.dir = str(tmp_path)
     config.synthetic.update(num_train=6, num_val=3, num_test=3, image_size=56, vocab_size=300)
-    directory = build.build_synthetic(config, progress=False)
-    cfg = synthetic.SyntheticConfig.from_mapping(config.synthetic, progress=False)
+    directory = build.build_synthetic(config, SPECIAL_TOKENS, progress=False)
+    cfg = synthetic.SyntheticConfig.from_mapping(
+        config.synthetic, ignore=("vocab_size",), progress=False
+    )
     for name, split in build.SYNTHETIC_SPLITS.items():
         source = builders.open_pairs(directory, name)
         assert [source[i] for i in range(len(source))] == synthetic.generate_train_rows(cfg, split)
@@ -228,11 +231,11 @@ def test_build_synthetic_round_trip_and_idempotence(tmp_path):
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     record_file = next(builders.pairs_path(directory).glob("*train.array_record*"))
     before = record_file.stat().st_mtime_ns
-    build.build_synthetic(config, progress=False)
+    build.build_synthetic(config, SPECIAL_TOKENS, progress=False)
     assert record_file.stat().st_mtime_ns == before
     config.synthetic.seed = 1
     with pytest.raises(ValueError, match="was built with .*use another config.data.dir"):
-        build.build_synthetic(config, progress=False)
+        build.build_synthetic(config, SPECIAL_TOKENS, progress=False)
 
 
 def test_build_cli_converts_user_datasets(tmp_path):

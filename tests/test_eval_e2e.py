@@ -13,23 +13,24 @@ import pytest
 import pytrec_eval
 
 from metaembed_jax import sharding
-from metaembed_jax.data.tokenizer import build_test_tokenizer
 from metaembed_jax.evaluation import runner, vidore
+from metaembed_jax.models import qwen2_vl
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
+from tests.helpers import build_test_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "vidore"
 BUDGETS = ((1, 1), (2, 4), (4, 8))
 
 CONFIG_FILE = """
-from metaembed_jax.training.testing import tiny_config
+from tests.helpers import tiny_run_config
 
 
 def get_config():
-    config = tiny_config(r_q=4, r_c=8, vocab_size={vocab_size})
+    config = tiny_run_config(r_q=4, r_c=8, vocab_size={vocab_size})
     config.mesh.data = 1  # eval.py runs on one CPU device here
     config.data.dir = {data_dir!r}
     config.data.min_pixels, config.data.max_pixels = 28 * 28, 56 * 56
@@ -77,9 +78,7 @@ def _eval_py(config_path, workdir, *extra):
 
 def _reference_metrics(model, config):
     """pytrec_eval on the model's own scores (numpy MaxSim over model.embed)."""
-    from metaembed_jax.data.pipeline import processor_from_config
-
-    processor = processor_from_config(config.data)
+    processor = qwen2_vl.make_processor(config.data)
     tables = vidore.read_dataset(FIXTURE)
 
     def embed(rows, side):
@@ -132,5 +131,5 @@ def test_budget_beyond_trained_sizes_is_refused(run):
     config, _, workdir, _ = run
     with config.unlocked():
         config.eval.budgets = ((1, 1), (4, 16))
-    with pytest.raises(ValueError, match=r"budget \(4, 16\) is beyond the trained sizes"):
+    with pytest.raises(ValueError, match=r"budget \(4, 16\) is out of range"):
         runner.run(config, workdir)

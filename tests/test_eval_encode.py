@@ -8,11 +8,10 @@ import pytest
 from PIL import Image
 
 from metaembed_jax import sharding
-from metaembed_jax.data.pipeline import StaticShapes, processor_from_config
-from metaembed_jax.data.tokenizer import build_test_tokenizer
 from metaembed_jax.evaluation.encode import ModelEncoder
+from metaembed_jax.models import qwen2_vl
 from metaembed_jax.training.model import build_model
-from metaembed_jax.training.testing import tiny_config
+from tests.helpers import build_test_tokenizer, tiny_run_config
 
 
 def _png(colour):
@@ -25,12 +24,12 @@ def _png(colour):
 def setup(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokenizer")
     tokenizer = build_test_tokenizer(directory, 320)
-    config = tiny_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
+    config = tiny_run_config(r_q=4, r_c=8, vocab_size=len(tokenizer))
     config.data.min_pixels, config.data.max_pixels = 28 * 28, 56 * 56
     config.data.length_buckets = (32, 64)
     mesh = sharding.make_mesh(config.mesh)  # data = all 8 virtual devices
     model = build_model(config, mesh=mesh)
-    processor = processor_from_config(config.data, directory)
+    processor = qwen2_vl.make_processor(config.data, directory)
     return config, mesh, model, processor
 
 
@@ -50,7 +49,7 @@ def test_model_encoder_equals_model_embed(setup):
         processor,
         batch_size=8,
         mesh=mesh,
-        pad_features=StaticShapes(config.data, 8),
+        pad_features=qwen2_vl.FAMILY.static_shapes(config.data, 8),
         progress=False,
     )
     for side, num_vectors in (("query", 4), ("candidate", 8)):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import pytrec_eval
 
+from metaembed_jax import scoring
 from metaembed_jax.data import sources
 from metaembed_jax.evaluation import ablation, builtin, encode, mmeb, report, retrieval, vidore
+from tests.helpers import load_image
 
 D = 4
 E = np.eye(D, dtype=np.float32)
@@ -186,12 +188,12 @@ def test_builtin_reports_each_task_type():
 
 def test_budget_beyond_trained_sizes_is_refused():
     encoder, corpus, queries, qrels = _random_corpus()
-    with pytest.raises(ValueError, match=r"budget \(4, 5\) is beyond the trained sizes.*R_q=3"):
+    with pytest.raises(ValueError, match=r"budget \(4, 5\) is out of range.*R_q=3"):
         retrieval.evaluate_corpus(encoder, corpus, queries, qrels, [(4, 5)], name="set")
     with pytest.raises(ValueError, match=r"r_c in \[1, 64\]"):
-        encode.check_budgets([(16, 128)], 16, 64)
+        scoring.resolve_budgets([(16, 128)], 16, 64)
     with pytest.raises(ValueError, match="pair of integers"):
-        encode.check_budgets([(16,)], 16, 64)
+        scoring.resolve_budgets([(16,)], 16, 64)
 
 
 def test_cached_embeddings_are_reused(tmp_path):
@@ -284,7 +286,7 @@ class ColourEncoder:
         self.calls = 0
 
     def _colour(self, item):
-        image = encode.load_image(item["image"])
+        image = load_image(item["image"])
         if image is not None:
             pixel = np.array(image.getpixel((image.width // 2, image.height // 2)))
             names = list(COLOURS)

@@ -23,13 +23,14 @@ from flax import nnx
 
 from metaembed_jax import sharding
 from metaembed_jax.losses import mmr_loss
-from metaembed_jax.training import loop, testing
+from metaembed_jax.training import loop
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.grad_cache import cached_gradients, deinterleave, interleave
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep, embed_batch
+from tests import helpers
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ MICRO = 4  # examples per micro-batch on one device
 
 
 def small_config(lora: bool = False, dropout: float = 0.0):
-    config = testing.tiny_config(r_q=4, r_c=8)
+    config = helpers.tiny_run_config(r_q=4, r_c=8)
     config.loss.groups = GROUPS
     config.lora.enabled = lora
     config.lora.dropout = dropout
@@ -47,12 +48,12 @@ def small_config(lora: bool = False, dropout: float = 0.0):
 
 def micro_batches(count: int, size: int = MICRO, image_every: int = 2) -> tuple:
     return tuple(
-        testing.random_batch(100 + i, batch=size, image_every=image_every) for i in range(count)
+        helpers.random_batch(100 + i, batch=size, image_every=image_every) for i in range(count)
     )
 
 
 def concat_side(sides: list[dict]) -> dict:
-    """One side of several batches in the packed image layout of `testing.random_side`."""
+    """One side of several batches in the packed image layout of `helpers.random_side`."""
     out = {k: np.concatenate([s[k] for s in sides]) for k in ("input_ids", "attention_mask")}
     if any("pixel_values" in s for s in sides):
         out["pixel_values"] = np.concatenate(
@@ -138,8 +139,8 @@ def test_micro_batches_of_different_lengths_equal_the_one_shot_step():
     """Micro-batches padded to different lengths (length buckets) take the unrolled path and
     still give the one-shot step on the global batch (padded to the longest)."""
     config = small_config()
-    short = testing.random_batch(7, batch=4, length=12)
-    long = testing.random_batch(8, batch=4, length=20)
+    short = helpers.random_batch(7, batch=4, length=12)
+    long = helpers.random_batch(8, batch=4, length=20)
     padded = {side: left_pad(short[side], 20) for side in short}
     want = one_step(config, concat_batches([padded, long]), grad_cache=False)
     assert_same_step(one_step(config, (short, long), grad_cache=True), want)
@@ -231,7 +232,7 @@ def test_dropout_streams_advance_as_without_caching():
 def test_micro_batches_of_unequal_size_are_refused():
     config = small_config()
     state, _ = fresh_state(config)
-    micros = (testing.random_batch(0, batch=4), testing.random_batch(1, batch=2))
+    micros = (helpers.random_batch(0, batch=4), helpers.random_batch(1, batch=2))
     with pytest.raises(ValueError, match=r"equal size; got sizes \[4, 2\]"):
         cached_gradients(state, micros, groups=GROUPS, temperature=0.03)
 
@@ -260,10 +261,10 @@ def test_cached_step_on_a_2x2x2_mesh_equals_one_device(one_shot_16, count):
 
 
 class ConcatBatches:
-    """`count` consecutive batches of `testing.RandomBatches` as one (text-only) batch."""
+    """`count` consecutive batches of `helpers.RandomBatches` as one (text-only) batch."""
 
     def __init__(self, count: int, **batch_kwargs):
-        self.inner, self.count = testing.RandomBatches(0, **batch_kwargs), count
+        self.inner, self.count = helpers.RandomBatches(0, **batch_kwargs), count
 
     def __iter__(self):
         return self
@@ -279,8 +280,8 @@ class ConcatBatches:
 
 
 CONFIG = """
-from metaembed_jax.training import testing
-config = testing.tiny_config(r_q=4, r_c=8)
+from tests import helpers
+config = helpers.tiny_run_config(r_q=4, r_c=8)
 config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 config.mesh.data = 8
 config.train.steps = 2
@@ -302,12 +303,12 @@ def test_two_processes_give_the_losses_of_the_one_shot_step(tmp_path, run_two_pr
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
                                process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    from metaembed_jax.training import loop, testing
+    from metaembed_jax.training import loop
     {textwrap.indent(CONFIG, "    ").strip()}
     config.distributed.mode = "off"  # initialised above
     config.train.grad_accum_steps = 2
     config.train.grad_cache = True
-    rows = loop.train(config, workdir, train_iterator=testing.RandomBatches(0, batch=8))
+    rows = loop.train(config, workdir, train_iterator=helpers.RandomBatches(0, batch=8))
     with open(f"{{workdir}}/rows_{{process_id}}.json", "w") as f:
         json.dump(rows, f)
     """
@@ -326,18 +327,26 @@ def test_two_processes_give_the_losses_of_the_one_shot_step(tmp_path, run_two_pr
 
 
 def test_recipe_variants():
-    """`:gradcache` turns caching on (7B: 8 micro-batches over an all-FSDP mesh, valid on 4
-    devices); the other variants keep their settings and leave it off."""
+    """The Qwen recipes accumulate with caching on (every variant, at issue 13's micro-batch
+    counts); 7B `:gradcache` is the fewer-devices one (32 micro-batches over an all-FSDP mesh,
+    valid on 4 devices); demo's `:gradcache` turns caching on with 4 micro-batches."""
     config = load_recipe(CONFIGS / "qwen2_5_vl_7b.py:gradcache")
-    assert config.train.grad_cache and config.train.grad_accum_steps == 8
+    assert config.train.grad_cache and config.train.grad_accum_steps == 32
     assert (config.mesh.data, config.mesh.fsdp, config.train.batch_size) == (1, -1, 384)
     validate_config(config, num_batch_shards=4)
     demo = load_recipe(CONFIGS / "demo.py:gradcache")
     assert demo.train.grad_cache and demo.train.grad_accum_steps == 4
+    assert not load_recipe(CONFIGS / "demo.py").train.grad_cache
     for variant, loss_variant in (("", "mmr"), (":nommr", "nommr"), (":single", "single")):
         config = load_recipe(f"{CONFIGS / 'qwen2_5_vl_7b.py'}{variant}")
-        assert config.loss.variant == loss_variant and not config.train.grad_cache
-        assert (config.mesh.fsdp, config.train.grad_accum_steps) == (4, 1)
+        assert config.loss.variant == loss_variant and config.train.grad_cache
+        assert (config.mesh.fsdp, config.train.grad_accum_steps) == (4, 16)
+        validate_config(config, num_batch_shards=8)
+    for recipe, accum, shards in (("3b", 8, 8), ("32b", 24, 8)):
+        for variant in ("", ":nommr", ":single", ":gradcache"):
+            config = load_recipe(f"{CONFIGS / f'qwen2_5_vl_{recipe}.py'}{variant}")
+            assert config.train.grad_cache and config.train.grad_accum_steps == accum
+            validate_config(config, num_batch_shards=shards)
 
 
 def _run_module(*command, cwd):

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from metaembed_jax import sharding
 from metaembed_jax.models import hf_loading, layers
+from tests.helpers import register_loader_family
 
 
 class ToyBlock(nnx.Module):
@@ -46,7 +47,7 @@ def toy_rules(config):
     ]
 
 
-hf_loading.register_backbone(
+register_loader_family(
     "toy_test", ToyBackbone, toy_rules, key_aliases=(("model.language_model.", "model."),)
 )
 

@@ -143,8 +143,10 @@ def test_save_load_round_trip_is_bit_exact(data, tmp_path, dtype):
             index._blocks,
             [
                 (
-                    np.concatenate([v for v, _ in loaded._blocks]),
-                    None if dtype != "int8" else np.concatenate([s for _, s in loaded._blocks]),
+                    np.concatenate([v for v, _ in loaded._blocks], axis=1),  # [R_c, N, D]
+                    None
+                    if dtype != "int8"
+                    else np.concatenate([s for _, s in loaded._blocks], axis=1),
                 )
             ],
             strict=True,
@@ -222,9 +224,9 @@ def test_crash_mid_save_leaves_the_previous_index_readable(data, tmp_path, monke
     np.testing.assert_array_equal(survivor.embeddings(), old.embeddings())
     new.save(path, shard_rows=50)  # a later save succeeds and cleans the debris up
     assert len(MultiVectorIndex.load(path)) == 203
-    assert sorted(p.name for p in path.iterdir() if p.name != "manifest.json") == sorted(
-        p.name for p in _shard_files(path)
-    )
+    assert sorted(
+        p.name for p in path.iterdir() if p.name not in ("manifest.json", ".lock")
+    ) == sorted(p.name for p in _shard_files(path))
 
 
 def _meshes():

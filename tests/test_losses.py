@@ -1,4 +1,4 @@
-"""mmr_loss against a direct numpy transcription of the formula in DESIGN.md, its gradient
+"""mmr_loss against a direct numpy transcription of the formula in docs/design.md, its gradient
 against finite differences, the sharded (shard_map) path against the single-device one, and the
 errors a user can cause."""
 
@@ -12,7 +12,7 @@ from metaembed_jax.losses import MMR_GROUPS, groups_for_variant, mmr_loss
 
 
 def numpy_mmr_loss(q, pos, neg, groups, tau):
-    """DESIGN.md, literally: per group, per query, logits over all positives then own negatives."""
+    """docs/design.md, literally: per group, per query, logits over all positives, own negatives."""
     batch = q.shape[0]
     group_losses = []
     for r_q, r_c, _ in groups:

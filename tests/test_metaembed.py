@@ -10,46 +10,18 @@ from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from metaembed_jax import MetaEmbed
-from metaembed_jax.metaembed import append_text_positions
+from metaembed_jax.models import qwen2_vl
+from metaembed_jax.models.qwen2_vl.modeling import append_text_positions
 
-IMAGE_TOKEN, VISION_START, VISION_END, TEXT_TOKEN = 5, 3, 4, 7
+IMAGE_TOKEN, VISION_START, VISION_END, TEXT_TOKEN = 5, 3, 4, 7  # 5: not the tokenizer's 6
 R_Q, R_C = 2, 3
 
 
 def tiny_config():
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            bos_token_id=0,
-            eos_token_id=1,
-            rope_parameters={
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 10000.0,
-            },
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=6,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
+    config = qwen2_vl.tiny_config(
+        128, hidden=64, vision_hidden=32, vision_depth=2, image_token_id=IMAGE_TOKEN
     )
+    return Qwen2_5_VLConfig(**config)
 
 
 @pytest.fixture(scope="module")

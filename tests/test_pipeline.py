@@ -18,6 +18,8 @@ from PIL import Image
 from metaembed_jax.data import builders, pipeline, sources
 from metaembed_jax.data.config import get_data_config
 from metaembed_jax.data.tokenizer import train_tokenizer
+from metaembed_jax.models import qwen2_vl
+from tests.helpers import iterate_features
 
 tfds.disable_progress_bar()
 NUM_RECORDS = 20
@@ -57,7 +59,7 @@ def data_config(tmp_path_factory):
     texts = [
         r["query_text"] + " " + r["positive_text"] + " " + r["negative_text"] for _, r in records
     ]
-    train_tokenizer(texts * 5, root / "tokenizer", vocab_size=300)
+    train_tokenizer(texts * 5, root / "tokenizer", qwen2_vl.FAMILY.special_tokens, vocab_size=300)
     config = get_data_config()
     config.dir = str(root)
     config.min_pixels = 28 * 28
@@ -70,7 +72,12 @@ def data_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(data_config):
-    return pipeline.processor_from_config(data_config)
+    return qwen2_vl.make_processor(data_config)
+
+
+def train_iterator(data_config, processor, **kwargs):
+    """The pipeline's training iterator for the Qwen2-VL family."""
+    return pipeline.make_train_iterator(data_config, processor, family=qwen2_vl.FAMILY, **kwargs)
 
 
 def query_indices(batch, processor) -> list[int]:
@@ -93,11 +100,11 @@ def test_resume_mid_epoch_gives_identical_batches(data_config, processor):
     """State saved after 3 batches (JSON round trip) -> the next 4 batches, across the epoch
     boundary, equal those of the uninterrupted run."""
     kwargs = dict(mesh=None, global_batch_size=4, seed=7)
-    iterator = pipeline.make_train_iterator(data_config, processor, **kwargs)
+    iterator = train_iterator(data_config, processor, **kwargs)
     take(iterator, 3)
     state = json.loads(json.dumps(iterator.get_state()))
     expected = take(iterator, 4)
-    resumed = pipeline.make_train_iterator(data_config, processor, **kwargs)
+    resumed = train_iterator(data_config, processor, **kwargs)
     resumed.set_state(state)
     assert_trees_equal(take(resumed, 4), expected)
     for it in (iterator, resumed):
@@ -106,20 +113,14 @@ def test_resume_mid_epoch_gives_identical_batches(data_config, processor):
 
 def test_epochs_are_seeded_permutations(data_config, processor):
     """Each epoch visits every record once, in a seed-dependent order that changes per epoch."""
-    iterator = pipeline.make_train_iterator(
-        data_config, processor, mesh=None, global_batch_size=4, seed=1
-    )
+    iterator = train_iterator(data_config, processor, mesh=None, global_batch_size=4, seed=1)
     order = [i for batch in take(iterator, 10) for i in query_indices(batch, processor)]
     first, second = order[:NUM_RECORDS], order[NUM_RECORDS:]
     assert sorted(first) == sorted(second) == list(range(NUM_RECORDS))
     assert first != second and first != sorted(first)
-    again = pipeline.make_train_iterator(
-        data_config, processor, mesh=None, global_batch_size=4, seed=1
-    )
+    again = train_iterator(data_config, processor, mesh=None, global_batch_size=4, seed=1)
     assert [i for b in take(again, 5) for i in query_indices(b, processor)] == first
-    other = pipeline.make_train_iterator(
-        data_config, processor, mesh=None, global_batch_size=4, seed=2
-    )
+    other = train_iterator(data_config, processor, mesh=None, global_batch_size=4, seed=2)
     assert [i for b in take(other, 5) for i in query_indices(b, processor)] != first
 
 
@@ -127,7 +128,7 @@ def test_two_processes_see_disjoint_shards_covering_the_split(data_config, proce
     """Shard 0/2 and 1/2 (global batch 4 -> 2 per process): disjoint, together the split."""
     seen = []
     for index in range(2):
-        iterator = pipeline.make_train_iterator(
+        iterator = train_iterator(
             data_config, processor, mesh=None, global_batch_size=4, seed=3,
             process_index=index, process_count=2,
         )  # fmt: skip
@@ -144,11 +145,9 @@ def test_batch_equals_processor_on_records(data_config, layout):
     pixel_values / image_grid_thw zero-padded to the static shapes of the image layout."""
     config = data_config.copy_and_resolve_references()
     config.image_layout = layout
-    processor = pipeline.processor_from_config(config)
+    processor = qwen2_vl.make_processor(config)
     assert processor.image_layout == layout
-    iterator = pipeline.make_train_iterator(
-        config, processor, mesh=None, global_batch_size=4, seed=0
-    )
+    iterator = train_iterator(config, processor, mesh=None, global_batch_size=4, seed=0)
     batch = take(iterator, 1)[0]
     source = builders.open_pairs(pipeline.dataset_dir(config))
     records = [source[i] for i in query_indices(batch, processor)]
@@ -156,7 +155,8 @@ def test_batch_equals_processor_on_records(data_config, layout):
     for name, side in (("query", "query"), ("positive", "candidate"), ("negative", "candidate")):
         texts = [r[f"{name}_text"] for r in records]
         images = [
-            [sources.decode_png(r[f"{name}_image"])] if r[f"{name}_image"] else [] for r in records
+            [sources.decode_image(r[f"{name}_image"])] if r[f"{name}_image"] else []
+            for r in records
         ]
         expected = processor(texts, images if any(images) else None, side=side)
         got = batch[name]
@@ -187,17 +187,17 @@ def test_static_shapes_refuse_the_other_layout(data_config):
     the layout and the fix, not a silent mis-read."""
     config = data_config.copy_and_resolve_references()
     config.image_layout = "packed"
-    packed = pipeline.processor_from_config(config)
+    packed = qwen2_vl.make_processor(config)
     features = packed(["a", ""], [[], [Image.new("RGB", (28, 28))]])
     with pytest.raises(ValueError, match="image_layout='per_example' needs 3 dims"):
-        pipeline.StaticShapes(data_config, 2)(features)
-    per_example = pipeline.processor_from_config(data_config)
+        qwen2_vl.FAMILY.static_shapes(data_config, 2)(features)
+    per_example = qwen2_vl.make_processor(data_config)
     features = per_example(["a", ""], [[], [Image.new("RGB", (28, 28))]])
     with pytest.raises(ValueError, match="image_layout='packed' needs 2 dims"):
-        pipeline.StaticShapes(config, 2)(features)
+        qwen2_vl.FAMILY.static_shapes(config, 2)(features)
     config.image_layout = "ragged"
     with pytest.raises(ValueError, match="image_layout='ragged': expected one of"):
-        pipeline.StaticShapes(config, 2)
+        qwen2_vl.FAMILY.static_shapes(config, 2)
 
 
 def test_several_processes_pad_to_the_largest_buckets(data_config, processor):
@@ -205,7 +205,7 @@ def test_several_processes_pad_to_the_largest_buckets(data_config, processor):
     processes cannot agree on a bucket per step), left padding preserved."""
     config = data_config.copy_and_resolve_references()
     config.patch_buckets = (4, 8, 16)
-    several = pipeline.make_train_iterator(
+    several = train_iterator(
         config, processor, mesh=None, global_batch_size=4, seed=0, process_index=0,
         process_count=2,
     )  # fmt: skip
@@ -231,13 +231,12 @@ def test_global_arrays_on_8_device_mesh(data_config, processor):
     """On a (data=4, fsdp=2) mesh every leaf is a global jax.Array split over both batch axes,
     equal to the host batch, each device holding its rows."""
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-    iterator = pipeline.make_train_iterator(
-        data_config, processor, mesh=mesh, global_batch_size=8, seed=5
-    )
+    iterator = train_iterator(data_config, processor, mesh=mesh, global_batch_size=8, seed=5)
     batch = next(iterator)
     host = pipeline.build_train_dataset(
         builders.open_pairs(pipeline.dataset_dir(data_config)), processor, data_config,
-        local_batch_size=8, seed=5, shard_index=0, shard_count=1, multiple=8,
+        family=qwen2_vl.FAMILY, local_batch_size=8, seed=5, shard_index=0, shard_count=1,
+        multiple=8,
     )  # fmt: skip
     expected = next(iter(host))
     assert jax.tree.structure(batch) == jax.tree.structure(expected)
@@ -259,7 +258,7 @@ def test_undecodable_image_names_record(data_config, processor, tmp_path):
     bad = {**record(0), "positive_image": b"\x89PNG\r\n\x1a\ngarbage"}
     builders.write_pairs(tmp_path, {"train": [("0", bad)]})
     source = builders.open_pairs(tmp_path)
-    iterator = pipeline.make_train_iterator(
+    iterator = train_iterator(
         data_config, processor, mesh=None, global_batch_size=1, seed=0, source=source
     )
     with pytest.raises(
@@ -278,17 +277,17 @@ def test_missing_negative_is_an_error_unless_disabled(data_config, processor, tm
     with pytest.raises(
         sources.BadRowError, match="record 0: negative has an empty text and no image"
     ):
-        next(pipeline.make_train_iterator(data_config, processor, **kwargs))
+        next(train_iterator(data_config, processor, **kwargs))
     config = data_config.copy_and_resolve_references()
     config.hard_negatives = False
-    batch = next(pipeline.make_train_iterator(config, processor, **kwargs))
+    batch = next(train_iterator(config, processor, **kwargs))
     assert set(batch) == {"query", "positive"}
 
 
 def test_batch_size_must_split_over_processes_and_devices(data_config, processor):
     """Indivisible batch sizes are refused with the numbers named."""
     with pytest.raises(ValueError, match="global_batch_size=5 not divisible by 2 processes"):
-        pipeline.make_train_iterator(
+        train_iterator(
             data_config,
             processor,
             mesh=None,
@@ -299,19 +298,19 @@ def test_batch_size_must_split_over_processes_and_devices(data_config, processor
         )
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     with pytest.raises(ValueError, match="per-process batch 4 not divisible by its 8 batch shards"):
-        pipeline.make_train_iterator(data_config, processor, mesh=mesh, global_batch_size=4, seed=0)
+        train_iterator(data_config, processor, mesh=mesh, global_batch_size=4, seed=0)
 
 
 def test_iterate_features_for_evaluation(data_config, processor):
     """5 items in batches of 2 -> 3 full batches (last padded by repetition), num_valid 2, 2, 1,
     rows equal to the processor on the items."""
     items = [{"text": f"caption {i}", "image": png(i) if i % 2 else b""} for i in range(5)]
-    out = list(pipeline.iterate_features(items, processor, "candidate", 2, data_config))
+    out = list(iterate_features(items, processor, "candidate", 2, data_config))
     assert [valid for _, valid in out] == [2, 2, 1]
     for start, (features, _) in zip(range(0, 5, 2), out, strict=True):
         chunk = items[start : start + 2]
         chunk += [chunk[-1]] * (2 - len(chunk))
-        images = [[sources.decode_png(i["image"])] if i["image"] else [] for i in chunk]
+        images = [[sources.decode_image(i["image"])] if i["image"] else [] for i in chunk]
         expected = processor([i["text"] for i in chunk], images, side="candidate")
         np.testing.assert_array_equal(features["input_ids"], expected["input_ids"])
         assert features["image_grid_thw"].shape == (2, 1, 3)  # per example: [B, max_images, 3]
@@ -323,10 +322,10 @@ def test_worker_process_gives_the_same_batches(data_config, processor):
     """num_workers=1 (a grain worker process runs decoding + processing): the same batches as
     in the main process, and a JSON-able state."""
     kwargs = dict(mesh=None, global_batch_size=4, seed=11)
-    expected = take(pipeline.make_train_iterator(data_config, processor, **kwargs), 3)
+    expected = take(train_iterator(data_config, processor, **kwargs), 3)
     config = data_config.copy_and_resolve_references()
     config.num_workers = 1
-    iterator = pipeline.make_train_iterator(config, processor, **kwargs)
+    iterator = train_iterator(config, processor, **kwargs)
     assert_trees_equal(take(iterator, 3), expected)
     json.dumps(iterator.get_state())
     iterator.close()
@@ -339,22 +338,16 @@ def test_text_only_data_and_multiprocess_image_guard(data_config, processor, mon
     config = data_config.copy_and_resolve_references()
     config.max_images = 0
     items = [{"text": "caption 1"}, {"text": "caption 2"}]
-    ((features, _),) = pipeline.iterate_features(items, processor, "query", 2, config)
+    ((features, _),) = iterate_features(items, processor, "query", 2, config)
     assert set(features) == {"input_ids", "attention_mask"}
     with pytest.raises(ValueError, match="has images but config.data.max_images=0"):
-        list(
-            pipeline.iterate_features(
-                [{"text": "", "image": png(1)}], processor, "query", 1, config
-            )
-        )
+        list(iterate_features([{"text": "", "image": png(1)}], processor, "query", 1, config))
     monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     packed = data_config.copy_and_resolve_references()
     packed.image_layout = "packed"
     with pytest.raises(ValueError, match="2 processes with image inputs.*need config.data"):
-        pipeline.make_train_iterator(
-            packed, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0
-        )
+        train_iterator(packed, processor, mesh=mesh, global_batch_size=16, seed=0, process_index=0)
     assert pipeline._check_batch(data_config, mesh, 16, 2) == (8, 4)
 
 
@@ -370,13 +363,16 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=inde
 import numpy as np
 from jax.sharding import Mesh
 from metaembed_jax.data import pipeline
+from metaembed_jax.models import qwen2_vl
 from metaembed_jax.data.config import get_data_config
 config = get_data_config()
 config.update(dir=data_dir, min_pixels=28 * 28, max_pixels=56 * 56, length_buckets=(16, 32),
               read_threads=1)
-processor = pipeline.processor_from_config(config)
+processor = qwen2_vl.make_processor(config)
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-iterator = pipeline.make_train_iterator(config, processor, mesh=mesh, global_batch_size=8, seed=4)
+iterator = pipeline.make_train_iterator(
+    config, processor, family=qwen2_vl.FAMILY, mesh=mesh, global_batch_size=8, seed=4
+)
 saved = {}
 for step in range(2):
     batch = next(iterator)
@@ -410,7 +406,7 @@ def test_two_jax_processes_build_global_batches(
     config.update(dir=str(mixed_dir))
     for index in range(2):
         got = np.load(tmp_path / f"{index}.npz")
-        simulated = pipeline.make_train_iterator(
+        simulated = train_iterator(
             config, processor, mesh=None, global_batch_size=8, seed=4,
             process_index=index, process_count=2,
         )  # fmt: skip

@@ -11,13 +11,15 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
-from metaembed_jax.data.processing import (
-    BadRecordError,
-    QwenVLProcessor,
+from metaembed_jax.data.sources import BadRowError, decode_image
+from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
+from tests.helpers import (
+    build_test_tokenizer,
     check_features,
-    decode_image,
+    process_records,
+    special_token_ids,
 )
-from metaembed_jax.data.tokenizer import build_test_tokenizer, special_token_ids
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 56 * 56
 
@@ -56,7 +58,7 @@ def _hf_processor(tokenizer):
 
 
 def _reference_prompt(text, num_images, prefix):
-    """The DESIGN.md templates, written out independently of processing.py."""
+    """The reference templates (docs/design.md), written out independently of processing.py."""
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
     body = text if text else "Describe the image."
     return f"<|im_start|>user\n{vision}{prefix}{body}<|im_end|><|endoftext|>"
@@ -186,7 +188,7 @@ def test_errors(tokenizer):
         proc(["a", "b"], [[_image(28, 28)], [_image(28, 28)]])
     with pytest.raises(ValueError, match="16 image patches, more than the largest patch bucket"):
         proc(["a"], [[_image(56, 56)]])
-    with pytest.raises(BadRecordError, match="row 'r1'.*cannot be decoded"):
+    with pytest.raises(BadRowError, match="cannot decode row 'r1': image"):
         proc(["a"], [[b"not a png"]], row_ids=["r1"])
 
 
@@ -307,32 +309,30 @@ def test_records_and_bad_rows(tokenizer):
     and counting bad rows happens when a dataset is built: tests/test_builders.py)."""
     proc = QwenVLProcessor(tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     records = [_record(), _record(query_id="q1", query_text="a blue square")]
-    query = proc.process_records(records, "query")
+    query = process_records(proc, records, "query")
     np.testing.assert_array_equal(
         query["input_ids"], proc(["a red circle", "a blue square"])["input_ids"]
     )
-    positive = proc.process_records(records, "positive")
+    positive = process_records(proc, records, "positive")
     reference = proc(["", ""], [[decode_image(r["positive_image"])] for r in records], "candidate")
     np.testing.assert_array_equal(positive["pixel_values"], reference["pixel_values"])
     bad = [_record(query_id="q2", positive_image=b"\x89PNG broken"), _record(query_text="")]
-    with pytest.raises(BadRecordError, match="row 'q2'.*positive.*cannot be decoded"):
-        proc.process_records(bad[:1], "positive")
-    with pytest.raises(BadRecordError, match="query has empty text and no image"):
-        proc.process_records(bad[1:], "query")
+    with pytest.raises(BadRowError, match="cannot decode row 'q2': positive_image of 'p0'"):
+        process_records(proc, bad[:1], "positive")
+    with pytest.raises(BadRowError, match="query has empty text and no image"):
+        process_records(proc, bad[1:], "query")
     missing = _record()
     del missing["positive_text"]
-    with pytest.raises(BadRecordError, match="missing column 'positive_text'"):
-        proc.process_records([missing], "positive")
+    with pytest.raises(BadRowError, match="missing column 'positive_text'"):
+        process_records(proc, [missing], "positive")
     with pytest.raises(FileNotFoundError, match="row 7: image file '/nonexistent.png'"):
-        decode_image("/nonexistent.png", row=7)
+        decode_image("/nonexistent.png", "row 7")
 
 
 def test_qwen2_tokenizer_class_directory(tokenizer_dir, tmp_path):
     """A directory written by transformers' Qwen2Tokenizer (the class real Qwen2.5-VL
     checkpoints name) loads and gives the same features as the tokenizers-backend one."""
     from transformers import Qwen2Tokenizer
-
-    from metaembed_jax.data.tokenizer import SPECIAL_TOKENS
 
     model = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]
     qwen = Qwen2Tokenizer(

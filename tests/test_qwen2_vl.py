@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from metaembed_jax.models import from_config, layers, load_hf
 from metaembed_jax.models import qwen2_vl as qwen
+from metaembed_jax.models.qwen2_vl import modeling as qwen_modeling
 
 VOCAB = 300
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, PAD = 290, 291, 292, 293, 0
@@ -28,35 +29,18 @@ TOLERANCE_F32 = 1e-4
 def tiny_hf_config(model_type):
     import transformers
 
-    text = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0),
-    )
-    tokens = dict(
+    config = qwen.tiny_config(
+        VOCAB,
+        model_type=model_type,
+        hidden=64,
+        vision_hidden=32,
+        vision_depth=2,
         image_token_id=IMAGE_PAD,
         video_token_id=VIDEO_PAD,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
-    if model_type == "qwen2_5_vl":
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        )
-        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-    return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    return transformers.AutoConfig.for_model(**config)
 
 
 def build_hf_model(model_type, seed=0):
@@ -295,14 +279,16 @@ def test_both_config_spellings_parse_alike(checkpoint):
     """Nested (transformers 5) and flat (Hub) spellings give the same text config."""
     _, _, path, _ = checkpoint
     nested = json.loads((path / "config.json").read_text())
-    parsed = qwen.text_config(nested)
-    assert parsed == qwen.text_config(flat_config(nested))
+    parsed = qwen_modeling.text_config(nested)
+    assert parsed == qwen_modeling.text_config(flat_config(nested))
     assert (parsed.head_dim, parsed.num_kv_heads, parsed.mrope_section) == (16, 2, (2, 3, 3))
     assert parsed.rope_theta == 10000.0
     with pytest.raises(ValueError, match="mrope_section"):
-        qwen.text_config({**flat_config(nested), "rope_scaling": {"mrope_section": [1, 1, 1]}})
+        qwen_modeling.text_config(
+            {**flat_config(nested), "rope_scaling": {"mrope_section": [1, 1, 1]}}
+        )
     with pytest.raises(ValueError, match="not supported"):
-        qwen.text_config({**flat_config(nested), "rope_scaling": {"type": "yarn"}})
+        qwen_modeling.text_config({**flat_config(nested), "rope_scaling": {"type": "yarn"}})
 
 
 def test_lora_targets_and_logical_axes(checkpoint):
@@ -351,7 +337,7 @@ def test_sharded_load_matches_transformers(checkpoint):
     if model_type != "qwen2_5_vl":
         pytest.skip("placement is model-type independent; checked on qwen2_5_vl")
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-    model = load_hf(path, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    model = load_hf(path, mesh=mesh, rules=sharding.axis_rules())
     kernel = model.layers.self_attn.q_proj.kernel[...]  # [layers, embed, heads * head_dim]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     batch = make_batch(MIXED_ROWS, MIXED_SIZES)
@@ -395,7 +381,10 @@ def test_pack_example_images_equals_stable_argsort():
     pixels[padding] = 0.0
     order = np.argsort(padding.reshape(-1), kind="stable")
     expected = np.concatenate([pixels.reshape(-1, 5)[order], np.zeros((1, 5), np.float32)])
-    for fn in (qwen.pack_example_images, jax.jit(qwen.pack_example_images, static_argnums=2)):
+    for fn in (
+        qwen_modeling.pack_example_images,
+        jax.jit(qwen_modeling.pack_example_images, static_argnums=2),
+    ):
         packed, flat_grid = fn(pixels, grid, 4)
         np.testing.assert_array_equal(np.asarray(packed), expected)  # 39 rows -> 40
         np.testing.assert_array_equal(np.asarray(flat_grid), grid.reshape(-1, 3))

@@ -23,39 +23,45 @@ from transformers import vision_utils as hf_vision
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
-from metaembed_jax.models import hf_loading, layers, qwen2_vl_vision
-from metaembed_jax.models.qwen2_vl_vision import (
+from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models.qwen2_vl import vision as qwen2_vl_vision
+from metaembed_jax.models.qwen2_vl.tiny import tiny_config
+from metaembed_jax.models.qwen2_vl.vision import (
     VisionTower,
+    blocked_attention,
     dense_attention,
     local_attention,
     parse_vision_config,
     patch_layout,
     rotary_cos_sin,
+    segment_blocks,
     vision_rules,
 )
+from tests.helpers import register_loader_family
 
-TEXT = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
-)
-VISION = {
-    # window 56 px = 2x2 merged units: a 56x84 image (merged 2x3) splits into 2 windows
-    "qwen2_5_vl": dict(
-        depth=3,
-        hidden_size=32,
-        intermediate_size=48,
-        num_heads=2,
-        out_hidden_size=40,
-        window_size=56,
-        fullatt_block_indexes=[1],
+# Tower sizes of this file on the family's tiny config. Qwen2.5-VL: window 56 px = 2x2 merged
+# units, so a 56x84 image (merged 2x3) splits into 2 windows; an output width (40) of its own.
+TOWERS = {
+    "qwen2_5_vl": (
+        3,
+        {"intermediate_size": 48, "out_hidden_size": 40, "fullatt_block_indexes": [1]},
     ),
-    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=40, num_heads=2, mlp_ratio=2),
+    "qwen2_vl": (2, {"hidden_size": 40}),
 }
+ROPE = {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}
+CONFIGS = {
+    model_type: tiny_config(
+        64,
+        model_type=model_type,
+        hidden=32,
+        layers=1,
+        vision_depth=depth,
+        vision=tower,
+        text={"rope_parameters": ROPE},
+    )  # fmt: skip
+    for model_type, (depth, tower) in TOWERS.items()
+}
+VISION = {model_type: config["vision_config"] for model_type, config in CONFIGS.items()}
 HF_CLASSES = {
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -89,7 +95,7 @@ def vision_only_rules(config):
 
 
 for _model_type in HF_CLASSES:
-    hf_loading.register_backbone(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
+    register_loader_family(f"test_vision_{_model_type}", VisionOnly, vision_only_rules)
 
 
 def randomise(module, seed):
@@ -109,7 +115,11 @@ def checkpoint(request, tmp_path_factory):
     model_type = request.param
     config_class, model_class = HF_CLASSES[model_type]
     torch.manual_seed(0)
-    hf_model = model_class(config_class(text_config=TEXT, vision_config=VISION[model_type]))
+    hf_model = model_class(
+        config_class(
+            text_config=CONFIGS[model_type]["text_config"], vision_config=VISION[model_type]
+        )
+    )
     randomise(hf_model.model.visual, seed=1)
     hf_model.eval()
     path = tmp_path_factory.mktemp(model_type)
@@ -169,6 +179,52 @@ def test_matches_transformers(checkpoint, sizes, video):
     assert got.shape == expected.shape
     assert np.abs(expected).max() > 1.0  # the bound below is not trivially met
     np.testing.assert_allclose(np.asarray(got), expected, atol=FLOAT32_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("bound", ["hint", "concrete", "too_small"])
+def test_per_image_attention_matches_transformers(checkpoint, bound):
+    """Per-frame / per-window blocked attention equals HF: with a static per-image bound under
+    jit (traced grid), with a concrete grid (exact blocks), and with a bound the input breaks
+    (the program falls back to the packed path). Images of different sizes, a 2-frame entry,
+    padding patches and an all-zero grid row."""
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path).visual
+    pixel_values, grid_thw = with_video(*images_to_patches([(84, 112), (28, 56), (56, 56)]))
+    expected = hf_features(visual, pixel_values, grid_thw)
+    padded_pixels, padded_grid = pad(pixel_values, grid_thw, extra_patches=36, extra_images=1)
+    if bound == "concrete":
+        got = tower(padded_pixels, padded_grid)
+    else:
+        largest = int(np.max(grid_thw[:, 1] * grid_thw[:, 2]))
+        limit = largest if bound == "hint" else largest // 2
+        forward = nnx.jit(lambda tower, p, g: tower(p, g, max_image_patches=limit))
+        got = forward(tower, padded_pixels, padded_grid)
+    got = np.asarray(got)
+    np.testing.assert_allclose(got[: len(expected)], expected, atol=FLOAT32_TOLERANCE, rtol=0)
+    np.testing.assert_array_equal(got[len(expected) :], 0.0)
+
+
+def test_blocked_attention_equals_dense():
+    """segment_blocks + blocked_attention = dense segment-masked attention on real rows, for runs
+    of different lengths (some longer than one block) followed by padding; `fits` is False when
+    the runs break the static bounds."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 12, 1, 9, 16, 3])
+    segments = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    real = len(segments)
+    segments = np.concatenate([segments, np.full(7, 999)]).astype(np.int32)
+    is_real = np.arange(len(segments)) < real
+    query, key, value = (rng.normal(size=(len(segments), 2, 8)).astype(np.float32) for _ in "qkv")
+    dense = dense_attention(query, key, value, segments)
+    blocks_needed = int(np.sum(-(-lengths // 4)))
+    blocks = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 16, 4, blocks_needed)
+    assert bool(blocks.fits)
+    got = jax.jit(lambda q, k, v: blocked_attention(q, k, v, blocks))(query, key, value)
+    np.testing.assert_allclose(got[:real], dense[:real], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[real:]), 0.0)
+    too_few = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 16, 4, blocks_needed - 1)
+    too_short = segment_blocks(jnp.asarray(segments), jnp.asarray(is_real), 15, 4, 99)
+    assert not bool(too_few.fits) and not bool(too_short.fits)
 
 
 def test_padding_does_not_change_real_rows(checkpoint, monkeypatch):
@@ -242,7 +298,9 @@ def test_layout_matches_hf(grid, window_units):
 def test_rotary_matches_hf(model_type):
     """cos/sin from (row, col) positions equal HF's vision rotary module's."""
     config_class, _ = HF_CLASSES[model_type]
-    hf_config = config_class(text_config=TEXT, vision_config=VISION[model_type]).vision_config
+    hf_config = config_class(
+        text_config=CONFIGS[model_type]["text_config"], vision_config=VISION[model_type]
+    ).vision_config
     module = hf_vision_rotary[model_type](hf_config)
     ours = parse_vision_config(hf_config, model_type)
     positions = np.stack(np.meshgrid(np.arange(6), np.arange(10), indexing="ij"), -1)

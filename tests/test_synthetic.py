@@ -14,9 +14,36 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from metaembed_jax.data import synthetic as S
-from metaembed_jax.data.processing import RECORD_FIELDS, QwenVLProcessor, check_features
 from metaembed_jax.data.synthetic_render import COLORS, JITTER_FRACTION
-from metaembed_jax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
+from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
+from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
+from tests.helpers import RECORD_FIELDS, check_features, process_records, special_token_ids
+
+
+def scene_difference(a: S.Scene, b: S.Scene) -> list[tuple[int, str]]:
+    """(object index, attribute) pairs where the scenes differ; [(-1, "count")] if sizes do."""
+    if len(a.objects) != len(b.objects):
+        return [(-1, "count")]
+    diffs = []
+    for i, (x, y) in enumerate(zip(a.objects, b.objects, strict=True)):
+        ax, ay = x.attributes(), y.attributes()
+        diffs += [(i, name) for name in S.SCENE_ATTRIBUTES if ax[name] != ay[name]]
+    return diffs
+
+
+def document_difference(a: S.Document, b: S.Document) -> list[str]:
+    """Names of the fields (table cells and labels one by one) where two pages differ."""
+    diffs = [f for f in ("entity", "kind", "founded", "staff") if getattr(a, f) != getattr(b, f)]
+    for field in ("years", "metrics"):
+        x, y = getattr(a, field), getattr(b, field)
+        if len(x) != len(y):
+            diffs.append(field)
+        else:
+            diffs += [f"{field}[{i}]" for i in range(len(x)) if x[i] != y[i]]
+    for i, (x, y) in enumerate(zip(a.values, b.values, strict=False)):
+        diffs += [f"values[{i}][{j}]" for j in range(min(len(x), len(y))) if x[j] != y[j]]
+    return diffs
+
 
 CFG = S.SyntheticConfig(
     seed=3, num_train=48, num_val=16, num_test=24, image_size=56, word_prob=0.3, progress=False
@@ -74,7 +101,7 @@ def test_eval_sets_do_not_depend_on_train_size():
 
 
 def test_rows_follow_record_schema(rows):
-    """Exact CONTRACTS.md keys and types; tasks round-robin; ids unique."""
+    """Exact record keys (docs/design.md) and types; tasks round-robin; ids unique."""
     for split, split_rows in rows.items():
         assert len(split_rows) == CFG.size(split)
         for i, row in enumerate(split_rows):
@@ -109,7 +136,7 @@ def test_hard_negatives_differ_in_exactly_one_attribute():
     for split in SPLITS:
         for example in S.plan_examples(CFG, split):
             if example.task == "documents":
-                diff = S.document_difference(example.positive, example.negative)
+                diff = document_difference(example.positive, example.negative)
                 assert len(diff) == 1, diff
                 named = {"entity": example.positive.entity}
                 field = diff[0]
@@ -120,7 +147,7 @@ def test_hard_negatives_differ_in_exactly_one_attribute():
                 # the changed field is one the question relies on
                 assert named.get(field, example.positive.entity) in example.query_text
             else:
-                assert len(S.scene_difference(example.positive, example.negative)) == 1
+                assert len(scene_difference(example.positive, example.negative)) == 1
 
 
 def test_composed_edit_matches_its_text():
@@ -137,7 +164,7 @@ def test_composed_edit_matches_its_text():
             assert target.objects[:-1] == source.objects
             assert text == "add " + S.object_phrase(target.objects[-1], CFG.grid_size)
             continue
-        diff = S.scene_difference(source, target)
+        diff = scene_difference(source, target)
         assert len(diff) == 1
         index, attribute = diff[0]
         changed = target.objects[index]
@@ -190,7 +217,7 @@ def test_eval_set_structure():
 def test_tokenizer_from_dataset_text_feeds_processor(tmp_path, rows):
     """Trained tokenizer loads with AutoTokenizer offline, has the Qwen specials at 0..7, and
     the processor turns the dataset's rows into contract-valid features."""
-    S.build_tokenizer(CFG, tmp_path, vocab_size=400)
+    S.build_tokenizer(CFG, tmp_path, SPECIAL_TOKENS, vocab_size=400)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(8))
     assert len(tokenizer) <= 400 and special_token_ids(tokenizer)["image_token_id"] == 6
@@ -199,7 +226,7 @@ def test_tokenizer_from_dataset_text_feeds_processor(tmp_path, rows):
     assert tokenizer.decode(ids) == caption and len(ids) < len(caption) / 2
     proc = QwenVLProcessor.from_pretrained(tmp_path, max_pixels=56 * 56, length_buckets=(128, 256))
     for side in ("query", "positive", "negative"):
-        features = proc.process_records(rows["train"][:8], side)
+        features = process_records(proc, rows["train"][:8], side)
         check_features(features, proc.image_token_id)
         assert features["input_ids"].shape[1] in (128, 256)
 
@@ -216,4 +243,8 @@ def test_config_errors_and_exhaustion():
                              num_val=0, num_train=0, tasks=("text_to_image",))  # fmt: skip
     with pytest.raises(RuntimeError, match=re.escape("scene space is exhausted")):
         S.plan_examples(tiny, "test")
-    assert S.SyntheticConfig.from_mapping({"seed": 5, "dir": "/x"}, num_train=3).num_train == 3
+    assert S.SyntheticConfig.from_mapping({"seed": 5}, num_train=3).num_train == 3
+    mapping = {"seed": 5, "vocab_size": 300}
+    assert S.SyntheticConfig.from_mapping(mapping, ignore=("vocab_size",)).seed == 5
+    with pytest.raises(ValueError, match=r"unknown config.data.synthetic key\(s\) \['dir'\]"):
+        S.SyntheticConfig.from_mapping({"seed": 5, "dir": "/x"})

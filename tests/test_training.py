@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 
 from metaembed_jax import sharding
-from metaembed_jax.training import loop, testing
+from metaembed_jax.training import loop
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
+from tests import helpers
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 
 
 def small_config():
-    config = testing.tiny_config(r_q=4, r_c=8)
+    config = helpers.tiny_run_config(r_q=4, r_c=8)
     config.loss.groups = GROUPS
     return config
 
@@ -48,7 +49,7 @@ def run_steps(config, mesh, batches, lora=False):
 @pytest.fixture(scope="module")
 def one_device():
     config = small_config()
-    batch = testing.random_batch(0, image_every=2)
+    batch = helpers.random_batch(0, image_every=2)
     return config, batch, run_steps(config, None, [batch])
 
 
@@ -72,7 +73,7 @@ def test_lora_trains_adapters_and_meta_tokens_only():
     config.lora.dropout = 0.1
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
-    batches = [testing.random_batch(i) for i in range(2)]
+    batches = [helpers.random_batch(i) for i in range(2)]
     history, params, frozen_before, frozen_after = run_steps(config, None, batches, lora=True)
     assert all(np.isfinite(h["loss"]) for h in history)
     for before, after in zip(
@@ -98,7 +99,7 @@ def test_lora_trains_adapters_and_meta_tokens_only():
 def test_gradient_accumulation_averages_micro_batches(one_device):
     """A step over (b0, b1) reports the mean of the losses each micro-batch gives on its own."""
     config, batch, (want_history, _, _, _) = one_device
-    other = testing.random_batch(1, image_every=2)
+    other = helpers.random_batch(1, image_every=2)
     other_history, _, _, _ = run_steps(config, None, [other])
     history, _, _, _ = run_steps(config, None, [(batch, other)])
     want = (want_history[0]["group_losses"] + other_history[0]["group_losses"]) / 2
@@ -111,16 +112,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     config = small_config()
     config.mesh.data = 8  # the batch over all 8 devices
     full = loop.train(
-        config, tmp_path / "full", train_iterator=testing.RandomBatches(0, image_every=2)
+        config, tmp_path / "full", train_iterator=helpers.RandomBatches(0, image_every=2)
     )
     config.train.stop_after = 2
     first = loop.train(
-        config, tmp_path / "resumed", train_iterator=testing.RandomBatches(0, image_every=2)
+        config, tmp_path / "resumed", train_iterator=helpers.RandomBatches(0, image_every=2)
     )
     assert [row["step"] for row in first] == [1, 2]
     config.train.stop_after = 0
     second = loop.train(
-        config, tmp_path / "resumed", train_iterator=testing.RandomBatches(0, image_every=2)
+        config, tmp_path / "resumed", train_iterator=helpers.RandomBatches(0, image_every=2)
     )
     assert [row["step"] for row in second] == [3, 4]
     drop = lambda row: {k: v for k, v in row.items() if k != "examples_per_s"}  # noqa: E731
@@ -137,11 +138,11 @@ def test_invalid_configs_fail_at_start_with_a_clear_message(tmp_path):
     config = small_config()
     config.train.batch_size = 12
     with pytest.raises(ValueError, match="batch_size=12.*not divisible by the 8 batch shards"):
-        loop.train(config, tmp_path / "run", train_iterator=testing.RandomBatches(0, image_every=2))
+        loop.train(config, tmp_path / "run", train_iterator=helpers.RandomBatches(0, image_every=2))
     config = small_config()
     config.init_from = str(tmp_path / "missing_checkpoint")
     with pytest.raises(FileNotFoundError, match="missing_checkpoint"):
-        loop.train(config, tmp_path / "run", train_iterator=testing.RandomBatches(0, image_every=2))
+        loop.train(config, tmp_path / "run", train_iterator=helpers.RandomBatches(0, image_every=2))
     config = small_config()
     config.loss.variant = "single"
     with pytest.raises(ValueError, match="readout 'last_token'"):

@@ -14,16 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-from metaembed_jax.training import checkpointing, loop, testing
+from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """
-from metaembed_jax.training import testing
-config = testing.tiny_config(r_q=4, r_c=8)
+from tests import helpers
+config = helpers.tiny_run_config(r_q=4, r_c=8)
 config.loss.groups = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 config.mesh.data = 8
 """
@@ -56,16 +57,17 @@ def test_two_processes_give_the_losses_of_one(tmp_path, run_two_processes):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
                                process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    from metaembed_jax.training import loop, testing
+    from metaembed_jax.training import loop
+    from tests import helpers
     {textwrap.indent(CONFIG, "    ").strip()}
     config.distributed.mode = "off"  # initialised above
-    rows = loop.train(config, workdir, train_iterator=testing.RandomBatches(0))
+    rows = loop.train(config, workdir, train_iterator=helpers.RandomBatches(0))
     with open(f"{{workdir}}/rows_{{process_id}}.json", "w") as f:
         json.dump(rows, f)
     """
     workdir = tmp_path / "two"
     run_two_processes(body, workdir)
-    want = loop.train(small_config(), tmp_path / "one", train_iterator=testing.RandomBatches(0))
+    want = loop.train(small_config(), tmp_path / "one", train_iterator=helpers.RandomBatches(0))
     for i in range(2):
         rows = json.loads((workdir / f"rows_{i}.json").read_text())
         assert [r["step"] for r in rows] == [r["step"] for r in want]
@@ -84,12 +86,13 @@ def test_sigterm_saves_a_usable_checkpoint_and_exits_cleanly(tmp_path):
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_default_matmul_precision", "highest")
-    from metaembed_jax.training import loop, testing
+    from metaembed_jax.training import loop
+    from tests import helpers
     {textwrap.indent(CONFIG, "    ").strip()}
     config.train.steps = 100000
     config.checkpoint.every = 100000
     config.checkpoint.async_save = True
-    loop.train(config, sys.argv[1], train_iterator=testing.RandomBatches(0))
+    loop.train(config, sys.argv[1], train_iterator=helpers.RandomBatches(0))
     """
     workdir = tmp_path / "run"
     proc = subprocess.Popen(

@@ -4,12 +4,17 @@
 
 - `config.data.name == "synthetic"`: the built-in dataset (`<dir>/synthetic`: training pairs for
   splits train / validation / test, evaluation tables for validation / test) and its tokenizer
-  (`<dir>/tokenizer`). A `build_config.json` records the generator settings; building again
-  with different settings into the same directory is refused (no stale data reused).
+  (`<dir>/tokenizer`), which carries the special tokens of the configured model's backbone
+  family (`BackboneFamily.special_tokens`) and of no other.
 - `config.data.name == "mmeb"`: MMEB-style training files `config.data.mmeb_train.files` ->
   `<dir>/mmeb_train`.
 - `--convert_eval`: also converts `config.data.mmeb_eval.datasets` -> `<dir>/mmeb_eval/<name>`
   and each of `config.data.beir.roots` -> `<dir>/beir/<name>`.
+
+Every dataset directory records what it was built from in `build_config.json` (the config
+fields that change its rows; the input files' paths, sizes, modification times and sha256):
+building again into it from other settings or changed files is refused, naming each difference,
+instead of keeping the old rows (use another `config.data.dir` or delete the directory).
 
 Bad rows of converted files raise (naming file and row) unless `config.data.skip_bad_rows`; the
 skipped rows are counted, printed and listed in `<dataset dir>/bad_rows.json`.
@@ -18,13 +23,13 @@ skipped rows are counted, printed and listed in `<dataset dir>/bad_rows.json`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from metaembed_jax.data import builders, sources
+from metaembed_jax.data import builders, sources, synthetic
+from metaembed_jax.data.pipeline import model_family
 
 # tfds split name -> the generator's split name.
 SYNTHETIC_SPLITS = {"train": "train", "validation": "val", "test": "test"}
@@ -36,30 +41,15 @@ def _keyed(rows, key: str = "query_id"):
         yield row[key], row
 
 
-def _check_build_config(directory: Path, settings: dict[str, Any]) -> None:
-    """Writes the settings of a fresh build; refuses a directory built with other settings."""
-    path = directory / "build_config.json"
-    if path.is_file():
-        built = json.loads(path.read_text())
-        if built != settings:
-            raise ValueError(
-                f"{directory} was built with {built}, the config asks for {settings}: "
-                "use another config.data.dir or delete the directory"
-            )
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
-
-
-def build_synthetic(data_config, progress: bool = True) -> Path:
-    """The built-in dataset and its tokenizer under `data_config.dir`; returns the dataset dir."""
-    from metaembed_jax.data import synthetic
-
+def build_synthetic(data_config, special_tokens: Sequence[str], progress: bool = True) -> Path:
+    """The built-in dataset and its tokenizer (with the family's `special_tokens`, pad token
+    first) under `data_config.dir`; returns the dataset dir."""
     root = Path(data_config.dir)
     directory = root / builders.DATASET_DIRS["synthetic"]
-    settings = json.loads(json.dumps(data_config.synthetic.to_dict()))  # tuples -> lists
-    _check_build_config(directory, settings)
-    cfg = synthetic.SyntheticConfig.from_mapping(data_config.synthetic, progress=progress)
+    builders.check_inputs(directory, data_config.synthetic.to_dict(), [])
+    cfg = synthetic.SyntheticConfig.from_mapping(
+        data_config.synthetic, ignore=("vocab_size",), progress=progress
+    )
     eval_splits = {SYNTHETIC_SPLITS[name] for name in EVAL_SPLITS}
 
     @functools.cache
@@ -89,7 +79,9 @@ def build_synthetic(data_config, progress: bool = True) -> Path:
         builders.write_eval_set(directory, tables)
     tokenizer_dir = root / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        synthetic.build_tokenizer(cfg, tokenizer_dir, vocab_size=data_config.synthetic.vocab_size)
+        synthetic.build_tokenizer(
+            cfg, tokenizer_dir, special_tokens, vocab_size=data_config.synthetic.vocab_size
+        )
     return directory
 
 
@@ -135,10 +127,16 @@ def convert_eval_sets(data_config) -> list[Path]:
     return written
 
 
-def build(data_config, convert_eval: bool = False, progress: bool = True) -> list[Path]:
-    """Everything `data_config` needs; returns the dataset directories."""
+def build(
+    data_config,
+    special_tokens: Sequence[str] = (),
+    convert_eval: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Everything `data_config` needs; returns the dataset directories. `special_tokens`: the
+    backbone family's (for the built-in dataset's tokenizer)."""
     if data_config.name == "synthetic":
-        written = [build_synthetic(data_config, progress)]
+        written = [build_synthetic(data_config, special_tokens, progress)]
     elif data_config.name == "mmeb":
         written = [build_mmeb_train(data_config)]
     else:
@@ -151,7 +149,8 @@ def build(data_config, convert_eval: bool = False, progress: bool = True) -> lis
 def main(argv) -> None:
     del argv
     config = _CONFIG.value
-    for directory in build(config.data, convert_eval=_CONVERT_EVAL.value):
+    special_tokens = model_family(config).special_tokens
+    for directory in build(config.data, special_tokens, convert_eval=_CONVERT_EVAL.value):
         print(f"built {os.fspath(directory)}")
 
 

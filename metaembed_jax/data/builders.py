@@ -3,7 +3,7 @@
 Two standalone builders, written with `download_and_prepare(file_format="array_record")` and read
 back with `tfds.builder_from_directory(...).as_data_source()` (no TensorFlow needed):
 
-- `RetrievalPairs`: training pairs (schema "Retrieval training pair" of CONTRACTS.md), one split
+- `RetrievalPairs`: training pairs (schema "Retrieval training pair" of docs/design.md), one split
   per given split name. Layout: `<dataset dir>/retrieval_pairs/1.0.0/`.
 - `RetrievalEval`: evaluation sets, one builder config per table (`corpus`, `queries`, `qrels`),
   one split per evaluation split. Queries carry `candidate_ids` (MMEB: the query's own ordered
@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from metaembed_jax.data import sources
+from metaembed_jax.data import build_record, sources
 
 VERSION = "1.0.0"
 PAIR_TEXT_FIELDS = (
@@ -185,6 +185,17 @@ def _write_bad_rows(dataset_dir: str | os.PathLike, bad_rows: sources.BadRows) -
     bad_rows.write(Path(dataset_dir) / "bad_rows.json")
 
 
+def check_inputs(
+    dataset_dir: str | os.PathLike, settings: dict[str, Any], files: list[str | os.PathLike]
+) -> None:
+    """`build_record.check_build_inputs` for a dataset directory of these builders: the parts
+    they would reuse are the finished training pairs and evaluation tables."""
+    built = is_built(pairs_path(dataset_dir)) or any(
+        is_built(eval_path(dataset_dir, table)) for table in EVAL_TABLES
+    )
+    build_record.check_build_inputs(dataset_dir, settings, files, built=built)
+
+
 def convert_mmeb_train(
     files: list[str | os.PathLike],
     image_root: str | os.PathLike,
@@ -196,8 +207,17 @@ def convert_mmeb_train(
     """MMEB-style JSONL / parquet training files -> `RetrievalPairs` under `dataset_dir`.
 
     Returns the bad-row log (also written to `<dataset_dir>/bad_rows.json`).
-    Raises sources.BadRowError on the first bad row unless `skip_bad_rows`.
+    Raises sources.BadRowError on the first bad row unless `skip_bad_rows`; ValueError when
+    `dataset_dir` was built from other files or settings (see `build_record`).
     """
+    settings = {
+        "builder": "mmeb_train",
+        "image_root": str(Path(image_root).resolve()),
+        "skip_bad_rows": bool(skip_bad_rows),
+        "split": split,
+        "columns": {**sources.MMEB_TRAIN_COLUMNS, **(columns or {})},
+    }
+    check_inputs(dataset_dir, settings, files)
     bad_rows = sources.BadRows(skip=skip_bad_rows)
     if is_built(pairs_path(dataset_dir)):
         return bad_rows
@@ -214,7 +234,16 @@ def convert_mmeb_eval(
     dataset_dir: str | os.PathLike,
     skip_bad_rows: bool = False,
 ) -> sources.BadRows:
-    """One MMEB evaluation dataset (parquet files) -> `RetrievalEval` split "test"."""
+    """One MMEB evaluation dataset (parquet files) -> `RetrievalEval` split "test".
+
+    Raises ValueError when `dataset_dir` was built from other files or settings."""
+    settings = {
+        "builder": "mmeb_eval",
+        "dataset": dataset,
+        "image_root": str(Path(image_root).resolve()),
+        "skip_bad_rows": bool(skip_bad_rows),
+    }
+    check_inputs(dataset_dir, settings, files)
     bad_rows = sources.BadRows(skip=skip_bad_rows)
     if eval_set_built(dataset_dir):
         return bad_rows
@@ -227,7 +256,12 @@ def convert_mmeb_eval(
 def convert_beir(
     root: str | os.PathLike, dataset_dir: str | os.PathLike, skip_bad_rows: bool = False
 ) -> sources.BadRows:
-    """A ViDoRe / BEIR directory (corpus, queries, qrels parquet) -> `RetrievalEval` "test"."""
+    """A ViDoRe / BEIR directory (corpus, queries, qrels parquet) -> `RetrievalEval` "test".
+
+    Raises ValueError when `dataset_dir` was built from other files or settings."""
+    files = [file for kind in EVAL_TABLES for file in sources.table_files(root, kind)]
+    settings = {"builder": "beir", "skip_bad_rows": bool(skip_bad_rows)}
+    check_inputs(dataset_dir, settings, files)
     bad_rows = sources.BadRows(skip=skip_bad_rows)
     if eval_set_built(dataset_dir):
         return bad_rows

@@ -6,6 +6,8 @@ working directory unless absolute.
 
 from ml_collections import ConfigDict
 
+from metaembed_jax.data.synthetic import SyntheticConfig, synthetic_settings
+
 
 def get_data_config() -> ConfigDict:
     """Returns the default data ConfigDict (the built-in synthetic dataset, demo-sized)."""
@@ -19,16 +21,11 @@ def get_data_config() -> ConfigDict:
     # Split of the training dataset the train iterator reads.
     data.train_split = "train"
 
-    # --- built-in synthetic dataset (metaembed_jax/data/synthetic.py) ---
-    data.synthetic = ConfigDict()
-    # Seed of the procedural generator: same seed, same bytes.
-    data.synthetic.seed = 0
-    # Number of training pairs, and of queries in the validation / test evaluation sets.
-    data.synthetic.num_train = 2048
-    data.synthetic.num_val = 128
-    data.synthetic.num_test = 256
-    # Side of the generated square images, in pixels (scenes and rendered document pages).
-    data.synthetic.image_size = 112
+    # --- built-in synthetic dataset ---
+    # The generator's options, with their defaults, are the fields of `SyntheticConfig`
+    # (metaembed_jax/data/synthetic.py documents each): seed, num_train / num_val / num_test,
+    # tasks, image_size, grid_size, min_objects / max_objects, word_prob, ...
+    data.synthetic = ConfigDict(synthetic_settings(SyntheticConfig()))
     # Vocabulary size of the byte-level BPE tokenizer trained on the dataset's text.
     data.synthetic.vocab_size = 1024
 
@@ -42,15 +39,16 @@ def get_data_config() -> ConfigDict:
     data.patch_size = 14
     data.temporal_patch_size = 2
     data.merge_size = 2
-    # Most images one example may carry (query or candidate). Fixes the image axis of
-    # `image_grid_thw`: [B, max_images, 3] per example (batch * max_images rows packed); zero
-    # rows = no image. 0 = text-only data: batches carry no image arrays.
+    # Most images one example may carry (query or candidate). Fixes the image axis of the
+    # family's image arrays (Qwen2-VL: grid rows [B, max_images, 3] per example, batch *
+    # max_images packed; zero rows = no image). 0 = text-only data: no image arrays.
     data.max_images = 1
-    # How batches lay out their images (CONTRACTS.md "Model inputs"; the backbone reads both):
-    # "per_example": pixel_values [B, P_ex, D] (each example's patches, then zero rows) and
-    #   image_grid_thw [B, max_images, 3]. The batch leads every array, so image batches shard
-    #   over the data axes and over several JAX processes like input_ids (multi-host training).
-    # "packed": HF's layout, pixel_values [P, D] of all images of the batch, image_grid_thw
+    # How Qwen2-VL batches lay out their image patches (models/qwen2_vl/processing.py; the
+    # backbone reads both):
+    # "per_example": patches [B, P_ex, D] (each example's, then zero rows) and grid rows
+    #   [B, max_images, 3]. The batch leads every array, so image batches shard over the data
+    #   axes and over several JAX processes like input_ids (multi-host training).
+    # "packed": HF's layout, patches [P, D] of all images of the batch, grid rows
     #   [batch * max_images, 3]; single process only (per-process blocks would mis-align).
     data.image_layout = "per_example"
 
@@ -58,14 +56,14 @@ def get_data_config() -> ConfigDict:
     # Sequence lengths the processor left-pads `input_ids` to: the smallest bucket that fits
     # (with several processes: always the largest, so every process builds the same shapes).
     data.length_buckets = (64, 128, 256, 512)
-    # Sizes the patch axis of `pixel_values` is zero-padded to: the smallest bucket that fits.
+    # Sizes the patch axis of the pixel array is zero-padded to: the smallest bucket that fits.
     # per_example: patches of ONE example (P_ex); empty tuple = max_images * (max_pixels /
     # patch_size**2), rounded up to a multiple of merge_size**2. packed: patches of the whole
     # batch; empty tuple = batch_size * max_images * (max_pixels / patch_size**2). With several
     # processes the largest bucket is always used (every process must build the same shapes).
     data.patch_buckets = ()
-    # Emit pixel_values / image_grid_thw (zero-filled) for a side even when a batch of it holds
-    # no image, so every step sees one pytree structure (no recompilation on text-only batches).
+    # Emit the image arrays (zero-filled) for a side even when a batch of it holds no image, so
+    # every step sees one pytree structure (no recompilation on text-only batches).
     data.always_emit_pixels = True
     # Whether training batches carry a "negative" side (one hard negative per query). Rows
     # without a negative raise an error (or are skipped and counted with skip_bad_rows).

@@ -6,16 +6,14 @@ Training (`make_train_iterator`), per process:
   -> per-epoch seeded shuffle (a new order every epoch) -> repeat forever
   -> decode record (PNG -> PIL, checks; `read_threads` threads)
   -> batch of `global_batch_size / process_count` examples
-  -> processor(texts, images, side) per side + zero-padding to static shapes
+  -> processor(texts, images, side) per side + the family's static shapes
   -> [worker processes] -> prefetch -> global jax.Arrays on the mesh's batch axes.
 
-The processor is any callable `processor(texts, images, side) -> features` (CONTRACTS.md), e.g.
-`QwenVLProcessor`; it left-pads `input_ids` to a length bucket. This module pads the image side to
-static shapes (`StaticShapes`, per `config.data.image_layout`): per example, `pixel_values`
-`[B, P_ex, D]` with P_ex a patch bucket and `image_grid_thw` `[B, max_images, 3]` (zero rows = no
-image); packed, `pixel_values` rows to a patch bucket and `image_grid_thw` rows to
-`batch * max_images`, both rounded up to a multiple of the process's batch shards so every array
-splits evenly over the devices.
+The backbone family of the configured model (`model_family(config)`, `models/family.py`) gives
+the processor (`make_processor(config)`: texts + images -> the family's features, `input_ids`
+left-padded to a length bucket), the static image shapes (`family.static_shapes`: one compiled
+program per bucket) and the feature keys a batch carries. This module names no feature of any
+family.
 
 The iterator's state (`get_state()`, a small JSON-able dict) restores the exact position: a
 resumed run sees the batches it would have seen. The order depends on (seed, process_count,
@@ -24,13 +22,9 @@ out to the workers (element i to worker i mod n) and interleaves their batches: 
 deterministic and exactly resumable, but epoch boundaries are then only approximate.
 
 Several JAX processes: each contributes its own block of every array, so every array must lead
-with the batch. `config.data.image_layout="per_example"` (the default) gives the image arrays
-that form (`pixel_values [B, P_ex, D]`, `image_grid_thw [B, N_ex, 3]`; the backbone packs them
-inside jit). The "packed" layout (one `[P, D]` block per batch) would become per-process blocks
-(real patches, then padding) that the backbone misreads, so it is refused with several processes.
-Every process must produce the same static shapes, and processes cannot agree on a bucket per
-step without talking: with more than one process every batch is padded to the largest length and
-patch bucket.
+with the batch (the family's static shapes refuse layouts that do not). Every process must
+produce the same static shapes, and processes cannot agree on a bucket per step without talking:
+with more than one process every batch is padded to the largest length and patch bucket.
 
 Bad rows are caught when a dataset is built (`builders` / `sources`, where
 `config.data.skip_bad_rows` applies); a record that still fails here (e.g. a corrupted file)
@@ -42,7 +36,6 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
-import math
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -52,21 +45,20 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from absl import flags
+from jax.sharding import Mesh
 
+from metaembed_jax import sharding
 from metaembed_jax.data import builders, sources
-from metaembed_jax.sharding import batch_shards
+from metaembed_jax.models.family import BackboneFamily, Processor, family_for
+from metaembed_jax.models.hf_loading import read_config
 
-Processor = Callable[..., dict[str, Any]]
 _SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
 
 
 def _active_sides(hard_negatives: bool) -> tuple[tuple[str, str], ...]:
     """(example key, model side) pairs of a batch: the negative only with hard negatives."""
     return tuple((name, side) for name, side in _SIDES if name != "negative" or hard_negatives)
-
-
-IMAGE_LAYOUTS = ("packed", "per_example")
 
 
 def dataset_dir(data_config) -> Path:
@@ -110,178 +102,28 @@ class DecodeRecord:
             raise sources.BadRowError(f"{name} has an empty text and no image{hint}")
         if not data:
             return text, []
-        try:
-            return text, [sources.decode_png(data)]
-        except OSError as error:
-            raise sources.BadRowError(f"cannot decode {name}_image: {error}") from error
-
-
-# ----------------------------------------------------------------------------- static shapes
-
-
-class StaticShapes:
-    """Zero-pads a side's features so a batch of `batch_size` always has the same image shapes.
-
-    Layout `config.data.image_layout` (CONTRACTS.md):
-    - "per_example": pixel_values -> [B, patch bucket, patch_dim] (buckets per example),
-      image_grid_thw -> [B, max_images, 3]. The features must already be per example (a
-      processor built with `image_layout="per_example"`, as `processor_from_config` does).
-    - "packed": pixel_values -> [patch bucket, patch_dim] (buckets for the whole batch),
-      image_grid_thw -> [batch * max_images, 3], both rounded up to `multiple` rows.
-    With `always_emit_pixels`, text-only batches get all-zero arrays of those shapes (one pytree
-    structure for every step). `same_shapes`: always the largest patch bucket.
-    """
-
-    def __init__(self, data_config, batch_size: int, multiple: int = 1, same_shapes: bool = False):
-        self.layout = image_layout(data_config)
-        self.patch_dim = 3 * data_config.temporal_patch_size * data_config.patch_size**2
-        self.max_images = int(data_config.max_images)
-        per_image = _round_up(
-            math.ceil(data_config.max_pixels / data_config.patch_size**2),
-            data_config.merge_size**2,
-        )
-        if self.layout == "per_example":
-            self.image_rows = self.max_images
-            default, multiple = self.max_images * per_image, 1  # batch axis already divides
-        else:
-            self.image_rows = _round_up(batch_size * self.max_images, multiple)
-            default = batch_size * self.max_images * per_image
-        self.patch_buckets = tuple(
-            _round_up(b, multiple) for b in sorted(data_config.patch_buckets or (default,))
-        )
-        if same_shapes:  # several processes: each must pick the same shape without talking
-            self.patch_buckets = self.patch_buckets[-1:]
-        self.always_emit_pixels = data_config.always_emit_pixels
-
-    def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
-        features = {k: v for k, v in features.items() if v is not None}
-        grid = features.get("image_grid_thw")
-        if self.image_rows == 0:  # text-only data (max_images=0): no image arrays at all
-            if grid is not None and np.asarray(grid).any():
-                raise ValueError("a batch has images but config.data.max_images=0")
-            features.pop("image_grid_thw", None)
-            features.pop("pixel_values", None)
-            return features
-        if grid is None and not self.always_emit_pixels:
-            return features
-        if self.layout == "per_example":
-            return self._per_example(features)
-        grid = np.zeros((0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
-        pixels = features.get("pixel_values")
-        pixels = np.zeros((0, self.patch_dim), np.float32) if pixels is None else pixels
-        pixels = self._check_pixels(pixels, 2)
-        real_rows = int(np.prod(grid, axis=-1).sum()) if len(grid) else 0
-        if len(pixels) < real_rows:
-            raise ValueError(
-                f"pixel_values has {len(pixels)} rows, image_grid_thw needs {real_rows}"
-            )
-        rows = self._bucket(real_rows)
-        if len(grid) > self.image_rows:
-            raise ValueError(
-                f"batch has {len(grid)} images, more than batch * config.data.max_images "
-                f"= {self.image_rows}"
-            )
-        # Rows past real_rows are the processor's own zero padding: safe to cut or extend.
-        features["pixel_values"] = _pad_rows(pixels, rows)
-        features["image_grid_thw"] = _pad_rows(grid, self.image_rows)
-        return features
-
-    def _per_example(self, features: dict[str, Any]) -> dict[str, Any]:
-        batch = len(features["input_ids"])
-        grid, pixels = features.get("image_grid_thw"), features.get("pixel_values")
-        grid = np.zeros((batch, 0, 3), np.int32) if grid is None else np.asarray(grid, np.int32)
-        pixels = np.zeros((batch, 0, self.patch_dim), np.float32) if pixels is None else pixels
-        pixels = self._check_pixels(pixels, 3)
-        if grid.ndim != 3 or len(grid) != batch or len(pixels) != batch:
-            raise ValueError(
-                f"image_grid_thw {grid.shape} / pixel_values {pixels.shape}: expected "
-                f"[{batch}, N_ex, 3] / [{batch}, P_ex, D] (config.data.image_layout="
-                "'per_example')"
-            )
-        real = np.prod(grid, axis=-1).sum(axis=-1)  # patches per example
-        if (real > pixels.shape[1]).any():
-            raise ValueError(
-                f"pixel_values has {pixels.shape[1]} rows per example, image_grid_thw needs "
-                f"{int(real.max())}"
-            )
-        if grid[:, self.image_rows :].any():
-            raise ValueError(
-                f"an example has more than config.data.max_images={self.image_rows} images"
-            )
-        rows = self._bucket(int(real.max()) if batch else 0)
-        # Past each example's real patches / images there are only zeros: safe to cut or extend.
-        features["pixel_values"] = _pad_axis1(pixels, rows)
-        features["image_grid_thw"] = _pad_axis1(grid, self.image_rows)
-        return features
-
-    def _check_pixels(self, pixels, ndim: int) -> np.ndarray:
-        pixels = np.asarray(pixels, np.float32)
-        if pixels.ndim != ndim:
-            hint = (
-                "build the processor with image_layout='per_example' (processor_from_config does)"
-                if self.layout == "per_example"
-                else "use a processor with image_layout='packed'"
-            )
-            raise ValueError(
-                f"pixel_values has shape {pixels.shape} but config.data.image_layout="
-                f"{self.layout!r} needs {ndim} dims: {hint}"
-            )
-        if pixels.shape[-1] != self.patch_dim:
-            raise ValueError(
-                f"pixel_values rows have {pixels.shape[-1]} values, expected {self.patch_dim} "
-                "(3 * temporal_patch_size * patch_size**2 of config.data)"
-            )
-        return pixels
-
-    def _bucket(self, rows: int) -> int:
-        for bucket in self.patch_buckets:
-            if rows <= bucket:
-                return bucket
-        scope = "an example has" if self.layout == "per_example" else "batch has"
-        raise ValueError(
-            f"{scope} {rows} image patches, more than the largest patch bucket "
-            f"{self.patch_buckets[-1]} (config.data.patch_buckets / max_pixels)"
-        )
-
-
-def image_layout(data_config) -> str:
-    """`config.data.image_layout` ("packed" for configs written before the field existed)."""
-    layout = data_config.get("image_layout", "packed")
-    if layout not in IMAGE_LAYOUTS:
-        raise ValueError(f"config.data.image_layout={layout!r}: expected one of {IMAGE_LAYOUTS}")
-    return layout
-
-
-def _pad_axis1(array: np.ndarray, size: int) -> np.ndarray:
-    return np.swapaxes(_pad_rows(np.swapaxes(array, 0, 1), size), 0, 1)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    if len(array) > rows:
-        array = array[:rows]
-    padding = [(0, rows - len(array))] + [(0, 0)] * (array.ndim - 1)
-    return np.pad(array, padding)
+        return text, [sources.decode_image(data, f"{name}_image")]
 
 
 class Collate:
     """List of decoded examples -> {"query": features, "positive": ..., "negative"?: ...}.
 
-    `length`: left-pad `input_ids` / `attention_mask` to this many positions (several processes:
-    the largest length bucket, so every process builds the same global shape)."""
+    `static_shapes` pads a side's features to the family's static shapes; `feature_keys` are
+    the features a side keeps (the family's). `length`: left-pad `input_ids` / `attention_mask`
+    (the text features every family has) to this many positions (several processes: the largest
+    length bucket, so every process builds the same global shape)."""
 
     def __init__(
         self,
         processor: Processor,
-        static_shapes: StaticShapes,
+        static_shapes: Callable[[dict[str, Any]], dict[str, Any]],
+        feature_keys: Sequence[str],
         hard_negatives: bool,
         length: int | None = None,
     ):
         self.processor = processor
         self.static_shapes = static_shapes
+        self.feature_keys = tuple(feature_keys)
         self.sides = _active_sides(hard_negatives)
         self.row_ids = _accepts(processor, "row_ids")
         self.length = length
@@ -296,7 +138,9 @@ class Collate:
             images = [example[name][1] for example in examples]
             has_images = any(images)
             features = self.processor(texts, images if has_images else None, side=side, **extra)
-            batch[name] = self._pad_length(self.static_shapes(dict(features)))
+            features = self.static_shapes(dict(features))
+            kept = {key: features[key] for key in self.feature_keys if key in features}
+            batch[name] = self._pad_length(kept)
         return batch
 
     def _pad_length(self, features: dict[str, Any]) -> dict[str, Any]:
@@ -323,22 +167,29 @@ def _accepts(function: Callable, name: str) -> bool:
         return False
 
 
-def processor_from_config(data_config, path: str | os.PathLike | None = None):
-    """QwenVLProcessor for `path` (default: the built-in tokenizer `<config.data.dir>/tokenizer`)
-    with the image bounds, patch geometry and length buckets of `data_config`."""
-    from metaembed_jax.data.processing import QwenVLProcessor
+def model_family(config) -> BackboneFamily:
+    """The backbone family of the model a run config describes: `config.json` of
+    `config.init_from`, else `config.model.hf_config` (their `model_type`).
 
-    path = Path(data_config.dir) / "tokenizer" if path is None else path
-    return QwenVLProcessor.from_pretrained(
-        path,
-        min_pixels=data_config.min_pixels,
-        max_pixels=data_config.max_pixels,
-        length_buckets=tuple(data_config.length_buckets),
-        patch_size=data_config.patch_size,
-        temporal_patch_size=data_config.temporal_patch_size,
-        merge_size=data_config.merge_size,
-        image_layout=image_layout(data_config),
-    )
+    Raises ValueError for a model type no registered family handles."""
+    if config.init_from:
+        return family_for(read_config(config.init_from))
+    return family_for(config.model.hf_config.to_dict())
+
+
+def make_processor(config, family: BackboneFamily | None = None) -> Processor:
+    """The processor of a run: its family's, on the checkpoint's tokenizer (`config.init_from`)
+    or the built-in one (`<config.data.dir>/tokenizer`).
+
+    Raises FileNotFoundError when that tokenizer directory does not exist."""
+    family = model_family(config) if family is None else family
+    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
+            " --config <config>) or set config.init_from"
+        )
+    return family.make_processor(config.data, path)
 
 
 # ----------------------------------------------------------------------------- training
@@ -348,7 +199,7 @@ def batch_shards_per_process(mesh: Mesh | None, batch_axes: Sequence[str]) -> in
     """Number of distinct batch slices held by this process's devices (1 without a mesh)."""
     if mesh is None:
         return 1
-    return max(1, batch_shards(mesh, batch_axes) // jax.process_count())
+    return max(1, sharding.batch_shards(mesh, batch_axes) // jax.process_count())
 
 
 def build_train_dataset(
@@ -356,6 +207,7 @@ def build_train_dataset(
     processor: Processor,
     data_config,
     *,
+    family: BackboneFamily,
     local_batch_size: int,
     seed: int,
     shard_index: int,
@@ -364,7 +216,8 @@ def build_train_dataset(
     source_name: str = "",
     same_shapes: bool = False,
 ) -> grain.IterDataset:
-    """The per-process grain dataset of host batches (numpy) for shard `shard_index`.
+    """The per-process grain dataset of host batches (numpy) for shard `shard_index`, padded to
+    the static shapes of `family`.
 
     `same_shapes`: pad every batch to the largest length and patch bucket (several processes
     must build arrays of one global shape; they cannot agree on a bucket per step)."""
@@ -378,9 +231,13 @@ def build_train_dataset(
     read = grain.ReadOptions(
         num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch_size
     )
+    static_shapes = family.static_shapes(
+        data_config, local_batch_size, multiple=multiple, same_shapes=same_shapes
+    )
     collate = Collate(
         processor,
-        StaticShapes(data_config, local_batch_size, multiple, same_shapes),
+        static_shapes,
+        family.feature_keys,
         data_config.hard_negatives,
         max(data_config.length_buckets) if same_shapes and data_config.length_buckets else None,
     )
@@ -409,8 +266,6 @@ class _ReadRecord:
 
 def _allow_grain_workers() -> None:
     # grain's worker processes read absl flags; outside absl.app.run they are not parsed yet.
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -437,7 +292,7 @@ class TrainIterator:
         # Copy out of grain's shared-memory arrays (worker output) so their segments are freed
         # now, not at interpreter exit.
         batch = jax.tree.map(np.array, next(self._iterator))
-        return batch if self.mesh is None else to_global(batch, self.mesh, self.batch_axes)
+        return sharding.put_batch(batch, self.mesh, self.batch_axes)
 
     def get_state(self) -> dict[str, Any]:
         return self._iterator.get_state()
@@ -457,16 +312,6 @@ def _close_if_alive(reference: weakref.ref) -> None:
         iterator.close()
 
 
-def to_global(tree: Any, mesh: Mesh, batch_axes: Sequence[str]) -> Any:
-    """Host-local arrays -> global jax.Arrays, dim 0 sharded over `batch_axes` of `mesh`.
-
-    Every process passes its own block; the global array is the blocks in process order.
-    """
-    spec = PartitionSpec(tuple(batch_axes) if batch_axes else None)
-    sharding = NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
-
-
 def _check_batch(data_config, mesh, global_batch_size: int, process_count: int) -> tuple[int, int]:
     """(per-process batch size, batch shards per process), or a ValueError saying what fails."""
     if global_batch_size % process_count:
@@ -480,16 +325,6 @@ def _check_batch(data_config, mesh, global_batch_size: int, process_count: int) 
             f"per-process batch {local_batch_size} not divisible by its {multiple} batch shards "
             f"(mesh axes {tuple(data_config.batch_axes)})"
         )
-    packed = image_layout(data_config) == "packed"
-    if mesh is not None and jax.process_count() > 1 and data_config.max_images > 0 and packed:
-        # Packed, each process can only place its own patches: the global pixel_values would be
-        # per-process blocks [real_0, pad_0, real_1, pad_1, ...], while the backbone reads
-        # patches past sum(t*h*w) of the whole grid as padding. Refuse rather than mis-align.
-        raise ValueError(
-            f"{jax.process_count()} processes with image inputs (config.data.max_images="
-            f"{data_config.max_images}) need config.data.image_layout='per_example': packed "
-            "pixel_values / image_grid_thw would be laid out per process."
-        )
     return local_batch_size, multiple
 
 
@@ -497,6 +332,7 @@ def make_train_iterator(
     data_config,
     processor: Processor,
     *,
+    family: BackboneFamily,
     mesh: Mesh | None,
     global_batch_size: int,
     seed: int,
@@ -504,11 +340,12 @@ def make_train_iterator(
     process_count: int | None = None,
     source=None,
 ) -> TrainIterator:
-    """The training iterator of CONTRACTS.md for `data_config` (config.data).
+    """The training iterator for `data_config` (config.data).
 
     Args:
       data_config: config.data (see metaembed_jax/data/config.py).
-      processor: callable (texts, images, side) -> features, e.g. QwenVLProcessor.
+      processor: the family's processor, (texts, images, side) -> features.
+      family: the backbone family (static shapes, feature keys) of the model trained.
       mesh: device mesh; batches become global jax.Arrays on it (None: numpy host batches).
       global_batch_size: examples per step over all processes.
       seed: shuffle seed, used when config.data.shuffle_seed is None.
@@ -529,6 +366,7 @@ def make_train_iterator(
         source,
         processor,
         data_config,
+        family=family,
         local_batch_size=local_batch_size,
         seed=shuffle_seed,
         shard_index=process_index,
@@ -545,39 +383,3 @@ def make_train_iterator(
         local_batch_size,
     )
     return TrainIterator(dataset, mesh, data_config.batch_axes)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def iterate_features(
-    items: Sequence[dict[str, Any]],
-    processor: Processor,
-    side: str,
-    batch_size: int,
-    data_config,
-) -> Iterator[tuple[dict[str, Any], int]]:
-    """Batched features for a list of items (evaluation): yields (features, num_valid).
-
-    items: dicts with "text" (str) and "image" (PNG bytes, PIL image, b"" or None). Every batch
-    has `batch_size` rows (the last is filled by repeating its last item; use only the first
-    `num_valid` outputs) and the static image shapes of training batches.
-    """
-    if side not in ("query", "candidate"):
-        raise ValueError(f"side={side!r}: expected 'query' or 'candidate'")
-    static_shapes = StaticShapes(data_config, batch_size)
-    for start in range(0, len(items), batch_size):
-        chunk = list(items[start : start + batch_size])
-        num_valid = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - num_valid)
-        texts = [item.get("text") or "" for item in chunk]
-        images = [_item_images(item) for item in chunk]
-        features = processor(texts, images if any(images) else None, side=side)
-        yield static_shapes(dict(features)), num_valid
-
-
-def _item_images(item: dict[str, Any]) -> list:
-    image = item.get("image")
-    if image is None or (isinstance(image, bytes) and not image):
-        return []
-    return [sources.decode_png(image) if isinstance(image, bytes) else image]

@@ -1,13 +1,16 @@
-"""Raw readers for the dataset formats users bring, turned into the records of CONTRACTS.md.
+"""Raw readers for the dataset formats users bring, turned into records (docs/design.md), and the
+one image decoder.
 
 - MMEB-style training pairs (JSONL or parquet, image paths under an image root) -> pair records.
 - MMEB evaluation sets (parquet: qry_text, qry_img_path, tgt_text [..], tgt_img_path [..]) ->
   deduplicated candidates + queries carrying their candidate ids (positive = candidate 0).
 - ViDoRe / BEIR sets (corpus, queries, qrels parquet) -> corpus / queries / qrels records.
 
-Every image is checked (file exists, decodes) and stored as PNG bytes. Bad rows (missing image
-file, undecodable image, item with neither text nor image, missing column) raise `BadRowError`
-naming the file and the row, or are skipped and counted by a `BadRows` log (`skip=True`).
+Every image is checked (file exists, decodes, is not a decompression bomb) and stored as PNG
+bytes. Bad rows (missing image file, undecodable or oversized image, item with neither text nor
+image, missing column, text that is not UTF-8, a JSONL line that is not valid JSON or not an
+object) raise `BadRowError` naming the file and the row, or are skipped and counted by a
+`BadRows` log (`skip=True`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # VLM2Vec / MMEB texts carry an image placeholder; our prompts place image tokens themselves.
 _IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
@@ -47,7 +51,9 @@ _TEXT_COLUMNS = ("text", "query", "content")
 
 
 class BadRowError(ValueError):
-    """A row of an input file cannot be turned into a record (names the file and the row)."""
+    """A row (of an input file, a built split or a batch) cannot be turned into a record or into
+    model inputs: an undecodable image, a missing column, an item with neither text nor image.
+    The message names the file / split and the row."""
 
 
 @dataclasses.dataclass
@@ -77,21 +83,60 @@ class BadRows:
 # ----------------------------------------------------------------------------- images
 
 
+def _open_image(data: Any, what: str) -> Image.Image:
+    """The fully decoded PIL image (its own mode and format) of encoded bytes, a file path, a
+    numpy HWC array or a PIL image.
+
+    Raises:
+      FileNotFoundError: a path that does not exist.
+      BadRowError: bytes that do not decode as an image, or an unsupported type (naming `what`).
+    """
+    if isinstance(data, Image.Image):
+        return data
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data)
+    if isinstance(data, (str, os.PathLike)):
+        if not os.path.exists(data):
+            raise FileNotFoundError(f"{what}: image file {os.fspath(data)!r} does not exist")
+        data = Path(data).read_bytes()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRowError(f"{what}: expected image bytes, a path or a PIL image, got {type(data)}")
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()  # decode now: a corrupt or truncated file fails here, with `what` named
+    except Exception as error:  # PIL raises several types for corrupt data
+        raise BadRowError(f"cannot decode {what} ({len(data)} bytes): {error}") from error
+    return image
+
+
+def decode_image(data: Any, what: str = "image") -> Image.Image:
+    """An RGB PIL image from PNG/JPEG bytes, a file path, a numpy HWC array or a PIL image: the
+    one image decoder of the data side (builders, input pipeline, processors, evaluation).
+
+    Raises FileNotFoundError for a missing file and BadRowError naming `what` for bytes that do
+    not decode.
+    """
+    image = _open_image(data, what)
+    # convert() copies even RGB -> RGB; the decoded image is already independent of the file.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def is_empty_image(data: Any) -> bool:
+    """None and empty bytes / strings (what the builders store for a text-only item): no image."""
+    return data is None or (isinstance(data, (bytes, bytearray, str)) and len(data) == 0)
+
+
 def to_png_bytes(data: bytes, what: str) -> bytes:
     """Decodes encoded image bytes (any PIL format) and returns them as PNG bytes.
 
     Raises BadRowError naming `what` when the bytes do not decode.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format == "PNG":
-                image.load()  # full decode: a truncated PNG fails here, not in the pipeline
-                return bytes(data)
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
-            return buffer.getvalue()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise BadRowError(f"cannot decode image {what}: {error}") from error
+    image = _open_image(data, f"image {what}")
+    if image.format == "PNG":
+        return bytes(data)  # fully decoded above: a truncated PNG has failed already
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def load_image_file(path: str, image_root: str | os.PathLike) -> bytes:
@@ -102,18 +147,17 @@ def load_image_file(path: str, image_root: str | os.PathLike) -> bytes:
     return to_png_bytes(full.read_bytes(), str(full))
 
 
-def decode_png(data: bytes) -> Image.Image:
-    """PNG (or any PIL) bytes -> RGB PIL image."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        # convert() copies even RGB -> RGB; the decoded image is already independent of the file.
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def clean_text(text: Any) -> str:
-    """None -> ""; strips MMEB image placeholders and surrounding whitespace."""
+    """None -> ""; strips MMEB image placeholders and surrounding whitespace.
+
+    Raises BadRowError for bytes that are not UTF-8 (a binary parquet column)."""
     if text is None:
         return ""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadRowError(f"text is not valid UTF-8: {error}") from None
     return _IMAGE_PLACEHOLDER.sub("", str(text)).strip()
 
 
@@ -126,25 +170,53 @@ def content_id(text: str, image_ref: str) -> str:
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Rows of a .jsonl / .json (one object per line) or .parquet file, as dicts."""
+    """Rows of a .jsonl / .json (one object per line) or .parquet file, as dicts.
+
+    Raises BadRowError (naming file and row) at a line that is not a UTF-8 JSON object."""
+    for _, row in iter_numbered_rows(path, BadRows(skip=False)):
+        yield row
+
+
+def iter_numbered_rows(
+    path: str | os.PathLike, bad_rows: BadRows
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, row) of a .jsonl / .json or .parquet file; JSONL rows are numbered by line
+    from 0. A line that is not UTF-8, not JSON or not a JSON object goes to `bad_rows` (raised,
+    or skipped and counted), and reading goes on with the next line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".parquet":
+        number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield number, row
+                number += 1
     elif path.suffix in (".jsonl", ".json"):
-        with path.open() as lines:
+        with path.open("rb") as lines:  # bytes: one undecodable line must not end the file
             for number, line in enumerate(lines):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise BadRowError(f"{path}: row {number}: invalid JSON: {error}") from error
+                if not line.strip():
+                    continue
+                try:
+                    yield number, _json_object(line)
+                except BadRowError as error:
+                    bad_rows.report(path, number, str(error))
     else:
         raise ValueError(
             f"unsupported file type {path.suffix!r} for {path}: expected .jsonl/.parquet"
         )
+
+
+def _json_object(line: bytes) -> dict[str, Any]:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise BadRowError(f"not valid UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise BadRowError(f"invalid JSON: {error}") from None
+    if not isinstance(row, dict):
+        raise BadRowError(f"a row must be a JSON object, got {type(row).__name__}")
+    return row
 
 
 def table_files(root: str | os.PathLike, name: str) -> list[Path]:
@@ -200,7 +272,7 @@ def mmeb_train_records(
     columns = {**MMEB_TRAIN_COLUMNS, **(columns or {})}
     for file in files:
         stem = Path(file).stem
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 record = _mmeb_train_record(row, columns, str(image_root), stem, number)
             except BadRowError as error:
@@ -246,7 +318,7 @@ def mmeb_eval_records(
     corpus: dict[str, dict[str, Any]] = {}
     queries, qrels = [], []
     for file in files:
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 query, candidates = _mmeb_eval_row(row, str(image_root), dataset, corpus)
             except BadRowError as error:
@@ -336,7 +408,7 @@ def beir_records(
     out: dict[str, list[tuple[str, dict[str, Any]]]] = {"corpus": [], "queries": [], "qrels": []}
     for kind in ("corpus", "queries"):
         for file in table_files(root, kind):
-            for number, row in enumerate(iter_rows(file)):
+            for number, row in iter_numbered_rows(file, bad_rows):
                 try:
                     item = _beir_item(row, kind, str(root), f"{file} row {number}")
                 except BadRowError as error:
@@ -346,7 +418,7 @@ def beir_records(
                 out[kind].append((item["id"], item))
     known = {kind: {key for key, _ in out[kind]} for kind in ("corpus", "queries")}
     for file in table_files(root, "qrels"):
-        for number, row in enumerate(iter_rows(file)):
+        for number, row in iter_numbered_rows(file, bad_rows):
             try:
                 qrel = {
                     "query_id": str(_first_column(row, ("query-id", "query_id", "qid"))),

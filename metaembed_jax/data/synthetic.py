@@ -14,7 +14,7 @@ or across splits (test is planned first, then val, then train, against one set o
 the evaluation sets do not change when the train size does).
 
 Structured descriptions (`Scene`, `Document`, `Example`) come from `plan_examples`; rows in the
-record schema of CONTRACTS.md from `generate_train_rows` / `generate_eval_set`.
+record schema of docs/design.md from `generate_train_rows` / `generate_eval_set`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from tqdm.auto import tqdm
 
 from metaembed_jax.data import synthetic_render as render
+from metaembed_jax.data.tokenizer import train_tokenizer
 
 TASKS = ("text_to_image", "image_to_text", "composed", "documents")
 SPLITS = ("train", "val", "test")
@@ -46,9 +47,9 @@ class SyntheticConfig:
     """Options of the synthetic dataset (all sizes are numbers of examples = queries)."""
 
     seed: int = 0  # everything is a function of this seed (and the other fields)
-    num_train: int = 2000  # training triples
-    num_val: int = 200  # validation queries (and triples)
-    num_test: int = 400  # test queries (and triples)
+    num_train: int = 2048  # training triples
+    num_val: int = 128  # validation queries (and triples)
+    num_test: int = 256  # test queries (and triples)
     tasks: tuple[str, ...] = TASKS  # tasks to generate, round-robin over example indices
     image_size: int = 112  # scene images are image_size x image_size pixels
     doc_width: int | None = None  # document page width in pixels (None: image_size)
@@ -83,15 +84,33 @@ class SyntheticConfig:
             raise ValueError(f"word_prob must be in [0, 1], got {self.word_prob}")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping, **overrides) -> SyntheticConfig:
-        """From a dict / ConfigDict: known fields are taken, other keys ignored."""
+    def from_mapping(
+        cls, mapping: Mapping, ignore: Iterable[str] = (), **overrides
+    ) -> SyntheticConfig:
+        """From a dict / ConfigDict (`config.data.synthetic`); keys in `ignore` are skipped.
+
+        Raises ValueError naming any other key that is not a field (a typo would otherwise
+        silently generate the default dataset)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        items = dict(mapping.items()) if hasattr(mapping, "items") else dict(mapping)
-        values = {k: v for k, v in items.items() if k in names}
-        return cls(**{**values, **overrides})
+        items = {k: v for k, v in dict(mapping.items()).items() if k not in set(ignore)}
+        unknown = sorted(set(items) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config.data.synthetic key(s) {unknown}; expected fields of "
+                f"SyntheticConfig: {sorted(names)}"
+            )
+        return cls(**{**items, **overrides})
 
     def size(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
+
+
+def synthetic_settings(cfg: SyntheticConfig) -> dict:
+    """The generator settings of `cfg` as config values (what `config.data.synthetic` holds and
+    `build_config.json` records); `progress` is a display option, not a setting."""
+    settings = dataclasses.asdict(cfg)
+    del settings["progress"]
+    return settings
 
 
 def canonical_split(split: str) -> str:
@@ -190,31 +209,6 @@ class Example:
     query_scene: Scene | None
     positive: Scene | Document
     negative: Scene | Document
-
-
-def scene_difference(a: Scene, b: Scene) -> list[tuple[int, str]]:
-    """(object index, attribute) pairs where the scenes differ; [(-1, "count")] if sizes do."""
-    if len(a.objects) != len(b.objects):
-        return [(-1, "count")]
-    diffs = []
-    for i, (x, y) in enumerate(zip(a.objects, b.objects, strict=True)):
-        ax, ay = x.attributes(), y.attributes()
-        diffs += [(i, name) for name in SCENE_ATTRIBUTES if ax[name] != ay[name]]
-    return diffs
-
-
-def document_difference(a: Document, b: Document) -> list[str]:
-    """Names of the fields (table cells and labels one by one) where two pages differ."""
-    diffs = [f for f in ("entity", "kind", "founded", "staff") if getattr(a, f) != getattr(b, f)]
-    for field in ("years", "metrics"):
-        x, y = getattr(a, field), getattr(b, field)
-        if len(x) != len(y):
-            diffs.append(field)
-        else:
-            diffs += [f"{field}[{i}]" for i in range(len(x)) if x[i] != y[i]]
-    for i, (x, y) in enumerate(zip(a.values, b.values, strict=False)):
-        diffs += [f"values[{i}][{j}]" for j in range(min(len(x), len(y))) if x[j] != y[j]]
-    return diffs
 
 
 # ------------------------------------------------------------------------------- scenes
@@ -518,7 +512,7 @@ class _Renderer:
 
 
 def _example_row(example: Example, renderer: _Renderer) -> dict:
-    """An example as a training record (CONTRACTS.md schema)."""
+    """An example as a training record (docs/design.md schema)."""
     row = {
         "query_text": example.query_text,
         "query_image": b"" if example.query_scene is None else renderer.image(example.query_scene),
@@ -597,8 +591,9 @@ def tokenizer_texts(cfg: SyntheticConfig, split: str = "train") -> Iterator[str]
                 yield from document_texts(item)
 
 
-def build_tokenizer(cfg: SyntheticConfig, out_dir, vocab_size: int = 1024):
-    """Trains and saves the dataset's byte-level BPE tokenizer (train split text) to `out_dir`."""
-    from metaembed_jax.data.tokenizer import train_tokenizer
-
-    return train_tokenizer(tokenizer_texts(cfg, "train"), out_dir, vocab_size=vocab_size)
+def build_tokenizer(cfg: SyntheticConfig, out_dir, special_tokens, vocab_size: int = 1024):
+    """Trains and saves the dataset's byte-level BPE tokenizer (train split text, a backbone
+    family's `special_tokens` first) to `out_dir`."""
+    return train_tokenizer(
+        tokenizer_texts(cfg, "train"), out_dir, special_tokens, vocab_size=vocab_size
+    )

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from metaembed_jax.data.builders import read_eval_set
 from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
 from metaembed_jax.evaluation.vidore import evaluate_vidore
 
@@ -57,6 +58,4 @@ def evaluate_builtin(
     cache: EmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """The built-in dataset's `split` (built under `dataset_dir` by `metaembed_jax.data.build`)."""
-    from metaembed_jax.data.builders import read_eval_set
-
     return evaluate_tables(encode, read_eval_set(dataset_dir, split), budgets, cache=cache)

@@ -12,7 +12,6 @@ and of the items.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -20,7 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from metaembed_jax import sharding
+from metaembed_jax.data.sources import is_empty_image
+from metaembed_jax.index import MultiVectorIndex
 
 Item = dict[str, Any]
 Encode = Callable[[list[Item], str], np.ndarray]
@@ -28,33 +34,6 @@ SIDES = ("query", "candidate")
 
 
 # ----------------------------------------------------------------------------- budgets
-
-
-def check_budgets(
-    budgets: Sequence[Sequence[int]], num_query_tokens: int, num_candidate_tokens: int
-) -> list[tuple[int, int]]:
-    """Validates `(r_q, r_c)` budgets against the trained sizes; returns them as int tuples.
-
-    Raises ValueError naming the budget and the allowed range when a budget is malformed,
-    below 1, or beyond the number of meta tokens the model was trained with (prefixes past
-    R_q / R_c do not exist: the model has no such vectors).
-    """
-    checked = []
-    for budget in budgets:
-        if len(budget) != 2 or not all(isinstance(r, int | np.integer) for r in budget):
-            raise ValueError(f"a budget is a pair of integers (r_q, r_c), got {budget!r}")
-        r_q, r_c = int(budget[0]), int(budget[1])
-        if not (1 <= r_q <= num_query_tokens and 1 <= r_c <= num_candidate_tokens):
-            raise ValueError(
-                f"budget ({r_q}, {r_c}) is beyond the trained sizes: this model has "
-                f"R_q={num_query_tokens} query and R_c={num_candidate_tokens} candidate vectors, "
-                f"so r_q must be in [1, {num_query_tokens}] and r_c in "
-                f"[1, {num_candidate_tokens}]"
-            )
-        checked.append((r_q, r_c))
-    if not checked:
-        raise ValueError("no budget to evaluate: config.eval.budgets is empty")
-    return checked
 
 
 def budget_key(budget: Sequence[int]) -> str:
@@ -65,15 +44,10 @@ def budget_key(budget: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- items
 
 
-def _no_image(image: Any) -> bool:
-    """None and empty bytes (what the data builders store for a text-only item) mean no image."""
-    return image is None or (isinstance(image, bytes) and not image)
-
-
 def item_key(item: Item) -> tuple[str, str]:
     """A hashable identity of an item: its text and its image (path, or digest of its bytes)."""
     image = item.get("image")
-    if _no_image(image):
+    if is_empty_image(image):
         image_key = ""
     elif isinstance(image, bytes):
         image_key = "sha1:" + hashlib.sha1(image).hexdigest()
@@ -105,31 +79,7 @@ def items_fingerprint(items: Sequence[Item]) -> str:
     return digest.hexdigest()
 
 
-def load_image(image: Any):
-    """PIL RGB image from PNG/JPEG bytes, a path, or a PIL image; None for "no image"."""
-    from PIL import Image
-
-    if _no_image(image):
-        return None
-    if isinstance(image, bytes):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    if isinstance(image, str | os.PathLike):
-        if not os.path.exists(image):
-            raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB")
-
-
 # ----------------------------------------------------------------------------- cache
-
-
-def index_class():
-    """The candidate store: `metaembed_jax.index.MultiVectorIndex` (imported late: the
-    protocols that take precomputed embeddings do not need it)."""
-    from metaembed_jax.index import MultiVectorIndex
-
-    return MultiVectorIndex
 
 
 class EmbeddingCache:
@@ -166,33 +116,68 @@ class EmbeddingCache:
         }
 
     def load(self, name: str, items: Sequence[Item], side: str):
-        """The cached embeddings (np array for queries, MultiVectorIndex for candidates) or None."""
+        """The cached embeddings (np array for queries, MultiVectorIndex for candidates) or None.
+
+        None (encode again) when nothing is cached, when the cache was made by another model or
+        for other items, and, with a warning, when the manifest is unreadable or the query
+        embeddings no longer match the digest recorded when they were stored.
+        """
         manifest_path, data_path = self._paths(name, side)
         if not (manifest_path.exists() and data_path.exists()):
             return None
-        if json.loads(manifest_path.read_text()) != self._manifest(items):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            logging.warning(
+                "ignoring cached %s embeddings of %s: bad manifest: %s", side, name, error
+            )
+            return None
+        if not isinstance(manifest, dict):
+            logging.warning("ignoring cached %s embeddings of %s: bad manifest", side, name)
+            return None
+        recorded = manifest.pop("sha256", None)
+        if manifest != self._manifest(items):
             return None
         try:
             if side == "query":
-                return np.load(data_path)
-            return index_class().load(str(data_path))
-        except (OSError, ValueError) as error:  # unreadable or altered: encode again
+                return _checked_queries(np.load(data_path), recorded, data_path)
+            return MultiVectorIndex.load(str(data_path))
+        except (OSError, EOFError, ValueError) as error:  # unreadable or altered: encode again
             logging.warning("ignoring cached %s embeddings of %s: %s", side, name, error)
             return None
 
     def store(self, name: str, items: Sequence[Item], side: str, embeddings: np.ndarray):
-        """Writes embeddings; returns what `load` would return."""
+        """Writes embeddings; returns what `load` would return. The query manifest records the
+        sha256 of the stored array (candidate indexes checksum their own shards)."""
         manifest_path, data_path = self._paths(name, side)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.unlink(missing_ok=True)  # an interrupted store is never read as valid
+        manifest = self._manifest(items)
         if side == "query":
             stored = np.asarray(embeddings, np.float32)
             np.save(data_path, stored)
+            manifest["sha256"] = array_digest(stored)
         else:
-            stored = index_class().build(np.asarray(embeddings), dtype=self.index_dtype)
+            stored = MultiVectorIndex.build(np.asarray(embeddings), dtype=self.index_dtype)
             stored.save(str(data_path))
-        manifest_path.write_text(json.dumps(self._manifest(items), indent=1))
+        manifest_path.write_text(json.dumps(manifest, indent=1))
         return stored
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (C order)."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _checked_queries(array: np.ndarray, recorded: str | None, path: Path) -> np.ndarray:
+    """The cached query array, or ValueError when it differs from what was stored."""
+    if recorded is None:
+        raise ValueError(f"{path}: no sha256 recorded for it (a cache written by an older version)")
+    if array_digest(array) != recorded:
+        raise ValueError(f"{path} changed since it was stored (sha256 differs)")
+    return array
 
 
 def encode_items(
@@ -220,7 +205,7 @@ def encode_items(
         return cache.store(name, items, side, embeddings)
     if side == "query":
         return embeddings
-    return index_class().build(embeddings, dtype="float32")
+    return MultiVectorIndex.build(embeddings, dtype="float32")
 
 
 # ----------------------------------------------------------------------------- model encoder
@@ -249,9 +234,6 @@ class ModelEncoder:
         progress: bool = True,
         pad_features: Callable[[dict], dict] | None = None,
     ):
-        import jax
-        from flax import nnx
-
         model.eval()  # dropout (LoRA) off
         self.graphdef, self.state = nnx.split(model)
         self.processor = processor
@@ -260,20 +242,14 @@ class ModelEncoder:
         self.pad_features = pad_features
         self.num_calls = 0
         self.num_vectors = {side: model.num_vectors(side) for side in SIDES}
-        self._batch_sharding = None
+        self.mesh, self.batch_axes = mesh, tuple(batch_axes)
         if mesh is not None:
-            from metaembed_jax import sharding
-
-            axes = sharding.present_batch_axes(mesh, batch_axes)
             shards = sharding.batch_shards(mesh, batch_axes)
             if self.batch_size % shards:
                 raise ValueError(
                     f"eval batch size {self.batch_size} must be a multiple of the {shards} "
-                    f"devices of mesh axes {axes}"
+                    f"devices of mesh axes {sharding.present_batch_axes(mesh, batch_axes)}"
                 )
-            spec = jax.sharding.PartitionSpec(axes if axes else None)
-            self._batch_sharding = jax.sharding.NamedSharding(mesh, spec)
-            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         graphdef = self.graphdef
 
         @jax.jit
@@ -286,32 +262,17 @@ class ModelEncoder:
 
         self._embed = {"query": embed_query, "candidate": embed_candidate}
 
-    def _place(self, features: dict) -> dict:
-        import jax
-
-        if self._batch_sharding is None:
-            return features
-        return {
-            key: jax.device_put(
-                value,
-                self._batch_sharding
-                if key in ("input_ids", "attention_mask")
-                else self._replicated,
-            )
-            for key, value in features.items()
-            if value is not None
-        }
-
     def __call__(self, items: list[Item], side: str) -> np.ndarray:
-        from tqdm import tqdm
-
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         if not items:
             raise ValueError(f"nothing to encode on side {side!r}: empty item list")
         order = sorted(
             range(len(items)),
-            key=lambda i: (not _no_image(items[i].get("image")), len(items[i].get("text") or "")),
+            key=lambda i: (
+                not is_empty_image(items[i].get("image")),
+                len(items[i].get("text") or ""),
+            ),
         )
         outputs = []
         starts = range(0, len(order), self.batch_size)
@@ -326,7 +287,9 @@ class ModelEncoder:
             features = self.processor(texts, images if has_images else None, side=side)
             if self.pad_features is not None:
                 features = self.pad_features(dict(features))
-            features = self._place({k: v for k, v in features.items() if v is not None})
+            features = {k: v for k, v in features.items() if v is not None}
+            # Every array leads with the batch (the family's static shapes see to it).
+            features = sharding.put_batch(features, self.mesh, self.batch_axes, whole=True)
             embeddings = self._embed[side](self.state, features)
             self.num_calls += 1
             outputs.append(np.asarray(embeddings, np.float32)[: len(batch)])

@@ -20,7 +20,6 @@ from metaembed_jax.evaluation.encode import (
     EmbeddingCache,
     Encode,
     budget_key,
-    check_budgets,
     encode_items,
     unique_items,
 )
@@ -53,7 +52,7 @@ ALL_DATASETS: tuple[str, ...] = tuple(d for names in META_TASKS.values() for d i
 OOD_DATASETS: tuple[str, ...] = tuple(d for d in ALL_DATASETS if d not in IND_DATASETS)
 
 # MMEB texts mark the image with Phi-3-V's placeholder; our prompt template places the image
-# itself (DESIGN.md), so the placeholder is removed from the text.
+# itself (docs/design.md), so the placeholder is removed from the text.
 IMAGE_PLACEHOLDER = "<|image_1|>"
 
 
@@ -131,7 +130,6 @@ def _precision_at_1(
     unique_queries, query_of_row = unique_items(queries)
     query_embeddings = encode_items(encode, unique_queries, "query", f"mmeb/{name}/query", cache)
     index = encode_items(encode, candidates, "candidate", f"mmeb/{name}/candidate", cache)
-    budgets = check_budgets(budgets, query_embeddings.shape[1], index.num_vectors)
     by_budget = {}
     for budget in budgets:
         scores, seconds = score_matrix(index, query_embeddings, budget)

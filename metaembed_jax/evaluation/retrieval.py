@@ -18,7 +18,6 @@ from metaembed_jax.evaluation.encode import (
     EmbeddingCache,
     Encode,
     budget_key,
-    check_budgets,
     encode_items,
 )
 
@@ -91,7 +90,6 @@ def evaluate_corpus(
     index = encode_items(
         encode, [_as_item(r) for r in corpus], "candidate", f"{name}/corpus", cache
     )
-    budgets = check_budgets(budgets, query_embeddings.shape[1], index.num_vectors)
     k = min(depth, len(corpus_ids))
     query_ids = [str(row["id"]) for row in judged]
     by_budget = {}

@@ -13,14 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from metaembed_jax.data import sources
+from metaembed_jax.data.builders import eval_set_built, read_eval_set
 from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
 from metaembed_jax.evaluation.retrieval import evaluate_corpus, mean_averages, qrels_from_rows
 
 
 def read_beir_dir(root: str | os.PathLike) -> dict[str, Any]:
     """A raw BEIR / ViDoRe directory (corpus, queries, qrels parquet) as in-memory tables."""
-    from metaembed_jax.data import sources
-
     tables = sources.beir_records(root, sources.BadRows(skip=False))
     return {
         "corpus": [record for _, record in tables["corpus"]],
@@ -31,8 +31,6 @@ def read_beir_dir(root: str | os.PathLike) -> dict[str, Any]:
 
 def read_dataset(path: str | os.PathLike) -> dict[str, Any]:
     """Tables of one dataset: a converted `RetrievalEval` dir or a raw BEIR parquet dir."""
-    from metaembed_jax.data.builders import eval_set_built, read_eval_set
-
     if eval_set_built(path):
         return read_eval_set(path, "test")
     if not Path(path).is_dir():

@@ -27,8 +27,10 @@ class Backbone(Protocol):
       `model.model(**features).last_hidden_state` on every non-padding position (the public
       contract of `load_hf`).
     - `encode_with_suffix(suffix, **features)`: run the model on the content of `features` with
-      `M` extra input embeddings `suffix [B, M, H]` appended after the (left-padded) content and
-      return the last-layer states of those `M` positions, `[B, M, H]`. The family decides how the
+      `M` extra input embeddings `suffix [B, M, H]` (or `[1, M, H]`, the same rows for every
+      example: MetaEmbed passes its meta-token table so, without knowing which feature holds the
+      batch size) appended after the (left-padded) content and return the last-layer states of
+      those `M` positions, `[B, M, H]`, in the backbone's compute dtype. The family decides how the
       appended positions are numbered (M-RoPE text positions, 1-indexed positions, ...), masked
       (causal, prefix-LM) and cross-attended (e.g. Mllama: to every tile of every image of their
       row). This is the only model call MetaEmbed makes for its meta tokens.
@@ -49,10 +51,12 @@ class Processor(Protocol):
 
     `texts[i]` is a string (may be empty), `images[i]` a list of PIL images (may be empty), or
     `images` None for a text-only batch. `side` is "query" or "candidate" (prompt prefix).
-    `row_ids` name the rows in error messages.
+    `row_ids` name the rows in error messages. `tokenizer`: the text tokenizer; `len(tokenizer)`
+    is the vocabulary size a randomly initialised model of the run is built with.
     """
 
     pad_token_id: int
+    tokenizer: Any
 
     def __call__(
         self,
@@ -88,7 +92,8 @@ class BackboneFamily:
         `same_shapes`: always the largest bucket, for several processes).
       tiny_config: `tiny_config(vocab_size, **overrides) -> config dict`, a small random-weight
         model of the family for tests, the demo and benchmarks (loadable by transformers).
-      special_tokens: tokens the built-in tokenizer must add for this family's prompts.
+      special_tokens: tokens the built-in tokenizer must add for this family's prompts, given
+        ids 0, 1, ... in this order (the first is the pad token).
       key_aliases: checkpoint-key prefix rewrites, so that every published key layout (and
         transformers 5's `save_pretrained` one) reaches the same `rules`.
       axis_rules: logical-axis rules (`sharding.LOGICAL_AXIS_RULES` format) the family adds for
@@ -111,6 +116,8 @@ class BackboneFamily:
 # family name -> module that registers it on import (lazy: loading one family imports no other).
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_vl": "metaembed_jax.models.qwen2_vl",
+    "paligemma": "metaembed_jax.models.paligemma",
+    "mllama": "metaembed_jax.models.mllama",
 }
 
 _FAMILIES: dict[str, BackboneFamily] = {}  # by family name
@@ -150,6 +157,11 @@ def family_for(config_or_model_type: Mapping[str, Any] | str) -> BackboneFamily:
     if key in _BY_MODEL_TYPE:
         return _FAMILIES[_BY_MODEL_TYPE[key]]
     raise ValueError(f"model_type {key!r} is not supported; supported: {sorted(_BY_MODEL_TYPE)}")
+
+
+def family_axis_rules() -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules every registered (imported) family adds, in registration order."""
+    return tuple(rule for family in _FAMILIES.values() for rule in family.axis_rules)
 
 
 def registered_families() -> dict[str, BackboneFamily]:

@@ -1,6 +1,7 @@
 """Reading Hugging Face checkpoints into Flax NNX backbones, tensor by tensor, without torch.
 
-A backbone family registers three things (see `register_backbone`):
+The backbone family of a checkpoint (`models/family.py`, found from `config.json`'s `model_type`
+by `family_for`) provides:
 - `build(config, dtype=, param_dtype=, lora=, remat=, rngs=)` -> the NNX module, from the raw
   `config.json` dict (both the published flat spelling and transformers 5's nested `text_config`);
 - `rules(config)` -> a declarative table of `Rule`s mapping checkpoint keys to parameter paths;
@@ -15,7 +16,6 @@ problem (missing, unexpected, wrongly-shaped tensors) is collected and raised as
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import mmap
 import os
@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax import sharding
+from metaembed_jax.models.family import BackboneFamily, family_for
 
 # ---------------------------------------------------------------------------------------------
 # Safetensors, read directly (header + memory map), so bfloat16 needs neither torch nor a copy.
@@ -58,8 +59,7 @@ class SafetensorsReader:
         directory = Path(directory)
         index_file = directory / "model.safetensors.index.json"
         if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _indexed_shards(index_file)
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
         if not files:
@@ -73,12 +73,27 @@ class SafetensorsReader:
         if not file.exists():
             raise FileNotFoundError(f"checkpoint shard {file} listed in the index is missing")
         with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{file}: {size} bytes, too short for a safetensors header")
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self._maps.append(mapped)
         header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8 : 8 + header_len])
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{file} is truncated or not a safetensors file: its header claims {header_len} "
+                f"bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(mapped[8 : 8 + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file}: the safetensors header is not valid JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{file}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
+        data_size = size - 8 - header_len
         for key, info in header.items():
+            _check_tensor_extent(file, key, info, data_size)
             self._entries[key] = (mapped, 8 + header_len, info)
 
     def keys(self) -> list[str]:
@@ -105,6 +120,47 @@ class SafetensorsReader:
         return tuple(self._entries[key][2]["shape"])
 
 
+def _indexed_shards(index_file: Path) -> list[str]:
+    """The shard file names of `model.safetensors.index.json`'s weight map, each confined to the
+    checkpoint directory (no absolute path, no `..`: a checkpoint names only its own files)."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{index_file}: not a safetensors index with a weight_map ({error})"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file}: weight_map is not an object of tensor -> file name")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise ValueError(
+                f"{index_file}: weight_map entry {key!r} -> {name!r} is not a file name inside "
+                "the checkpoint directory (absolute paths and '..' are refused)"
+            )
+    return sorted(set(weight_map.values()))
+
+
+def _check_tensor_extent(file: Path, key: str, info: Any, data_size: int) -> None:
+    """A header entry's dtype, shape and data offsets fit the tensor and the file's data."""
+    try:
+        dtype = np.dtype(_SAFETENSORS_DTYPES.get(info["dtype"], np.uint8))
+        begin, end = (int(x) for x in info["data_offsets"])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{file}: tensor {key!r} has a malformed header entry: {error}") from None
+    if end > data_size:
+        raise ValueError(
+            f"{file} is truncated: tensor {key!r} needs data bytes [{begin}, {end}) but the file "
+            f"holds {data_size} bytes of data"
+        )
+    expected_end = begin + count * dtype.itemsize
+    if info["dtype"] in _SAFETENSORS_DTYPES and (begin < 0 or end != expected_end):
+        raise ValueError(
+            f"{file}: tensor {key!r} of shape {info['shape']} ({info['dtype']}) does not match "
+            f"its data offsets [{begin}, {end})"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Declarative key mapping
 # ---------------------------------------------------------------------------------------------
@@ -124,29 +180,17 @@ class Rule:
     """Checkpoint key `pattern` (regex, full match) -> parameter `target` (dot path in
     `nnx.state(module)`), through `TRANSFORMS[transform]`.
 
-    A named group `layer` in the pattern puts the tensor at that index of the target's leading
-    (stacked `layers`) axis. `target=None` marks checkpoint tensors deliberately not used
+    A named group `layer` in the pattern puts the tensor at index `layer - layer_offset` of the
+    target's leading (stacked `layers`) axis (`layer_offset`: for a stack that holds a run of
+    checkpoint layers starting there, e.g. Mllama's self-attention layers between two
+    cross-attention layers). `target=None` marks checkpoint tensors deliberately not used
     (e.g. `lm_head.weight`: MetaEmbed reads hidden states, not logits).
     """
 
     pattern: str
     target: str | None
     transform: str = "identity"
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneEntry:
-    build: Callable[..., nnx.Module]
-    rules: Callable[[Mapping[str, Any]], Sequence[Rule]]
-    key_aliases: tuple[tuple[str, str], ...] = ()
-
-
-BACKBONES: dict[str, BackboneEntry] = {}
-
-
-def register_backbone(model_type: str, build, rules, key_aliases=()) -> None:
-    """Make `load_hf` / `from_config` handle checkpoints whose config says `model_type`."""
-    BACKBONES[model_type] = BackboneEntry(build, rules, tuple(key_aliases))
+    layer_offset: int = 0
 
 
 class CheckpointMismatchError(ValueError):
@@ -169,25 +213,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"expected a transformers config or a dict, got {type(config).__name__}")
 
 
-# model_type -> the module that registers it on import (imported lazily: those modules import
-# `Rule` from this file, and a user loading one family need not import the others).
-BUILTIN_BACKBONE_MODULES = {
-    "qwen2_vl": "metaembed_jax.models.qwen2_vl",
-    "qwen2_5_vl": "metaembed_jax.models.qwen2_vl",
-}
-
-
-def backbone_entry(config: Mapping[str, Any]) -> BackboneEntry:
-    """The registered family for `config["model_type"]`, importing built-in families on demand."""
-    model_type = config.get("model_type")
-    if model_type not in BACKBONES and model_type in BUILTIN_BACKBONE_MODULES:
-        importlib.import_module(BUILTIN_BACKBONE_MODULES[model_type])
-    if model_type not in BACKBONES:
-        supported = sorted(set(BACKBONES) | set(BUILTIN_BACKBONE_MODULES))
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
-    return BACKBONES[model_type]
-
-
 def _path_string(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(part, "key", part)) for part in path)
 
@@ -200,13 +225,13 @@ def _normalise_key(key: str, aliases: Sequence[tuple[str, str]]) -> str:
 
 
 def _match_checkpoint_keys(
-    reader: SafetensorsReader, entry: BackboneEntry, config, problems: list[str]
+    reader: SafetensorsReader, family: BackboneFamily, config, problems: list[str]
 ) -> dict[str, list[tuple[int | None, str, str]]]:
     """Group checkpoint keys by target parameter path: {target: [(layer, key, transform)]}."""
-    compiled = [(re.compile(rule.pattern), rule) for rule in entry.rules(config)]
+    compiled = [(re.compile(rule.pattern), rule) for rule in family.rules(config)]
     by_target: dict[str, list[tuple[int | None, str, str]]] = {}
     for key in reader:
-        name = _normalise_key(key, entry.key_aliases)
+        name = _normalise_key(key, family.key_aliases)
         for regex, rule in compiled:
             found = regex.fullmatch(name)
             if found is None:
@@ -215,7 +240,7 @@ def _match_checkpoint_keys(
                 layer = found.groupdict().get("layer")
                 target = rule.target.format(**found.groupdict())
                 by_target.setdefault(target, []).append(
-                    (None if layer is None else int(layer), key, rule.transform)
+                    (None if layer is None else int(layer) - rule.layer_offset, key, rule.transform)
                 )
             break
         else:
@@ -268,7 +293,7 @@ def from_config(
 ) -> nnx.Module:
     """A randomly initialised backbone from a transformers config object or its dict."""
     config = config_to_dict(config)
-    return backbone_entry(config).build(
+    return family_for(config).build(
         config, dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat, rngs=rngs
     )
 
@@ -289,24 +314,34 @@ def load_hf(
     """A Hugging Face checkpoint directory -> Flax NNX backbone with its weights.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`,
-    each parameter is placed directly onto the sharding its logical axis names get from `rules`
-    (default: `sharding.LOGICAL_AXIS_RULES`).
+    every variable (checkpoint weights, fresh LoRA adapters and RNG streams) is placed directly
+    onto the sharding its logical axis names get from `rules` (default: `sharding.axis_rules()`),
+    once: callers need not place it again.
     Raises FileNotFoundError for a missing dir/config/weights and CheckpointMismatchError listing
     every missing, unexpected or wrongly-shaped tensor.
     """
     config = read_config(path)
-    entry = backbone_entry(config)
+    family = family_for(config)
 
     def build():
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat)
         return from_config(config, rngs=nnx.Rngs(0), **kwargs)
 
-    graphdef, checkpoint_state, _ = nnx.split(nnx.eval_shape(build), CHECKPOINT_PARAMS, ...)
-    # Only the small non-checkpoint state is materialised: XLA drops the unused base weights.
-    fresh_state = jax.jit(lambda: nnx.state(build(), nnx.Not(CHECKPOINT_PARAMS)))()
+    rules = rules or sharding.axis_rules()
+    graphdef, checkpoint_state, abstract_fresh = nnx.split(
+        nnx.eval_shape(build), CHECKPOINT_PARAMS, ...
+    )
+    # Only the small non-checkpoint state (LoRA adapters, RNG streams) is materialised, directly
+    # in its shards: XLA drops the unused base weights.
+    fresh_shardings = (
+        None if mesh is None else sharding.state_shardings(abstract_fresh, mesh, rules)
+    )
+    fresh_state = jax.jit(
+        lambda: nnx.state(build(), nnx.Not(CHECKPOINT_PARAMS)), out_shardings=fresh_shardings
+    )()
     reader = SafetensorsReader(path)
     problems: list[str] = []
-    by_target = _match_checkpoint_keys(reader, entry, config, problems)
+    by_target = _match_checkpoint_keys(reader, family, config, problems)
     for name, variable in _iter_variables(checkpoint_state):
         sources = by_target.pop(name, None)
         if sources is None:
@@ -320,7 +355,7 @@ def load_hf(
                 sharding.variable_axes(variable),
                 value.shape,
                 mesh,
-                rules or sharding.LOGICAL_AXIS_RULES,
+                rules,
             )
             variable.set_value(jax.device_put(value, jax.sharding.NamedSharding(mesh, spec)))
         else:

@@ -171,27 +171,150 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+ATTENTION_IMPLS = ("reference", "xla", "pallas")
+_attention_impl = ["reference"]  # the process-wide choice; one element so it can be reassigned
+
+
+def set_attention_impl(name: str) -> None:
+    """Choose the attention implementation every family's `dot_product_attention` uses.
+
+    "reference": the einsum with a dense mask and float32 softmax (exact, any backend).
+    "xla": `jax.nn.dot_product_attention(implementation=None)`, so XLA (or cuDNN's fused kernel
+    on GPU where the shapes and dtypes allow) chooses. "pallas": a Pallas flash-attention kernel
+    with segment ids (TPU: `pallas.ops.tpu.flash_attention`; GPU: `pallas.ops.gpu.attention`;
+    CPU: the GPU kernel in interpret mode, for tests), for the masks such a kernel takes (causal,
+    key padding, segment ids, self-attention); other masks fall back to "xla".
+    It is read when a function is traced: set it before jitting. Raises ValueError on a name
+    outside ATTENTION_IMPLS.
+    """
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {name!r}; expected one of {ATTENTION_IMPLS}")
+    _attention_impl[0] = name
+
+
+def attention_impl() -> str:
+    """The current process-wide attention implementation (see `set_attention_impl`)."""
+    return _attention_impl[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query may attend to, in the structured form fused kernels take.
+
+    Every field narrows the allowed set (they combine with AND), except `prefix_lengths`, which
+    widens a causal mask: keys `s < prefix_lengths[b]` are visible to every query (prefix-LM).
+    - dense: boolean, broadcastable to `[B, Hq, L, S]` (True = may attend), or None.
+    - is_causal: key s visible to query l only if `s <= l` (self-attention positions).
+    - seq_lengths: `[B]` int (self-attention, right padding): positions `>= seq_lengths[b]` are
+      padding, as keys (never attended) and as queries (zero rows).
+    - segment_ids: `[B, L]` int (self-attention, L == S): queries see keys of their own id;
+      negative ids are padding (they see nothing).
+    - window: sliding window, key s visible to query l only if `l - s < window`.
+    """
+
+    dense: jax.Array | None = None
+    is_causal: bool = False
+    seq_lengths: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    prefix_lengths: jax.Array | None = None
+    window: int | None = None
+
+    def allowed(self, q_len: int, kv_len: int) -> jax.Array | None:
+        """The dense boolean mask `[B or 1, Hq or 1, L, S]` these fields describe (None = all)."""
+        query = jnp.arange(q_len)[:, None]
+        key = jnp.arange(kv_len)[None, :]
+        mask = None
+
+        def both(a, b):
+            return b if a is None else a & b
+
+        if self.is_causal:
+            causal = (key <= query)[None, None]
+            if self.prefix_lengths is not None:
+                prefix = jnp.asarray(self.prefix_lengths)[:, None, None, None]
+                causal = causal | (key[None, None] < prefix)
+            mask = both(mask, causal)
+        if self.window is not None:
+            mask = both(mask, (query - key < self.window)[None, None])
+        if self.seq_lengths is not None:
+            lengths = jnp.asarray(self.seq_lengths)[:, None, None, None]
+            mask = both(mask, (key[None, None] < lengths) & (query[None, None] < lengths))
+        if self.segment_ids is not None:
+            seg = jnp.asarray(self.segment_ids)
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+            mask = both(mask, same[:, None])
+        if self.dense is not None:
+            mask = both(mask, jnp.asarray(self.dense, bool))
+        return mask
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    mask: jax.Array | None,
+    mask: jax.Array | None = None,
+    *,
+    is_causal: bool = False,
+    seq_lengths: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    prefix_lengths: jax.Array | None = None,
+    window: int | None = None,
+    implementation: str | None = None,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
-    """Grouped-query attention with a float32 softmax.
+    """Grouped-query attention with a float32 softmax: the one attention entry point.
 
-    query `[B, L, Hq, Dh]`, key/value `[B, S, Hkv, Dh]` with `Hq % Hkv == 0`;
-    mask boolean, broadcastable to `[B, Hq, L, S]` (True = may attend) or None.
-    Returns `[B, L, Hq, Dh]` in the query's dtype. Rows with no allowed key give zeros
-    (not NaN), which only happens at padding positions.
+    query `[B, L, Hq, Dh]`, key/value `[B, S, Hkv, Dh]` with `Hq % Hkv == 0`. The mask is
+    `mask` (boolean, broadcastable to `[B, Hq, L, S]`, True = may attend) combined with the
+    structured keywords of `MaskSpec` (is_causal, seq_lengths, segment_ids, prefix_lengths,
+    window), which fused kernels take without a dense mask. `implementation`: one of
+    ATTENTION_IMPLS, None = the process-wide `attention_impl()`.
+    `scale` multiplies the scores (default `Dh**-0.5`; Gemma 2 uses `query_pre_attn_scalar**-0.5`);
+    `logit_softcap` (Gemma 2) caps the scaled scores as `c * tanh(scores / c)` before the mask:
+    no fused kernel takes a soft-cap, so a capped call always runs the reference path.
+    Returns `[B, L, Hq, Dh]` in the query's dtype. Rows with no allowed key give zeros (not NaN),
+    which only happens at padding positions. Raises ValueError on bad head counts or names.
     """
-    batch, q_len, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
+    num_heads, num_kv_heads = query.shape[2], key.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads not divisible by {num_kv_heads} kv heads")
+    self_only = is_causal or segment_ids is not None or seq_lengths is not None
+    if self_only and query.shape[1] != key.shape[1]:
+        raise ValueError(
+            "is_causal / segment_ids / seq_lengths need self-attention; got "
+            f"{query.shape[1]} queries and {key.shape[1]} keys"
+        )
+    if prefix_lengths is not None and not is_causal:
+        raise ValueError("prefix_lengths widens a causal mask; pass is_causal=True with it")
+    spec = MaskSpec(mask, is_causal, seq_lengths, segment_ids, prefix_lengths, window)
+    implementation = attention_impl() if implementation is None else implementation
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}"
+        )
+    if implementation == "reference" or logit_softcap is not None:
+        mask = spec.allowed(query.shape[1], key.shape[1])
+        return _reference_attention(query, key, value, mask, scale, logit_softcap)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "pallas" and _pallas_supports(spec):
+        out = _pallas_attention(query, key, value, spec, scale)
+    else:
+        out = _xla_attention(query, key, value, spec, scale)
+    return _zero_rows_without_keys(out, spec, key.shape[1])
+
+
+def _reference_attention(query, key, value, mask, scale=None, logit_softcap=None) -> jax.Array:
+    """The einsum path: float32 scores `[B, Hkv, G, L, S]`, masked, softmax, zeros where a row
+    has no allowed key."""
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
     query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if logit_softcap is not None:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     if mask is not None:
         mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, key.shape[1]))
         mask = mask.reshape(batch, num_kv_heads, groups, q_len, key.shape[1])
@@ -201,6 +324,102 @@ def dot_product_attention(
         probs = jnp.where(mask, probs, 0.0)
     out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _zero_rows_without_keys(out: jax.Array, spec: MaskSpec, kv_len: int) -> jax.Array:
+    """Fused kernels give a row with no allowed key some average of values; the reference gives
+    zeros. The any-reduction over the boolean mask fuses in XLA (no `[L, S]` scores are kept)."""
+    mask = spec.allowed(out.shape[1], kv_len)
+    if mask is None:
+        return out
+    has_key = jnp.any(mask, axis=-1)  # [B or 1, H or 1, L]
+    has_key = jnp.broadcast_to(has_key, (out.shape[0], has_key.shape[1], out.shape[1]))
+    has_key = jnp.swapaxes(has_key, 1, 2)[..., None]  # [B, L, H or 1, 1]
+    return jnp.where(has_key, out, jnp.zeros((), out.dtype))
+
+
+def _xla_attention(query, key, value, spec: MaskSpec, scale: float) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the causal flag, right-padding lengths and window
+    passed natively (cuDNN takes them fused); segment ids, a prefix and a dense mask as a mask."""
+    native_causal = spec.is_causal and spec.prefix_lengths is None
+    rest = dataclasses.replace(
+        spec, is_causal=spec.is_causal and not native_causal, seq_lengths=None, window=None
+    )
+    mask = rest.allowed(query.shape[1], key.shape[1])
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0], query.shape[2], *mask.shape[2:]))
+    lengths = None
+    if spec.seq_lengths is not None:
+        lengths = jnp.broadcast_to(jnp.asarray(spec.seq_lengths, jnp.int32), (query.shape[0],))
+    window = None if spec.window is None else (spec.window - 1, key.shape[1])
+    out = jax.nn.dot_product_attention(
+        query,
+        key.astype(query.dtype),
+        value.astype(query.dtype),
+        mask=mask,
+        is_causal=native_causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        local_window_size=window,
+        scale=scale,
+        implementation=None,
+    )
+    return out.astype(query.dtype)
+
+
+def _pallas_supports(spec: MaskSpec) -> bool:
+    """The Pallas kernels take causal + segment ids; key padding becomes a segment."""
+    return spec.dense is None and spec.prefix_lengths is None and spec.window is None
+
+
+def _pallas_attention(query, key, value, spec: MaskSpec, scale: float) -> jax.Array:
+    """Pallas flash attention (self-attention): kv heads repeated to the query heads (the
+    kernels have no GQA), padding keys given a segment of their own."""
+    batch, length, num_heads, _ = query.shape
+    groups = num_heads // key.shape[2]
+    key, value = (jnp.repeat(a, groups, axis=2).astype(query.dtype) for a in (key, value))
+    segments = jnp.zeros((batch, length), jnp.int32)
+    if spec.segment_ids is not None:
+        segments = jnp.broadcast_to(jnp.asarray(spec.segment_ids, jnp.int32), (batch, length))
+    if spec.seq_lengths is not None:
+        lengths = jnp.asarray(spec.seq_lengths, jnp.int32).reshape(-1, 1)
+        segments = jnp.where(jnp.arange(length)[None] < lengths, segments, -1)
+    # Padding (negative ids) attends within itself in the kernel; those rows are zeroed after.
+    # The kernels tile the sequence in blocks of 128 (32 in the GPU backward): pad up to them.
+    padded = max(32, 1 << (length - 1).bit_length()) if length < 128 else -(-length // 128) * 128
+    if padded != length:
+        widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+        query, key, value = (jnp.pad(a, widths) for a in (query, key, value))
+        segments = jnp.pad(segments, ((0, 0), (0, padded - length)), constant_values=-1)
+    return _pallas_kernel(query, key, value, segments, spec.is_causal, scale)[:, :length]
+
+
+def _pallas_kernel(query, key, value, segments, is_causal: bool, scale: float) -> jax.Array:
+    """The backend's Pallas flash kernel on `[B, L, H, Dh]` with L a multiple of its blocks."""
+    if jax.default_backend() == "tpu":
+        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+        ids = tpu_flash.SegmentIds(q=segments, kv=segments)
+        out = tpu_flash.flash_attention(
+            *(jnp.swapaxes(a, 1, 2) for a in (query, key, value)),
+            segment_ids=ids,
+            causal=is_causal,
+            sm_scale=scale,
+        )
+        return jnp.swapaxes(out, 1, 2)
+    from jax.experimental.pallas.ops.gpu import attention as gpu_flash
+
+    block = gpu_flash.BlockSizes.get_default()
+    return gpu_flash.mha(
+        query,
+        key,
+        value,
+        segments,
+        sm_scale=scale,
+        causal=is_causal,
+        block_sizes=block,
+        interpret=jax.default_backend() == "cpu",
+    )
 
 
 def stack_layers(

@@ -6,7 +6,9 @@ A recipe (`configs/*.py`) calls `base_config()` and overrides fields; command-li
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict
+import math
+
+from ml_collections import ConfigDict, config_dict
 
 from metaembed_jax.data.config import get_data_config
 from metaembed_jax.losses import LOSS_VARIANTS, MMR_GROUPS, groups_for_variant, validate_groups
@@ -38,6 +40,10 @@ def base_config() -> ConfigDict:
     config.model.param_dtype = "float32"
     # Rematerialisation of the decoder layers in the backward pass: "none", "full", "dots".
     config.model.remat = "none"
+    # Attention implementation of every family (models.layers.ATTENTION_IMPLS): "reference"
+    # (einsum, exact), "xla" (jax.nn.dot_product_attention: XLA or cuDNN choose) or "pallas"
+    # (flash kernel with segment ids on TPU / GPU). Applied process-wide by build_model.
+    config.model.attention_impl = "reference"
 
     config.lora = ConfigDict()
     # LoRA on the language model's dense layers; False = full fine-tuning of every weight.
@@ -88,6 +94,8 @@ def base_config() -> ConfigDict:
     config.train.log_every = 10
     # Show a tqdm progress bar (process 0 only).
     config.train.progress_bar = True
+    # Stop (with a checkpoint, as on SIGTERM) after this many steps of this run; 0 = never.
+    config.train.stop_after = 0
 
     config.checkpoint = ConfigDict()
     # Save every this many steps (and at the end, and on SIGTERM / SIGINT).
@@ -118,7 +126,8 @@ def base_config() -> ConfigDict:
     config.eval = ConfigDict()
     # Budgets (r_q, r_c) scored by eval.py. None: the paper's five, (1,1) (2,4) (4,8) (8,16)
     # (16,64), or only (1,1) for the single-vector readout. Any r_q <= R_q, r_c <= R_c is allowed.
-    config.eval.budgets = None
+    # A typed placeholder, so `--config.eval.budgets='((1,1),(4,8))'` parses as a tuple.
+    config.eval.budgets = config_dict.placeholder(tuple)
     # Items encoded per jitted call (rounded up to a multiple of the batch shards).
     config.eval.batch_size = 16
     # Storage of the cached candidate index: "float32", "bfloat16" or "int8".
@@ -128,6 +137,9 @@ def base_config() -> ConfigDict:
     config.eval.split = "test"
     # Write DIR/eval/scaling.png (quality, latency and index size vs budget).
     config.eval.plot = True
+    # Every field is declared above: a recipe or a command-line override naming any other key is
+    # an error (naming it), not a silently ignored setting.
+    config.lock()
     return config
 
 
@@ -140,7 +152,9 @@ def validate_config(config, num_batch_shards: int | None = None) -> None:
     """Raise a clear ValueError for a config that cannot train; called before building anything.
 
     Checks: loss variant and groups against the meta tokens, readout/variant agreement, batch
-    divisible by micro-batches and by the batch shards of the mesh, positive step counts.
+    divisible by micro-batches and by the batch shards of the mesh, positive step counts, and
+    the values that lose data or cannot train (no checkpoint kept, a temperature or learning
+    rate <= 0, Adam betas outside [0, 1), a negative clip / decay / warm-up, LoRA rank < 1).
     """
     if config.loss.variant not in LOSS_VARIANTS:
         raise ValueError(f"config.loss.variant={config.loss.variant!r}; expected {LOSS_VARIANTS}")
@@ -162,8 +176,10 @@ def validate_config(config, num_batch_shards: int | None = None) -> None:
     for name in ("steps", "batch_size", "log_every", "grad_accum_steps"):
         if int(train[name]) < 1:
             raise ValueError(f"config.train.{name}={train[name]}; expected >= 1")
-    if config.checkpoint.every < 1:
-        raise ValueError(f"config.checkpoint.every={config.checkpoint.every}; expected >= 1")
+    for name in ("every", "keep"):
+        if int(config.checkpoint[name]) < 1:
+            raise ValueError(f"config.checkpoint.{name}={config.checkpoint[name]}; expected >= 1")
+    _check_values(config)
     if train.batch_size % train.grad_accum_steps:
         raise ValueError(
             f"config.train.batch_size={train.batch_size} is not divisible by "
@@ -176,3 +192,34 @@ def validate_config(config, num_batch_shards: int | None = None) -> None:
             f"by the {num_batch_shards} batch shards of the mesh (data x fsdp = "
             f"{config.mesh.data} x {config.mesh.fsdp})"
         )
+
+
+# (section, field, test, what is expected): values that fail divide by zero, never move the
+# weights, or diverge.
+_RANGES = (
+    ("loss", "temperature", lambda v: v > 0, "> 0 (the logits are scores / temperature)"),
+    ("optimizer", "lr", lambda v: v > 0, "> 0 (a rate <= 0 does not train)"),
+    ("optimizer", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optimizer", "end_factor", lambda v: v >= 0, ">= 0 (a negative final rate diverges)"),
+    ("optimizer", "weight_decay", lambda v: v >= 0, ">= 0 (negative decay grows the weights)"),
+    ("optimizer", "b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer", "b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer", "eps", lambda v: v > 0, "> 0 (Adam divides by sqrt(v) + eps)"),
+    ("optimizer", "grad_clip", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+)
+
+
+def _check_values(config) -> None:
+    """The finite-number ranges of `_RANGES`, and LoRA's rank / dropout when enabled."""
+    for section, name, fits, expected in _RANGES:
+        value = config[section][name]
+        number = float(value) if isinstance(value, int | float) else math.nan
+        if not (math.isfinite(number) and fits(number)):
+            raise ValueError(
+                f"config.{section}.{name}={value!r}; expected a finite number {expected}"
+            )
+    if config.lora.enabled:
+        if int(config.lora.rank) < 1:
+            raise ValueError(f"config.lora.rank={config.lora.rank}; expected >= 1")
+        if not 0.0 <= float(config.lora.dropout) < 1.0:
+            raise ValueError(f"config.lora.dropout={config.lora.dropout}; expected in [0, 1)")

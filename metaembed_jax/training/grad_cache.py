@@ -34,7 +34,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metaembed_jax.training.state import TrainState
-from metaembed_jax.training.step import embed_batch, embeddings_loss, merged_model
+from metaembed_jax.training.step import (
+    _same_shapes,
+    embed_batch,
+    embeddings_loss,
+    merged_model,
+    stack_micro_batches,
+)
 
 
 def _embed_micro(state: TrainState, params, other, micro):
@@ -138,13 +144,9 @@ def _micro_grads(state, stream, micro, cotangent):
 
 def _stack(micro_batches: Sequence[dict]):
     """The micro-batches stacked on a new leading axis, or None if their shapes differ."""
-    signatures = {
-        (jax.tree.structure(m), tuple((x.shape, x.dtype) for x in jax.tree.leaves(m)))
-        for m in micro_batches
-    }
-    if len(signatures) != 1:
+    if not _same_shapes(micro_batches):
         return None
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)
+    return stack_micro_batches(micro_batches)
 
 
 def _scanned(state, stacked, count, groups, temperature, mesh):

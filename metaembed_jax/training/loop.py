@@ -1,8 +1,9 @@
 """The training program: `train(config, workdir)`.
 
 Start-up order: distributed runtime, mesh, config checks (before anything expensive), data,
-model and state, resume from the latest checkpoint in `workdir`, then the step loop with
-metrics, periodic checkpoints, and a clean save-and-exit on SIGTERM / SIGINT.
+model and state, resume from the latest checkpoint in `workdir` (metrics.jsonl cut back to its
+step), then the step loop with metrics, periodic checkpoints, a clean save-and-exit on SIGTERM /
+SIGINT, and a stop on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from metaembed_jax import sharding
+from metaembed_jax.data.pipeline import make_processor, make_train_iterator, model_family
 from metaembed_jax.training import checkpointing, metrics
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.model import build_model, check_init_from, hf_config_dict
@@ -56,6 +59,45 @@ class StopSignal:
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN / inf loss or gradient norm; the state of that step is not saved."""
+
+
+@jax.jit
+def _first_non_finite(first, step, loss, grad_norm):
+    # Device-side, so that watching every step adds no host round trip: the host reads the
+    # result only where the loop reads metrics anyway (logging, saving).
+    bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    return jnp.where((first == 0) & bad, step, first)
+
+
+class FiniteWatch:
+    """Remembers the first step whose loss or gradient norm is not finite."""
+
+    def __init__(self):
+        self.first = np.int32(0)
+
+    def update(self, step: int, step_metrics) -> None:
+        self.first = _first_non_finite(
+            self.first, np.int32(step), step_metrics["loss"], step_metrics["grad_norm"]
+        )
+
+    def check(self, last_saved: int | None) -> None:
+        """Raises NonFiniteLossError naming the step (and the checkpoint kept) if one was bad."""
+        first = int(jax.device_get(self.first))
+        if not first:
+            return
+        kept = (
+            f"the last checkpoint (step {last_saved}) is kept and was not overwritten"
+            if last_saved is not None
+            else "no checkpoint was saved"
+        )
+        raise NonFiniteLossError(
+            f"the loss or gradient norm is not finite at step {first}: training stopped and {kept}"
+            " (lower optimizer.lr, raise loss.temperature, or check the data of that step)"
+        )
+
+
 def start_distributed(config) -> bool:
     """jax.distributed per `config.distributed` ("auto" / "on" / "off")."""
     mode = config.distributed.mode
@@ -71,19 +113,6 @@ def start_distributed(config) -> bool:
     if config.distributed.process_id >= 0:
         kwargs["process_id"] = int(config.distributed.process_id)
     return sharding.initialize_distributed(True if mode == "on" else None, **kwargs)
-
-
-def make_processor(config):
-    """The processor of the run: the checkpoint's tokenizer, or the built-in one."""
-    from metaembed_jax.data.pipeline import processor_from_config
-
-    path = config.init_from or os.path.join(config.data.dir, "tokenizer")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
-            " --config <config>) or set config.init_from"
-        )
-    return processor_from_config(config.data, path)
 
 
 def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
@@ -108,7 +137,9 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 
     `train_iterator` (tests) replaces the configured data pipeline: an iterator of batches of
     `batch_size / grad_accum_steps` examples with `get_state()` / `set_state()`.
-    Raises ValueError / FileNotFoundError for an invalid config before building anything.
+    Raises ValueError / FileNotFoundError for an invalid config before building anything, and
+    NonFiniteLossError when a step's loss or gradient norm is NaN / inf (that state is neither
+    logged nor saved; the last checkpoint stays the latest).
     """
     workdir = Path(workdir)
     start_distributed(config)
@@ -119,12 +150,16 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     micro_batch = int(config.train.batch_size) // accum
     vocab_size = None
     if train_iterator is None:
-        from metaembed_jax.data.pipeline import make_train_iterator
-
-        processor = make_processor(config)
+        family = model_family(config)
+        processor = make_processor(config, family)
         vocab_size = len(processor.tokenizer)
         train_iterator = make_train_iterator(
-            config.data, processor, mesh=mesh, global_batch_size=micro_batch, seed=config.seed
+            config.data,
+            processor,
+            family=family,
+            mesh=mesh,
+            global_batch_size=micro_batch,
+            seed=config.seed,
         )
     _write_run_files(config, workdir, vocab_size)
 
@@ -140,8 +175,10 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
         state, data_state = checkpointer.restore(state)
         train_iterator.set_state(data_state)
         start = int(jax.device_get(state.step))
-        checkpointing.truncate_metrics(workdir / "metrics.jsonl", start)
         logging.info("resumed from step %d in %s", start, checkpointer.directory)
+    # Also without a checkpoint (a kill before the first save): the run restarts at step 0, so
+    # lines an earlier attempt logged would otherwise appear twice.
+    metrics.truncate_to_step(workdir / "metrics.jsonl", start)
     groups = loss_groups(config)
     train_step = TrainStep(
         state,
@@ -175,20 +212,25 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop):
     steps, accum = int(config.train.steps), int(config.train.grad_accum_steps)
     log_every, save_every = int(config.train.log_every), int(config.checkpoint.every)
-    stop_after = int(config.train.get("stop_after", 0))
+    stop_after = int(config.train.stop_after)
     throughput = metrics.Throughput()
+    watch = FiniteWatch()
     rows = []
-    step = start
+    step, last_saved = start, (start or None)
     while step < steps:
         state, step_metrics = train_step(state, _next_batch(iterator, accum))
         step += 1
+        watch.update(step, step_metrics)
         throughput.add(int(config.train.batch_size))
         writer.advance()
         if step % log_every == 0 or step == steps:
+            watch.check(last_saved)  # a non-finite row is never logged
             rows.append(writer.record(step, step_metrics, throughput.rate()))
         preempted = stop.any_process() or (stop_after and step - start >= stop_after)
         if step % save_every == 0 or step == steps or preempted:
+            watch.check(last_saved)  # ... nor saved
             checkpointer.save(state, iterator.get_state(), force=True)
+            last_saved = step
         if preempted:
             logging.warning("stopping at step %d (checkpoint saved); rerun to resume", step)
             break

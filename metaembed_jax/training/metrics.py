@@ -7,6 +7,7 @@ Only process 0 writes. One JSON object per logged step: step, loss, group_losses
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -83,6 +84,50 @@ class MetricsWriter:
             self._bar.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def truncate_to_step(path: str | os.PathLike, last_step: int) -> None:
+    """Keep only the metric lines of steps <= `last_step` (the step a run resumes from; 0 = a
+    fresh start, which empties the file), so a resumed run never logs a step twice.
+
+    Lines that are not a JSON object with an integer `step` (a line cut short by a kill) are
+    dropped with a warning instead of stopping the resume. Only process 0 writes.
+    """
+    path = Path(path)
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept, invalid = [], 0
+    for number, line in enumerate(lines, start=1):
+        step = _logged_step(line)
+        if step is None:
+            if line.strip():
+                invalid += 1
+                logging.warning(
+                    "metrics: dropping invalid line %d of %s: %.80r", number, path, line
+                )
+            continue
+        if step <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        logging.info(
+            "metrics: kept %d lines up to step %d, dropped %d (%d invalid)",
+            len(kept),
+            last_step,
+            len(lines) - len(kept),
+            invalid,
+        )
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """The `step` of one metrics line, or None when the line is not a valid metrics row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class Throughput:

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from metaembed_jax import sharding
 from metaembed_jax.metaembed import MetaEmbed
+from metaembed_jax.models import layers
 from metaembed_jax.models.layers import LoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -85,25 +86,30 @@ def check_init_from(config) -> None:
 
 
 def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = None) -> MetaEmbed:
-    """The MetaEmbed of `config`, its parameters placed on `mesh` by the logical-axis rules.
+    """The MetaEmbed of `config`, every variable placed on `mesh` by the logical-axis rules (the
+    one placement: `create_train_state` keeps it).
 
     Random initialisation is seeded by `config.seed` and does not depend on the mesh.
     Raises FileNotFoundError for a missing `init_from` dir, ValueError for bad model fields.
     """
     check_init_from(config)
+    # Read when the step is traced, i.e. after this: one process-wide choice for every family.
+    layers.set_attention_impl(config.model.get("attention_impl", "reference"))
     kwargs = model_kwargs(config)
     rngs_seed = int(config.seed)
     if config.init_from:
+        # load_hf places the backbone's variables on the mesh; only MetaEmbed's own (meta tokens,
+        # projection) are left to place.
         model = MetaEmbed.from_pretrained(
             config.init_from,
             rngs=nnx.Rngs(rngs_seed),
             mesh=mesh,
-            rules=sharding.LOGICAL_AXIS_RULES,
+            rules=sharding.axis_rules(),
             **kwargs,
         )
         if mesh is not None:
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, sharding.shard_state(state, mesh))
+            own = nnx.state(model, nnx.Not(nnx.PathContains("backbone")))
+            nnx.update(model, sharding.shard_state(own, mesh))
         return model
     hf = hf_config_dict(config, vocab_size)
 

@@ -101,11 +101,10 @@ def _cached_optimizer(settings: tuple, total_steps: int):
 def create_train_state(
     model: nnx.Module, tx: optax.GradientTransformation, *, lora: bool, mesh: Mesh | None = None
 ) -> TrainState:
-    """A fresh TrainState for `model` (already on `mesh` if one is given)."""
+    """A fresh TrainState for `model`, whose variables `build_model` already placed on `mesh`:
+    only the new arrays (optimizer state, step counter) are placed here."""
     graphdef, params, frozen, other = nnx.split(model, trainable_filter(lora), nnx.Param, ...)
     if mesh is not None:
-        params, frozen = sharding.shard_state(params, mesh), sharding.shard_state(frozen, mesh)
-        other = jax.device_put(other, NamedSharding(mesh, P()))
         # Adam moments take their parameter's sharding (zeros_like keeps it); counters replicated.
         opt_state = jax.jit(tx.init)(params)
         opt_state = jax.device_put(opt_state, _opt_shardings(opt_state, mesh))

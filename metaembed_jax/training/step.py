@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -25,11 +24,11 @@ from metaembed_jax import sharding
 from metaembed_jax.losses import mmr_loss
 from metaembed_jax.training.state import TrainState, state_shardings
 
-FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
 
 def _features(features: dict[str, Any]) -> dict[str, Any]:
-    return {k: features[k] for k in FEATURE_KEYS if features.get(k) is not None}
+    # A side holds its backbone family's features (the pipeline keeps only `feature_keys`);
+    # absent optional ones may be None.
+    return {k: v for k, v in features.items() if v is not None}
 
 
 def embed_batch(model: nnx.Module, batch: dict[str, Any]):
@@ -79,6 +78,55 @@ def _grads_one(state: TrainState, params, other, batch, groups, temperature, mes
     return loss, group_losses, grads, other
 
 
+def _same_shapes(micro_batches) -> bool:
+    first = micro_batches[0]
+    shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), b) for b in micro_batches]
+    same_structure = all(jax.tree.structure(b) == jax.tree.structure(first) for b in micro_batches)
+    return same_structure and all(s == shapes[0] for s in shapes)
+
+
+def stack_micro_batches(micro_batches):
+    """Micro-batches of one shape (`_same_shapes`) stacked on a new leading axis, for a scan."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *micro_batches)
+
+
+def _unrolled_grads(state, micro_batches, groups, temperature, mesh):
+    """Summed (loss, group losses, grads) and the last RNG state, micro-batches one by one in
+    the program (they may differ in static shape)."""
+    other = state.other
+    loss = group_losses = grads = None
+    for micro in micro_batches:
+        m_loss, m_groups, m_grads, other = _grads_one(
+            state, state.params, other, micro, groups, temperature, mesh
+        )
+        if grads is None:
+            loss, group_losses, grads = m_loss, m_groups, m_grads
+        else:
+            loss, group_losses = loss + m_loss, group_losses + m_groups
+            grads = jax.tree.map(jnp.add, grads, m_grads)
+    return loss, group_losses, grads, other
+
+
+def _scanned_grads(state, micro_batches, groups, temperature, mesh):
+    """As `_unrolled_grads` for micro-batches of one shape, with a `lax.scan` over them: the
+    program holds one micro-batch's forward and backward, so compile time does not grow with
+    the number of micro-batches."""
+    stacked = stack_micro_batches(micro_batches)
+
+    def body(carry, micro):
+        loss, group_losses, grads, other = carry
+        m_loss, m_groups, m_grads, other = _grads_one(
+            state, state.params, other, micro, groups, temperature, mesh
+        )
+        grads = jax.tree.map(jnp.add, grads, m_grads)
+        return (loss + m_loss, group_losses + m_groups, grads, other), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    initial = (jnp.zeros((), jnp.float32), jnp.zeros((len(groups),), jnp.float32), zeros)
+    (loss, group_losses, grads, other), _ = jax.lax.scan(body, (*initial, state.other), stacked)
+    return loss, group_losses, grads, other
+
+
 def train_step(
     state: TrainState,
     batch,
@@ -100,17 +148,14 @@ def train_step(
             state, micro_batches, groups=groups, temperature=temperature, mesh=mesh
         )
         return _apply_gradients(state, loss, group_losses, grads, other, schedule)
-    other = state.other
-    loss = group_losses = grads = None
-    for micro in micro_batches:  # unrolled: micro-batches may differ in (static) shape
-        m_loss, m_groups, m_grads, other = _grads_one(
-            state, state.params, other, micro, groups, temperature, mesh
+    if len(micro_batches) > 1 and _same_shapes(micro_batches):
+        loss, group_losses, grads, other = _scanned_grads(
+            state, micro_batches, groups, temperature, mesh
         )
-        if grads is None:
-            loss, group_losses, grads = m_loss, m_groups, m_grads
-        else:
-            loss, group_losses = loss + m_loss, group_losses + m_groups
-            grads = jax.tree.map(jnp.add, grads, m_grads)
+    else:
+        loss, group_losses, grads, other = _unrolled_grads(
+            state, micro_batches, groups, temperature, mesh
+        )
     count = len(micro_batches)
     if count > 1:
         loss, group_losses = loss / count, group_losses / count
@@ -131,23 +176,6 @@ def _apply_gradients(state: TrainState, loss, group_losses, grads, other, schedu
     }
     new_state = state.replace(step=state.step + 1, params=params, other=other, opt_state=opt_state)
     return new_state, metrics
-
-
-def put_batch(batch, mesh: Mesh | None):
-    """Host (numpy) batches -> arrays split over the batch axes; jax.Arrays pass unchanged."""
-    if mesh is None:
-        return batch
-
-    def put(x):
-        if isinstance(x, jax.Array):
-            return x
-        x = np.asarray(x)
-        # Every process holds the whole host batch (tests, benchmarks): each takes its shards.
-        return jax.make_array_from_callback(
-            x.shape, sharding.batch_sharding(mesh, x.ndim), lambda index: x[index]
-        )
-
-    return jax.tree.map(put, batch)
 
 
 # Jitted steps by (batch structure and shardings, loss settings, schedule, mesh): shared by every
@@ -218,5 +246,6 @@ class TrainStep:
         return jitted
 
     def __call__(self, state: TrainState, batch):
-        batch = put_batch(batch, self.mesh)
+        # Tests and benchmarks hand every process the whole host batch.
+        batch = sharding.put_batch(batch, self.mesh, whole=True)
         return self._jitted(state, batch)(state, batch)

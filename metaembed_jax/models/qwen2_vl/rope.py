@@ -71,7 +71,7 @@ def rope_index(
     """3-D M-RoPE position ids `[3, B, L]` int32, equal to transformers' `get_rope_index`
     (images; Qwen2-VL and Qwen2.5-VL agree for images: the temporal step of a still image is 1).
 
-    `image_grid_thw`: packed `[N, 3]` or per-example `[B, N_ex, 3]` (CONTRACTS.md).
+    `image_grid_thw`: packed `[N, 3]` or per-example `[B, N_ex, 3]` (docs/design.md).
     Text-only inputs (`image_grid_thw` None or empty) get ordinary 1-D positions counted over
     real tokens (left padding skipped), repeated on the 3 axes.
     """

@@ -11,15 +11,19 @@ How it differs from the PyTorch reference, and why:
 - Qwen2.5-VL mixes full-attention and window-attention blocks: one `nnx.scan` runs all blocks;
   the layer index rides in the scan carry and each block picks, with `lax.cond`, full attention
   within frames or window attention within windows.
-- Padding (CONTRACTS.md): all-zero rows of `image_grid_thw` are no image; patch rows past
+- Padding (docs/design.md): all-zero rows of `image_grid_thw` are no image; patch rows past
   `sum(t*h*w)` are padding. Padding patches form a segment of their own (they never attend to or
   from real patches), sort after every real window, and their output rows (after the real ones)
   are set to zero.
 
-Cost: window blocks attend within a static band around each block of queries (linear in the
-packed length P). Full-attention blocks (all of Qwen2-VL's, `fullatt_block_indexes` of
-Qwen2.5-VL's) compute every query against all P keys with a segment mask, in query chunks:
-O(P**2) compute where HF's per-image loop does O(sum of per-image P**2), O(chunk * P) memory.
+Cost: with a static bound on one frame's patches (`max_image_patches`, which the per-example
+layout gives) or a concrete grid, every frame (full-attention blocks) and every window (window
+blocks) starts a fresh block of a blocked layout and a query block attends only its own
+segment's key blocks (`segment_blocks`, `blocked_attention`): cost linear in the number of
+images, as HF's per-image loop. Without a bound (the packed layout under jit), and for inputs
+that break it, the packed path runs: window blocks attend within a static band around each
+block of queries (linear in P), full-attention blocks compute every query against all P keys
+with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.hf_loading import Rule
-from metaembed_jax.models.qwen2_vl_rope import locate_in_runs
+from metaembed_jax.models.qwen2_vl.rope import locate_in_runs
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -288,12 +292,103 @@ def dense_attention(query, key, value, segments, chunk: int = DENSE_QUERY_CHUNK)
     return out.reshape(blocks * chunk, heads, head_dim)[:num]
 
 
+class SegmentBlocks(NamedTuple):
+    """Where each row of contiguous segments goes when every segment starts a fresh block of
+    `block` rows (static shapes: `num_blocks` blocks, `keys_per_block` key blocks per query
+    block). Built by `segment_blocks`; `fits` says whether this layout holds the segments."""
+
+    # Close over it (the ints are static sizes): do not pass it through jit as an argument.
+    dest: jax.Array  # [P] int32 row in the blocked layout; padding rows -> the dump row
+    segments: jax.Array  # [num_blocks * block] int32 segment id per blocked row, -1 = empty
+    first_block: jax.Array  # [num_blocks] int32 first block of each block's segment
+    fits: jax.Array  # bool scalar
+    block: int
+    keys_per_block: int
+
+
+def segment_blocks(
+    segments: jax.Array, is_real: jax.Array, max_len: int, block: int, num_blocks: int
+) -> SegmentBlocks:
+    """The blocked layout for `segments` [P] (runs of equal ids, each at most `max_len` rows,
+    padding rows `~is_real` left out). Each run fills `ceil(len / block)` blocks of its own, so a
+    query block needs only the `ceil(max_len / block)` blocks from its run's first one: cost
+    `num_blocks * block * max_len`, linear in the number of runs, not in their square."""
+    num = segments.shape[0]
+    row = jnp.arange(num, dtype=jnp.int32)
+    is_start = jnp.concatenate([jnp.ones((1,), bool), segments[1:] != segments[:-1]])
+    start = jax.lax.cummax(jnp.where(is_start, row, 0))
+    is_end = jnp.concatenate([segments[1:] != segments[:-1], jnp.ones((1,), bool)])
+    end = jax.lax.cummin(jnp.where(is_end, row, num), reverse=True)
+    length, local = end - start + 1, row - start
+    blocks_of_run = jnp.where(is_start & is_real, -(-length // block), 0)
+    base = (jnp.cumsum(blocks_of_run) - blocks_of_run)[start]  # first block of each row's run
+    total = jnp.sum(blocks_of_run)
+    fits = (total <= num_blocks) & jnp.all(jnp.where(is_real, length, 0) <= max_len)
+    dump = num_blocks * block
+    dest = jnp.where(is_real & fits, base * block + local, dump).astype(jnp.int32)
+    blocked_segments = jnp.full((dump + 1,), -1, jnp.int32).at[dest].set(segments)[:dump]
+    first = jnp.zeros((num_blocks + 1,), jnp.int32).at[jnp.minimum(dest // block, num_blocks)]
+    first_block = first.set(base)[:num_blocks]
+    keys_per_block = -(-max_len // block)
+    return SegmentBlocks(dest, blocked_segments, first_block, fits, block, keys_per_block)
+
+
+def blocked_attention(query, key, value, blocks: SegmentBlocks) -> jax.Array:
+    """Attention within segments through the blocked layout of `segment_blocks` (which must
+    fit): each block of queries against the key blocks of its own segment only, a few blocks
+    per step of a `lax.map` (memory O(DENSE_QUERY_CHUNK * max_len) per step).
+    query/key/value [P, H, Dh] -> [P, H, Dh]; padding rows give zeros."""
+    num, heads, head_dim = query.shape
+    block, width = blocks.block, blocks.keys_per_block
+    num_blocks = blocks.first_block.shape[0]
+
+    def to_blocks(array, extra_blocks):
+        rows = (num_blocks + extra_blocks) * block
+        index = jnp.where(blocks.dest == num_blocks * block, rows, blocks.dest)  # dump row last
+        out = jnp.zeros((rows + 1, heads, head_dim), array.dtype).at[index].set(array)
+        return out[:rows].reshape(num_blocks + extra_blocks, block, heads, head_dim)
+
+    query_blocks = to_blocks(query, 0)
+    key_blocks, value_blocks = to_blocks(key, width), to_blocks(value, width)
+    key_segments = jnp.concatenate([blocks.segments, jnp.full((width * block,), -2, jnp.int32)])
+    key_segments = key_segments.reshape(num_blocks + width, block)
+    query_segments = blocks.segments.reshape(num_blocks, block)
+
+    def one_block(args):
+        block_query, block_segments, first = args
+        picks = first + jnp.arange(width)
+        block_key = key_blocks[picks].reshape(width * block, heads, head_dim)
+        block_value = value_blocks[picks].reshape(width * block, heads, head_dim)
+        allowed = block_segments[:, None] == key_segments[picks].reshape(-1)[None, :]
+        return layers.dot_product_attention(
+            block_query[None], block_key[None], block_value[None], allowed[None, None]
+        )[0]
+
+    steps = max(1, DENSE_QUERY_CHUNK // block)
+    out = jax.lax.map(
+        one_block, (query_blocks, query_segments, blocks.first_block), batch_size=steps
+    )
+    flat = out.reshape(num_blocks * block, heads, head_dim)
+    flat = jnp.concatenate([flat, jnp.zeros((1, heads, head_dim), flat.dtype)])  # the dump row
+    return flat[blocks.dest]
+
+
+def within_segments(query, key, value, segments, blocks: SegmentBlocks | None, fallback):
+    """Blocked attention when `blocks` exists and fits these inputs, else `fallback()` (the
+    quadratic or banded path, always correct): one branch of the `lax.cond` runs."""
+    if blocks is None:
+        return fallback()
+    return jax.lax.cond(blocks.fits, lambda: blocked_attention(query, key, value, blocks), fallback)
+
+
 class Segments(NamedTuple):
     """Which patches attend to which in one block (rows in the tower's working order)."""
 
     frames: jax.Array  # [P] frame ids (full attention)
     windows: jax.Array | None  # [P] window ids (Qwen2.5-VL), None without windows
     full: jax.Array | None  # bool scalar: this block uses full attention
+    frame_blocks: SegmentBlocks | None = None  # per-frame blocked layout, None = no bound known
+    window_blocks: SegmentBlocks | None = None  # per-window blocked layout
 
 
 class VisionAttention(nnx.Module):
@@ -316,14 +411,22 @@ class VisionAttention(nnx.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         query = layers.apply_rotary(query, cos, sin)
         key = layers.apply_rotary(key, cos, sin)
-        if segments.windows is None:
-            out = dense_attention(query, key, value, segments.frames, DENSE_QUERY_CHUNK)
-        else:  # one branch runs: window blocks never pay for dense attention
-            out = jax.lax.cond(
-                segments.full,
+
+        def full():
+            return within_segments(
+                query, key, value, segments.frames, segments.frame_blocks,
                 lambda: dense_attention(query, key, value, segments.frames, DENSE_QUERY_CHUNK),
+            )  # fmt: skip
+
+        def windowed():
+            return within_segments(
+                query, key, value, segments.windows, segments.window_blocks,
                 lambda: local_attention(query, key, value, segments.windows, self.window_span),
-            )
+            )  # fmt: skip
+
+        # One branch of the cond runs: window blocks never pay for full attention.
+        windows = segments.windows is not None
+        out = jax.lax.cond(segments.full, full, windowed) if windows else full()
         return self.proj(out.reshape(num_patches, -1))
 
 
@@ -415,10 +518,15 @@ class VisionTower(nnx.Module):
     def out_features(self) -> int:
         return self.config.out_dim
 
-    def __call__(self, pixel_values, image_grid_thw) -> jax.Array:
+    def __call__(self, pixel_values, image_grid_thw, max_image_patches: int | None = None):
         """pixel_values [P, C*T*ps*ps] (HF's flattened patches, maybe zero-padded rows),
         image_grid_thw [N, 3] (maybe all-zero rows) -> [P // merge**2, out_features] in `dtype`:
         the merged features of every real image in HF's order, then zero rows for padding.
+
+        `max_image_patches`: a static bound on one frame's patches (h * w), e.g. the per-example
+        patch budget. With it, or with a concrete grid, attention runs per frame / per window
+        through a blocked layout (cost linear in the number of images); an input that breaks
+        the bound falls back, inside the same program, to the packed path (always correct).
         Raises ValueError on shapes that cannot be patches of this tower."""
         config = self.config
         pixel_values = jnp.asarray(pixel_values)
@@ -446,12 +554,23 @@ class VisionTower(nnx.Module):
         x, cos, sin, frame_segments, window_segments = per_patch
         full_blocks = jnp.asarray(config.fullatt_block_indexes, jnp.int32).reshape(-1)
 
+        bounds = _block_bounds(config, image_grid_thw, num_patches, max_image_patches)
+        frame_blocks = window_blocks = None
+        if bounds is not None:
+            is_real = layout.is_real  # padding rows stay last in the working order
+            frame_blocks = segment_blocks(frame_segments, is_real, *bounds.frames)
+            if config.window_units is not None:
+                window_blocks = segment_blocks(window_segments, is_real, *bounds.windows)
+
         def apply_block(block, carry):
             x, index = carry  # the layer index rides in the carry: one scan for all blocks
             if config.window_units is None:
-                segments = Segments(frame_segments, None, None)
+                segments = Segments(frame_segments, None, None, frame_blocks)
             else:
-                segments = Segments(frame_segments, window_segments, jnp.any(index == full_blocks))
+                full = jnp.any(index == full_blocks)
+                segments = Segments(
+                    frame_segments, window_segments, full, frame_blocks, window_blocks
+                )
             return block(x, cos, sin, segments), index + 1
 
         x, _ = layers.scan_layers(self.blocks, (x, jnp.int32(0)), apply_block, self.remat)
@@ -460,6 +579,50 @@ class VisionTower(nnx.Module):
             merged = jnp.zeros_like(merged).at[layout.window_order].set(merged)
         real_units = layout.is_real[::unit]
         return jnp.where(real_units[:, None], merged, jnp.zeros((), merged.dtype))
+
+
+FRAME_BLOCK = 128  # rows per block of the per-frame layout (a frame wastes < one block)
+
+
+class BlockBounds(NamedTuple):
+    frames: tuple[int, int, int]  # (max_len, block, num_blocks) for `segment_blocks`
+    windows: tuple[int, int, int] | None
+
+
+def _block_bounds(
+    config: VisionConfig, image_grid_thw, num_patches: int, max_image_patches: int | None
+) -> BlockBounds | None:
+    """Static sizes of the blocked layouts: exact from a concrete grid; from
+    `max_image_patches` (frames <= grid rows, square-ish images) when the grid is traced; None
+    when neither is known (the packed path then runs)."""
+    span = None if config.window_units is None else (config.window_units * config.merge_size) ** 2
+    try:
+        grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    except jax.errors.TracerArrayConversionError:
+        grid = None
+    if grid is not None:
+        t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
+        areas = h * w
+        max_len = max(int(areas.max(initial=0)), 1)
+        block = min(FRAME_BLOCK, max_len)
+        frame_blocks = int((t * -(-areas // block)).sum())
+        windows = None
+        if span is not None:
+            side = config.window_units * config.merge_size
+            count = int((t * -(-h // side) * -(-w // side)).sum())
+            windows = (span, span, max(count, 1))
+        return BlockBounds((max_len, block, max(frame_blocks, 1)), windows)
+    if max_image_patches is None:
+        return None
+    max_len = max(int(max_image_patches), 1)
+    block = min(FRAME_BLOCK, max_len)
+    num_images = int(np.shape(image_grid_thw)[0])
+    frames = (max_len, block, -(-num_patches // block) + num_images)
+    windows = None
+    if span is not None:  # edge windows of a frame: about two sides' worth, plus a corner
+        extra = num_images * (2 * int(np.ceil(np.sqrt(max_len / span))) + 1)
+        windows = (span, span, -(-num_patches // span) + extra)
+    return BlockBounds(frames, windows)
 
 
 def _check_grid(image_grid_thw, num_patches: int, merge_size: int) -> None:

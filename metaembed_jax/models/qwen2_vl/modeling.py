@@ -1,13 +1,13 @@
 """Qwen2-VL and Qwen2.5-VL backbones (Flax NNX): vision tower + Qwen2 decoder with M-RoPE.
 
-The two families share the language model (Qwen2 decoder: GQA with q/k/v bias, RMSNorm, SwiGLU,
-multimodal rotary embedding) and differ in the vision tower (`qwen2_vl_vision.VisionTower`).
-`Qwen2VLBackbone` implements the Backbone interface of CONTRACTS.md (`embed_inputs`,
-`position_ids`, `decode`, `__call__`, `hidden_size`); its output equals transformers'
+The two share the language model (Qwen2 decoder: GQA with q/k/v bias, RMSNorm, SwiGLU,
+multimodal rotary embedding) and differ in the vision tower (`vision.VisionTower`).
+`Qwen2VLBackbone` implements the family's Backbone interface (`models/family.py`: `hidden_size`,
+`__call__`, `encode_with_suffix`); its output equals transformers'
 `model.model(...).last_hidden_state` on every non-padding position.
 
-Parameter paths (used by the loader rules below): `embed_tokens`, `layers.*` (stacked on a
-leading `layers` axis and scanned), `norm`, `visual.*`.
+Parameter paths (used by the loader rules in `params.py`): `embed_tokens`, `layers.*` (stacked on
+a leading `layers` axis and scanned), `norm`, `visual.*`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
-from metaembed_jax.models.hf_loading import Rule, register_backbone
-from metaembed_jax.models.qwen2_vl_rope import (
+from metaembed_jax.models.qwen2_vl.rope import (
     image_token_layout,
     locate_in_runs,
     mrope_cos_sin,
     rope_index,
 )
-from metaembed_jax.models.qwen2_vl_vision import MODEL_TYPES, VisionTower, vision_rules
+from metaembed_jax.models.qwen2_vl.vision import MODEL_TYPES, VisionTower
 
 DEFAULT_ROPE_THETA = 1_000_000.0
 DEFAULT_MROPE_SECTION = (16, 24, 24)
@@ -113,7 +112,8 @@ def text_config(config: Mapping[str, Any]) -> TextConfig:
     )
 
 
-def _model_type(config: Mapping[str, Any]) -> str:
+def model_type_of(config: Mapping[str, Any]) -> str:
+    """The config's `model_type`, checked to be a Qwen-VL one."""
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not a Qwen-VL type; expected {MODEL_TYPES}")
@@ -161,14 +161,15 @@ class Attention(nnx.Module):
         )
         self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), use_bias=False, **common)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segments):
+        """x [B, L, H]; segments [B, L]: 0 for real tokens, -1 for padding (causal within)."""
         batch, length, _ = x.shape
         query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         query = layers.apply_rotary(query, cos, sin)
         key = layers.apply_rotary(key, cos, sin)
-        out = layers.dot_product_attention(query, key, value, mask)
+        out = layers.dot_product_attention(query, key, value, is_causal=True, segment_ids=segments)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -197,14 +198,32 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = MLP(cfg, **kwargs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segments):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ---------------------------------------------------------------------------------------------
 # Backbone
 # ---------------------------------------------------------------------------------------------
+
+
+def append_text_positions(position_ids: jax.Array, count: int) -> jax.Array:
+    """Positions for `count` text tokens appended after the content.
+
+    `position_ids` is `[B, L]` or, for M-RoPE, `[3, B, L]`. Text after content continues from
+    the largest position used so far (over every M-RoPE axis), as transformers' `get_rope_index`
+    does for text following an image. Returns the positions of the appended tokens only,
+    `[B, count]` or `[3, B, count]`.
+    """
+    per_row_max = position_ids.max(axis=-1)  # [B] or [3, B]
+    if position_ids.ndim == 3:
+        per_row_max = per_row_max.max(axis=0, keepdims=True)  # [1, B]
+    offsets = jnp.arange(1, count + 1, dtype=position_ids.dtype)
+    appended = per_row_max[..., None] + offsets
+    if position_ids.ndim == 3:
+        appended = jnp.broadcast_to(appended, (position_ids.shape[0], *appended.shape[1:]))
+    return appended
 
 
 def pack_example_images(
@@ -258,7 +277,7 @@ class Qwen2VLBackbone(nnx.Module):
         rngs: nnx.Rngs,
     ):
         layers.check_remat(remat)  # early: scan_layers checks only at call time
-        model_type = _model_type(config)
+        model_type = model_type_of(config)
         cfg = text_config(config)
         vision_config = dict(config.get("vision_config") or {})
         self.config = cfg
@@ -335,7 +354,7 @@ class Qwen2VLBackbone(nnx.Module):
         """Token embeddings `[B, L, H]` (compute dtype), with the vision tower's merged features
         written, in order, into the `<|image_pad|>` positions.
 
-        Images in either layout of CONTRACTS.md: packed (`pixel_values [P, D]`,
+        Images in either layout (see `processing.py`): packed (`pixel_values [P, D]`,
         `image_grid_thw [N, 3]`, HF's) or per example (`[B, P_ex, D]`, `[B, N_ex, 3]`), which is
         packed here by `pack_example_images`."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -345,11 +364,14 @@ class Qwen2VLBackbone(nnx.Module):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         pixel_values = jnp.asarray(pixel_values)
         grid = jnp.asarray(image_grid_thw, jnp.int32)
+        bound = None  # packed: the tower bounds frames itself when the grid is concrete
         if grid.ndim == 3:
+            # An example's patch budget bounds each of its frames: the tower attends per image.
+            bound = pixel_values.shape[1]
             pixel_values, grid = pack_example_images(
                 pixel_values, grid, multiple=self.spatial_merge_size**2
             )
-        features = self.visual(pixel_values, grid).astype(self.dtype)
+        features = self.visual(pixel_values, grid, max_image_patches=bound).astype(self.dtype)
         if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
             return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
@@ -385,15 +407,23 @@ class Qwen2VLBackbone(nnx.Module):
                 f"or ({batch}, {length})"
             )
         real = jnp.asarray(attention_mask).astype(bool)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None, None] & real[:, None, None, :]  # [B, 1, L, S]
+        # Causal over real tokens as segment ids (padding = -1), the form fused kernels take: a
+        # real query sees the real keys before it, a padding query sees nothing (zero row).
+        segments = jnp.where(real, 0, -1).astype(jnp.int32)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
         def apply_layer(layer, carry):
-            return layer(carry, cos, sin, mask)
+            return layer(carry, cos, sin, segments)
 
         hidden = layers.scan_layers(self.layers, hidden, apply_layer, remat=self.remat)
         return self.norm(hidden)
+
+    def _content(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """(content embeddings `[B, L, H]`, int32 mask `[B, L]`, M-RoPE positions `[3, B, L]`)."""
+        input_ids, attention_mask = _text_inputs(input_ids, attention_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        return embeds, attention_mask, positions
 
     def __call__(
         self,
@@ -409,45 +439,55 @@ class Qwen2VLBackbone(nnx.Module):
         as is, and ignored: the image positions are derived from `input_ids`.
         """
         del mm_token_type_ids
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-        positions = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        embeds, attention_mask, positions = self._content(
+            input_ids, attention_mask, pixel_values, image_grid_thw
+        )
         return self.decode(embeds, attention_mask, positions)
 
+    def encode_with_suffix(
+        self,
+        suffix,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+    ) -> jax.Array:
+        """Last-layer states `[B, M, H]` of `M` embeddings `suffix` (`[B, M, H]`, or `[1, M, H]`
+        for every row) appended after the left-padded content.
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint rules
-# ---------------------------------------------------------------------------------------------
-
-_LAYER = r"model\.layers\.(?P<layer>\d+)\."
-
-LANGUAGE_RULES = (
-    Rule(r"model\.embed_tokens\.weight", "embed_tokens"),
-    Rule(r"model\.norm\.weight", "norm.scale"),
-    Rule(
-        _LAYER + r"self_attn\.(?P<p>q|k|v)_proj\.weight",
-        "layers.self_attn.{p}_proj.kernel",
-        "linear",
-    ),
-    Rule(_LAYER + r"self_attn\.(?P<p>q|k|v)_proj\.bias", "layers.self_attn.{p}_proj.bias"),
-    Rule(_LAYER + r"self_attn\.o_proj\.weight", "layers.self_attn.o_proj.kernel", "linear"),
-    Rule(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.weight", "layers.mlp.{p}_proj.kernel", "linear"),
-    Rule(_LAYER + r"(?P<n>input|post_attention)_layernorm\.weight", "layers.{n}_layernorm.scale"),
-    # MetaEmbed reads hidden states, never logits: the LM head is deliberately not loaded.
-    Rule(r"lm_head\.weight", None),
-)
-
-# transformers' in-memory layout (`model.language_model.*`, `model.visual.*`) -> the published one.
-KEY_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
-
-
-def qwen2_vl_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """Language-model rules + the vision tower's, for a raw config dict."""
-    vision = vision_rules(dict(config.get("vision_config") or {}), _model_type(config))
-    return [*LANGUAGE_RULES, *vision]
+        As the reference appends its meta tokens: the appended rows are attended (mask 1), their
+        positions continue as text after the content on all three M-RoPE axes
+        (`append_text_positions`), and attention stays causal.
+        """
+        del mm_token_type_ids
+        content, attention_mask, positions = self._content(
+            input_ids, attention_mask, pixel_values, image_grid_thw
+        )
+        batch, count = content.shape[0], suffix.shape[1]
+        suffix = jnp.broadcast_to(
+            jnp.asarray(suffix).astype(content.dtype), (batch, count, content.shape[-1])
+        )
+        inputs_embeds = jnp.concatenate([content, suffix], axis=1)
+        mask = jnp.concatenate([attention_mask, jnp.ones((batch, count), jnp.int32)], axis=1)
+        positions = jnp.concatenate([positions, append_text_positions(positions, count)], -1)
+        return self.decode(inputs_embeds, mask, positions)[:, -count:]
 
 
-for _model_type_name in MODEL_TYPES:
-    register_backbone(_model_type_name, Qwen2VLBackbone, qwen2_vl_rules, key_aliases=KEY_ALIASES)
+def _text_inputs(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """`input_ids` / `attention_mask` as int32 `[B, L]` (mask default: all ones).
+
+    Raises ValueError when they are not both `[batch, length]`.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = (
+        jnp.ones_like(input_ids)
+        if attention_mask is None
+        else jnp.asarray(attention_mask, jnp.int32)
+    )
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must "
+            "both be [batch, length]"
+        )
+    return input_ids, attention_mask

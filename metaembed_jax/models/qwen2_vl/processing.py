@@ -1,18 +1,18 @@
-"""From (texts, images) to Qwen2-VL model inputs ("features", CONTRACTS.md), as HF's processor does.
+"""From (texts, images) to Qwen2-VL model inputs ("features"), as HF's processor does.
 
 Images go through transformers' `Qwen2VLImageProcessorPil` (resize to multiples of
 `patch_size * merge_size` within [min_pixels, max_pixels], normalise, flatten patches).
 `Qwen2_5_VLProcessor` needs torchvision, so the `<|image_pad|>` expansion is done here:
 each image's single placeholder becomes `prod(image_grid_thw[i]) / merge_size**2` tokens.
 
-Prompts (DESIGN.md, reference MetaEmbed templates; prefix "Query: " for queries, "" for
+Prompts (the reference MetaEmbed templates; prefix "Query: " for queries, "" for
 candidates; one vision block per image, images before the text):
   text:        <|im_start|>user\\n{prefix}{text}<|im_end|><|endoftext|>
   image:       <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{prefix}Describe the
                image.<|im_end|><|endoftext|>
   interleaved: as image, with {prefix}{text} in place of "Describe the image."
 
-Image layouts (CONTRACTS.md), `image_layout=`:
+Image layouts, `image_layout=`:
   "packed" (HF's, the default): `pixel_values [P, D]` = every image of the batch, in order;
       `image_grid_thw [N, 3]`.
   "per_example": `pixel_values [B, P_ex, D]` = each example's own patches then zero rows;
@@ -28,23 +28,25 @@ the default; image and template tokens are never cut) or raises (`truncation="er
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from metaembed_jax.data.tokenizer import (
+from metaembed_jax.data.sources import decode_image, is_empty_image
+from metaembed_jax.data.tokenizer import load_tokenizer
+from metaembed_jax.models.qwen2_vl.tokens import (
     IM_END,
     IM_START,
     IMAGE_PAD,
     PAD_TOKEN,
+    SPECIAL_TOKENS,
     VISION_END,
     VISION_START,
-    load_tokenizer,
 )
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -56,53 +58,14 @@ IMAGE_LAYOUTS = ("packed", "per_example")
 _IMAGE_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 
 
-class BadRecordError(ValueError):
-    """A data row that cannot be turned into model inputs (names the row and the field)."""
-
-
-def _where(row) -> str:
-    return "" if row is None else f"row {row!r}: "
-
-
-def decode_image(data, *, row=None, field: str | None = None) -> Image.Image:
-    """Returns a PIL image from PNG/JPEG bytes, a file path, a numpy HWC array or a PIL image.
-
-    Raises:
-      FileNotFoundError: a path that does not exist (names the row and the file).
-      BadRecordError: bytes that do not decode as an image, or an unsupported type.
-    """
-    where = _where(row) + (f"field {field!r}: " if field else "")
-    if isinstance(data, Image.Image):
-        return data
-    if isinstance(data, np.ndarray):
-        return Image.fromarray(data)
-    if isinstance(data, (str, os.PathLike)):
-        if not os.path.exists(data):
-            raise FileNotFoundError(f"{where}image file {os.fspath(data)!r} does not exist")
-        with open(data, "rb") as f:
-            data = f.read()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BadRecordError(f"{where}expected image bytes, path or PIL image, got {type(data)}")
-    try:
-        image = Image.open(io.BytesIO(bytes(data)))
-        image.load()  # decode now so a corrupt file fails here, with the row named
-    except Exception as error:  # PIL raises several types for corrupt data
-        raise BadRecordError(
-            f"{where}image bytes ({len(data)} bytes) cannot be decoded: {error}"
-        ) from error
-    return image
-
-
 def _as_image_list(entry, row) -> list[Image.Image]:
-    if _is_empty_image(entry):
+    if is_empty_image(entry):
         return []
     if isinstance(entry, (list, tuple)):
-        return [decode_image(item, row=row) for item in entry if not _is_empty_image(item)]
-    return [decode_image(entry, row=row)]
-
-
-def _is_empty_image(item) -> bool:
-    return item is None or (isinstance(item, (bytes, bytearray)) and len(item) == 0)
+        return [
+            decode_image(item, f"row {row!r}: image") for item in entry if not is_empty_image(item)
+        ]
+    return [decode_image(entry, f"row {row!r}: image")]
 
 
 def _smallest_fitting(buckets: Sequence[int] | None, size: int) -> int | None:
@@ -209,7 +172,7 @@ class QwenVLProcessor:
         max_pixels = config_max if max_pixels is None else max_pixels
         image_processor = Qwen2VLImageProcessorPil(**image_kwargs)
         return cls(
-            load_tokenizer(path),
+            load_tokenizer(path, SPECIAL_TOKENS),
             image_processor,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
@@ -274,7 +237,7 @@ class QwenVLProcessor:
         Raises:
           ValueError: unknown side, length mismatch, an example with empty text and no image,
             too many images/patches for the buckets, a too-long row with truncation="error".
-          BadRecordError / FileNotFoundError: an image that cannot be decoded / found.
+          BadRowError / FileNotFoundError: an image that cannot be decoded / found.
         """
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
@@ -462,88 +425,6 @@ class QwenVLProcessor:
                 f"needs {expected} (prod(grid) / merge_size**2 per image)"
             )
 
-    # ----------------------------------------------------------------------------- records
-
-    def process_records(self, records: Sequence[dict], side_key: str) -> dict[str, np.ndarray]:
-        """Features for one side ("query" / "positive" / "negative") of training records.
-
-        Uses `{side_key}_text`, `{side_key}_image` (PNG bytes, b"" when absent) and names rows
-        by `query_id` in errors; "query" is encoded as a query, the others as candidates.
-        """
-        texts, images, ids = [], [], []
-        for i, record in enumerate(records):
-            text, image = _record_side(record, side_key, i)
-            texts.append(text)
-            images.append(image)
-            ids.append(record.get("query_id", i))
-        side = "query" if side_key == "query" else "candidate"
-        return self(texts, images, side=side, row_ids=ids)
-
-
-def check_features(features: dict, image_token_id: int, merge_size: int = 2) -> None:
-    """Validates features against the contract (shapes, dtypes, image tokens vs grid).
-
-    Raises:
-      ValueError: naming the first violated rule.
-    """
-    input_ids, mask = features.get("input_ids"), features.get("attention_mask")
-    if input_ids is None or mask is None:
-        raise ValueError("features need 'input_ids' and 'attention_mask'")
-    if input_ids.ndim != 2 or input_ids.shape != mask.shape:
-        raise ValueError(f"input_ids {input_ids.shape} / attention_mask {mask.shape}: need [B, L]")
-    grid, pixel_values = features.get("image_grid_thw"), features.get("pixel_values")
-    if grid is None:
-        grid = np.zeros((0, 3), np.int32)
-    # Packed [N, 3] checks the batch as one; per-example [B, N_ex, 3] checks each row.
-    per_example = grid.ndim == 3
-    if per_example and len(grid) != len(input_ids):
-        raise ValueError(f"image_grid_thw {grid.shape} must lead with the batch {len(input_ids)}")
-    grids = grid if per_example else grid[None]
-    tokens = ((input_ids == image_token_id) & (mask == 1)).reshape(len(grids), -1).sum(-1)
-    for b, (example_grid, found) in enumerate(zip(grids, tokens, strict=True)):
-        where = f"row {b}: " if per_example else ""
-        patches = int(np.sum(np.prod(example_grid, axis=-1)))
-        if found != patches // merge_size**2:
-            raise ValueError(
-                f"{where}{found} image tokens in input_ids, image_grid_thw needs "
-                f"{patches // merge_size**2}"
-            )
-        rows = None if pixel_values is None else pixel_values.shape[int(per_example)]
-        if rows is not None and rows < patches:
-            raise ValueError(f"{where}pixel_values has {rows} rows, image_grid_thw needs {patches}")
-
-
-RECORD_FIELDS = (
-    "query_text",
-    "query_image",
-    "positive_text",
-    "positive_image",
-    "negative_text",
-    "negative_image",
-    "task",
-    "query_id",
-    "positive_id",
-    "negative_id",
-)
-
-
-def _record_side(record: dict, side_key: str, index) -> tuple[str, list]:
-    row = record.get("query_id") or index  # rows are named by their query id
-    for field in (f"{side_key}_text", f"{side_key}_image"):
-        if field not in record:
-            raise BadRecordError(f"row {row!r}: missing column {field!r}")
-    text, image = record[f"{side_key}_text"], record[f"{side_key}_image"]
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")
-    text = text or ""
-    field = f"{side_key}_image"
-    if record.get(f"{side_key}_id"):
-        field += f" of {record[f'{side_key}_id']!r}"
-    images = [] if _is_empty_image(image) else [decode_image(image, row=row, field=field)]
-    if not text.strip() and not images:
-        raise BadRecordError(f"row {row!r}: {side_key} has empty text and no image")
-    return text, images
-
 
 def _single_token_id(tokenizer, token: str) -> int:
     encoded = tokenizer.encode(token, add_special_tokens=False)
@@ -581,3 +462,28 @@ def _read_image_config(path) -> dict:
     if max_pixels is not None:
         out["max_pixels"] = int(max_pixels)
     return out
+
+
+def image_layout(data_config) -> str:
+    """`config.data.image_layout` ("packed" for configs written before the field existed)."""
+    layout = data_config.get("image_layout", "packed")
+    if layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"config.data.image_layout={layout!r}: expected one of {IMAGE_LAYOUTS}")
+    return layout
+
+
+def make_processor(data_config, path: str | os.PathLike | None = None) -> QwenVLProcessor:
+    """The family's processor factory: a QwenVLProcessor for the tokenizer / checkpoint dir `path`
+    (default: the built-in tokenizer `<config.data.dir>/tokenizer`) with the image bounds, patch
+    geometry, length buckets and image layout of `data_config`."""
+    path = Path(data_config.dir) / "tokenizer" if path is None else path
+    return QwenVLProcessor.from_pretrained(
+        path,
+        min_pixels=data_config.min_pixels,
+        max_pixels=data_config.max_pixels,
+        length_buckets=tuple(data_config.length_buckets),
+        patch_size=data_config.patch_size,
+        temporal_patch_size=data_config.temporal_patch_size,
+        merge_size=data_config.merge_size,
+        image_layout=image_layout(data_config),
+    )

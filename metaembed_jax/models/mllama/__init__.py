@@ -1,0 +1,36 @@
+"""The Llama-3.2-Vision (Mllama) backbone family: tiled vision model, gated cross-attention
+decoder, weight rules, processor and tiny config. Importing this module registers it."""
+
+from __future__ import annotations
+
+from metaembed_jax.models import family
+from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
+from metaembed_jax.models.mllama.processing import (
+    FEATURE_KEYS,
+    SPECIAL_TOKENS,
+    make_processor,
+    static_shapes,
+    tiny_config,
+)
+from metaembed_jax.models.mllama.rules import KEY_ALIASES, mllama_rules
+
+# logical names of the vision model's weights (the decoder uses the shared ones)
+AXIS_RULES = (("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_patch", None))
+
+FAMILY = family.register_family(
+    family.BackboneFamily(
+        name="mllama",
+        model_types=MODEL_TYPES,
+        build=MllamaBackbone,
+        rules=mllama_rules,
+        feature_keys=FEATURE_KEYS,
+        make_processor=make_processor,
+        static_shapes=static_shapes,
+        tiny_config=tiny_config,
+        special_tokens=SPECIAL_TOKENS,
+        key_aliases=KEY_ALIASES,
+        axis_rules=AXIS_RULES,
+    )
+)
+
+__all__ = ["FAMILY", "MllamaBackbone"]

@@ -1,0 +1,146 @@
+"""layers.dot_product_attention: every implementation equals a numpy transcription of masked
+softmax attention for causal, padded, prefix-LM, sliding-window and segment masks, with GQA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metaembed_jax.models import layers
+
+BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 2, 24, 4, 2, 8
+IMPLS = layers.ATTENTION_IMPLS
+
+
+def numpy_attention(query, key, value, allowed):
+    """Softmax attention in float64 with a boolean `[B, L, S]` mask; rows with no key are 0."""
+    query, key, value = (np.asarray(a, np.float64) for a in (query, key, value))
+    groups = query.shape[2] // key.shape[2]
+    key, value = np.repeat(key, groups, axis=2), np.repeat(value, groups, axis=2)
+    scores = np.einsum("blhd,bshd->bhls", query, key) / np.sqrt(query.shape[-1])
+    mask = allowed[:, None]
+    scores = np.where(mask, scores, -np.inf)
+    peak = np.max(np.where(mask, scores, -1e300), axis=-1, keepdims=True)
+    weights = np.where(mask, np.exp(scores - peak), 0.0)
+    total = weights.sum(-1, keepdims=True)
+    probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    return np.einsum("bhls,bshd->blhd", probs, value)
+
+
+def qkv(seed=0, length=LENGTH):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    query = jax.random.normal(keys[0], (BATCH, length, HEADS, HEAD_DIM), jnp.float32)
+    key = jax.random.normal(keys[1], (BATCH, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    value = jax.random.normal(keys[2], (BATCH, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    return query, key, value
+
+
+LENGTHS = np.array([LENGTH, 15])
+PREFIX = np.array([5, 11])
+SEGMENTS = np.array([[0] * 10 + [1] * 9 + [-1] * 5, [3] * 4 + [7] * 12 + [2] * 8])
+L, S = np.arange(LENGTH)[:, None], np.arange(LENGTH)[None, :]
+CAUSAL = np.broadcast_to(S <= L, (BATCH, LENGTH, LENGTH))
+
+# name -> (keywords of dot_product_attention, the allowed [B, L, S] mask they mean)
+CASES = {
+    "causal": (dict(is_causal=True), CAUSAL),
+    "padded": (
+        dict(is_causal=True, seq_lengths=LENGTHS),
+        CAUSAL & (S[None] < LENGTHS[:, None, None]) & (L[None] < LENGTHS[:, None, None]),
+    ),
+    "prefix_lm": (
+        dict(is_causal=True, prefix_lengths=PREFIX, seq_lengths=LENGTHS),
+        (CAUSAL | (S[None] < PREFIX[:, None, None]))
+        & (S[None] < LENGTHS[:, None, None])
+        & (L[None] < LENGTHS[:, None, None]),
+    ),
+    "sliding_window": (dict(is_causal=True, window=4), CAUSAL & (L - S < 4)[None]),
+    "segments": (
+        dict(segment_ids=SEGMENTS),
+        (SEGMENTS[:, :, None] == SEGMENTS[:, None, :]) & (SEGMENTS[:, None, :] >= 0),
+    ),
+    "causal_segments": (
+        dict(is_causal=True, segment_ids=SEGMENTS),
+        CAUSAL & (SEGMENTS[:, :, None] == SEGMENTS[:, None, :]) & (SEGMENTS[:, None, :] >= 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_path_equals_numpy(impl, case):
+    keywords, allowed = CASES[case]
+    query, key, value = qkv()
+    out = layers.dot_product_attention(query, key, value, implementation=impl, **keywords)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    np.testing.assert_allclose(
+        np.asarray(out), numpy_attention(query, key, value, allowed), atol=2e-5, rtol=2e-5
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_mask_left_padding(impl):
+    """The dense mask (left padding, as the Qwen decoder builds it) on every path; a fully
+    padded row gives zeros, not NaN."""
+    real = np.ones((BATCH, LENGTH), bool)
+    real[1, :9] = False
+    allowed = CAUSAL & real[:, None, :]
+    query, key, value = qkv(1)
+    out = layers.dot_product_attention(
+        query, key, value, jnp.asarray(allowed)[:, None], implementation=impl
+    )
+    expected = numpy_attention(query, key, value, allowed)
+    assert np.all(np.asarray(out)[1, :9] == 0)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gradients_equal_reference(impl):
+    """Training differentiates through the chosen path: its gradients equal the reference's."""
+    query, key, value = qkv(2)
+    keywords = dict(is_causal=True, segment_ids=SEGMENTS, seq_lengths=LENGTHS)
+    weights = jax.random.normal(jax.random.key(9), query.shape)
+
+    def loss(q, k, v, name):
+        out = layers.dot_product_attention(q, k, v, implementation=name, **keywords)
+        return jnp.sum(out * weights)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(query, key, value, impl)
+    expected = jax.grad(loss, argnums=(0, 1, 2))(query, key, value, "reference")
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_pallas_several_blocks():
+    """A sequence longer than one 128-row kernel block (padded up to 256) with segments."""
+    length = 160
+    query, key, value = qkv(3, length)
+    segments = np.repeat(np.arange(5), 32)[None].repeat(BATCH, 0)
+    allowed = segments[:, :, None] == segments[:, None, :]
+    out = layers.dot_product_attention(
+        query, key, value, segment_ids=segments, is_causal=True, implementation="pallas"
+    )
+    causal = np.arange(length)[None, :] <= np.arange(length)[:, None]
+    expected = numpy_attention(query, key, value, allowed & causal[None])
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_process_wide_choice_and_errors():
+    query, key, value = qkv()
+    try:
+        layers.set_attention_impl("xla")
+        assert layers.attention_impl() == "xla"
+        out = layers.dot_product_attention(query, key, value, is_causal=True)
+    finally:
+        layers.set_attention_impl("reference")
+    np.testing.assert_allclose(
+        np.asarray(out), numpy_attention(query, key, value, CAUSAL), atol=2e-5, rtol=2e-5
+    )
+    with pytest.raises(ValueError, match="expected one of"):
+        layers.set_attention_impl("flash")
+    with pytest.raises(ValueError, match="not divisible"):
+        layers.dot_product_attention(query, key[:, :, :1].repeat(3, 2), value, is_causal=True)
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        layers.dot_product_attention(query, key, value, prefix_lengths=PREFIX)
