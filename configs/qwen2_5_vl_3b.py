@@ -1,6 +1,7 @@
 """MetaEmbed on Qwen2.5-VL-3B with the reference recipe (see qwen2_5_vl_7b.py).
 
-`config.init_from`: local copy of Qwen/Qwen2.5-VL-3B-Instruct. Variants `:nommr`, `:single`.
+`config.init_from`: local copy of Qwen/Qwen2.5-VL-3B-Instruct. Variants `:nommr`, `:single`
+(`:gradcache` equals the default: the recipe accumulates with gradient caching on).
 """
 
 from metaembed_jax.training.recipes import reference_recipe
@@ -13,6 +14,10 @@ def get_config(variant: str | None = None):
     config.mesh.fsdp = 2
     # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side,
     # `python -m benchmarks.recipe_cost --recipe 3b --grad_accum 8`) only with micro-batches of
-    # 48: in-batch negatives then come from each micro-batch, not the global 384.
+    # 48; without gradient caching in-batch negatives would come from each micro-batch, not
+    # the global 384.
     config.train.grad_accum_steps = 8
+    # Gradient caching: the 8 micro-batches form one contrastive batch, so every query is
+    # still contrasted with all 384 positives of the step, as in the paper.
+    config.train.grad_cache = True
     return config

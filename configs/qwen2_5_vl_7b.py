@@ -8,8 +8,10 @@ through the HF cache), e.g.
     hf download Qwen/Qwen2.5-VL-7B-Instruct \
         --local-dir checkpoints/Qwen2.5-VL-7B-Instruct
 
-Variants: `configs/qwen2_5_vl_7b.py:nommr` (loss on the full budget only) and `:single`
-(one vector per item, last-token readout).
+Variants: `configs/qwen2_5_vl_7b.py:nommr` (loss on the full budget only), `:single`
+(one vector per item, last-token readout) and `:gradcache` (the same recipe on fewer devices:
+every device FSDP, the 384-example contrastive batch in 32 gradient-cached micro-batches of 12).
+Every variant accumulates with gradient caching on.
 """
 
 from metaembed_jax.training.recipes import reference_recipe
@@ -22,6 +24,15 @@ def get_config(variant: str | None = None):
     config.mesh.fsdp = 4
     # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side,
     # `python -m benchmarks.recipe_cost --recipe 7b --grad_accum 16`) only with micro-batches of
-    # 24: in-batch negatives then come from each micro-batch, not the global 384.
+    # 24. Gradient caching keeps the paper's objective: every query is still contrasted with all
+    # 384 positives of the step (without it, only with its micro-batch's 24).
     config.train.grad_accum_steps = 16
+    config.train.grad_cache = True
+    if variant == "gradcache":
+        # Fewer devices (e.g. 4 GPUs): parameters and optimizer state split over all of them
+        # (4-way, as in the default mesh), micro-batches of 384 / 32 = 12, i.e. 3 examples per
+        # device at a time as in the default recipe on 8.
+        config.mesh.data = 1
+        config.mesh.fsdp = -1
+        config.train.grad_accum_steps = 32
     return config

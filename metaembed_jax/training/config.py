@@ -83,8 +83,13 @@ def base_config() -> ConfigDict:
     # Global batch (queries per optimizer step, over all devices and micro-batches).
     config.train.batch_size = 384
     # Micro-batches per step (gradient accumulation); batch_size must divide by it. In-batch
-    # negatives then come from the micro-batch of batch_size / grad_accum_steps examples.
+    # negatives then come from the micro-batch of batch_size / grad_accum_steps examples,
+    # unless grad_cache is on.
     config.train.grad_accum_steps = 1
+    # Gradient caching: the grad_accum_steps micro-batches form ONE contrastive batch (every
+    # query against every positive of the global batch, as with grad_accum_steps = 1) at the
+    # activation memory of one micro-batch, for one extra forward pass per micro-batch.
+    config.train.grad_cache = False
     # Write metrics every this many steps.
     config.train.log_every = 10
     # Show a tqdm progress bar (process 0 only).

@@ -209,7 +209,12 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     metrics.truncate_to_step(workdir / "metrics.jsonl", start)
     groups = loss_groups(config)
     train_step = TrainStep(
-        state, groups=groups, temperature=config.loss.temperature, schedule=schedule, mesh=mesh
+        state,
+        groups=groups,
+        temperature=config.loss.temperature,
+        schedule=schedule,
+        mesh=mesh,
+        grad_cache=bool(config.train.get("grad_cache", False)),
     )
     writer = metrics.MetricsWriter(
         workdir,

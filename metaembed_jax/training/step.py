@@ -3,7 +3,8 @@
 Compiled once per batch structure with explicit in/out shardings and the state donated. A batch
 is `{"query": features, "positive": features, "negative"?: features}`; a tuple of such batches is
 gradient accumulation (gradients averaged over the micro-batches, each micro-batch its own
-contrastive batch: in-batch negatives come from the micro-batch).
+contrastive batch: in-batch negatives come from the micro-batch), or, with `grad_cache=True`,
+one contrastive batch over all the micro-batches computed in pieces (`grad_cache.py`).
 """
 
 from __future__ import annotations
@@ -30,26 +31,44 @@ def _features(features: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in features.items() if v is not None}
 
 
-def compute_loss(
-    model: nnx.Module, batch: dict[str, Any], groups, temperature: float, mesh: Mesh | None
-):
-    """MMR loss of one (micro-)batch: queries vs the global positives and own hard negatives."""
-    queries = model.embed(side="query", **_features(batch["query"]))  # [B, R_q, D]
-    positives = model.embed(side="candidate", **_features(batch["positive"]))  # [B, R_c, D]
+def embed_batch(model: nnx.Module, batch: dict[str, Any]):
+    """(queries `[B, R_q, D]`, positives `[B, R_c, D]`, negatives `[B, 1, R_c, D]` or None)."""
+    queries = model.embed(side="query", **_features(batch["query"]))
+    positives = model.embed(side="candidate", **_features(batch["positive"]))
     negatives = None
     if batch.get("negative") is not None:
         negatives = model.embed(side="candidate", **_features(batch["negative"]))[:, None]
+    return queries, positives, negatives
+
+
+def embeddings_loss(embeddings, groups, temperature: float, mesh: Mesh | None):
+    """MMR loss of `embed_batch`'s output: queries vs the global positives and own negatives."""
+    queries, positives, negatives = embeddings
     return mmr_loss(
         queries, positives, negatives, groups=groups, temperature=temperature, mesh=mesh
     )
 
 
+def compute_loss(
+    model: nnx.Module, batch: dict[str, Any], groups, temperature: float, mesh: Mesh | None
+):
+    """MMR loss of one (micro-)batch: queries vs the global positives and own hard negatives."""
+    return embeddings_loss(embed_batch(model, batch), groups, temperature, mesh)
+
+
+def merged_model(state: TrainState, params, other) -> nnx.Module:
+    """The model of `state` with `params` and `other` (RNG streams) in place of its own.
+
+    Fresh Variable objects for the non-differentiated parts too: nnx transforms inside the model
+    (scan over layers) refuse Variables created at an outer trace level.
+    """
+    frozen, rest = jax.tree.map(lambda x: x, (state.frozen, other))
+    return nnx.merge(state.graphdef, params, frozen, rest)
+
+
 def _grads_one(state: TrainState, params, other, batch, groups, temperature, mesh):
     def loss_of(params):
-        # Fresh Variable objects for the non-differentiated parts too: nnx transforms inside the
-        # model (scan over layers) refuse Variables created at an outer trace level.
-        frozen, rest = jax.tree.map(lambda x: x, (state.frozen, other))
-        model = nnx.merge(state.graphdef, params, frozen, rest)
+        model = merged_model(state, params, other)
         loss, aux = compute_loss(model, batch, groups, temperature, mesh)
         # Dropout RNG streams advanced in the forward pass: carry them to the next step.
         new_other = nnx.state(model, nnx.Not(nnx.Param))
@@ -64,6 +83,11 @@ def _same_shapes(micro_batches) -> bool:
     shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), b) for b in micro_batches]
     same_structure = all(jax.tree.structure(b) == jax.tree.structure(first) for b in micro_batches)
     return same_structure and all(s == shapes[0] for s in shapes)
+
+
+def stack_micro_batches(micro_batches):
+    """Micro-batches of one shape (`_same_shapes`) stacked on a new leading axis, for a scan."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *micro_batches)
 
 
 def _unrolled_grads(state, micro_batches, groups, temperature, mesh):
@@ -87,7 +111,7 @@ def _scanned_grads(state, micro_batches, groups, temperature, mesh):
     """As `_unrolled_grads` for micro-batches of one shape, with a `lax.scan` over them: the
     program holds one micro-batch's forward and backward, so compile time does not grow with
     the number of micro-batches."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *micro_batches)
+    stacked = stack_micro_batches(micro_batches)
 
     def body(carry, micro):
         loss, group_losses, grads, other = carry
@@ -104,10 +128,26 @@ def _scanned_grads(state, micro_batches, groups, temperature, mesh):
 
 
 def train_step(
-    state: TrainState, batch, *, groups, temperature: float, schedule, mesh: Mesh | None = None
+    state: TrainState,
+    batch,
+    *,
+    groups,
+    temperature: float,
+    schedule,
+    mesh: Mesh | None = None,
+    grad_cache: bool = False,
 ):
-    """One optimizer step. `batch` is one batch or a tuple of micro-batches (accumulation)."""
+    """One optimizer step. `batch` is one batch or a tuple of micro-batches (accumulation);
+    `grad_cache`: the micro-batches form one contrastive batch (see `grad_cache.py`)."""
     micro_batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    if grad_cache:
+        # Imported here: grad_cache builds on this module's helpers.
+        from metaembed_jax.training.grad_cache import cached_gradients
+
+        loss, group_losses, grads, other = cached_gradients(
+            state, micro_batches, groups=groups, temperature=temperature, mesh=mesh
+        )
+        return _apply_gradients(state, loss, group_losses, grads, other, schedule)
     if len(micro_batches) > 1 and _same_shapes(micro_batches):
         loss, group_losses, grads, other = _scanned_grads(
             state, micro_batches, groups, temperature, mesh
@@ -120,6 +160,11 @@ def train_step(
     if count > 1:
         loss, group_losses = loss / count, group_losses / count
         grads = jax.tree.map(lambda g: g / count, grads)
+    return _apply_gradients(state, loss, group_losses, grads, other, schedule)
+
+
+def _apply_gradients(state: TrainState, loss, group_losses, grads, other, schedule):
+    """The optimizer update of `grads` and the step's metrics."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -151,8 +196,10 @@ class TrainStep:
         temperature: float,
         schedule,
         mesh: Mesh | None = None,
+        grad_cache: bool = False,
     ):
         self.mesh = mesh
+        self.grad_cache = bool(grad_cache)
         self.groups = tuple(tuple(g) for g in groups)
         self.temperature = float(temperature)
         self.schedule = schedule
@@ -165,6 +212,7 @@ class TrainStep:
             self.temperature,
             self.schedule,
             mesh,
+            self.grad_cache,
         )
 
     def _jitted(self, state, batch):
@@ -182,6 +230,7 @@ class TrainStep:
             temperature=self.temperature,
             schedule=self.schedule,
             mesh=self.mesh,
+            grad_cache=self.grad_cache,
         )
         if self.mesh is None:
             jitted = jax.jit(fn, donate_argnums=0)
