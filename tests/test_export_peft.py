@@ -132,3 +132,57 @@ def test_import_refuses_an_adapter_that_does_not_fit(exported, tmp_path):
         MetaEmbed.from_pretrained(base, adapter=broken, rngs=nnx.Rngs(0))
     assert "no adapter weights for model.layers.1.mlp.up_proj.weight" in str(error.value)
     assert "layers.5.mlp.up_proj: the model has no such LoRA layer" in str(error.value)
+
+
+def test_peft_loads_the_adapter_onto_transformers_and_gives_our_embeddings(exported):
+    """transformers' base + `PeftModel.from_pretrained(model, adapter)`, the meta rows given the
+    reference way (a `prompt_embed_tokens` table saved through modules_to_save, its rows as
+    extra embedding rows at the last R_q + R_c positions), gives our embeddings."""
+    peft = pytest.importorskip("peft")
+    base, run, out, _ = exported
+    trained, processor = load_trained(run)
+    count = trained.num_query_tokens + trained.num_candidate_tokens
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    hf.prompt_embed_tokens = torch.nn.Embedding(count, hf.config.text_config.hidden_size)
+    wrapped = peft.PeftModel.from_pretrained(hf, out).eval()
+    inner = wrapped.base_model.model
+    adapted = [name for name, m in inner.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
+    assert len(adapted) == 7 * hf.config.text_config.num_hidden_layers
+
+    features = processor(TEXTS, [None, None], side="query")
+    with torch.no_grad():
+        table = inner.prompt_embed_tokens(torch.arange(count))
+        # Both reached PEFT's modules (not left at their fresh initialisation):
+        np.testing.assert_array_equal(table.numpy(), np.asarray(trained.meta_tokens[...]))
+        q_proj = inner.model.language_model.layers[1].self_attn.q_proj
+        np.testing.assert_array_equal(
+            q_proj.lora_B["default"].weight.numpy(),
+            np.asarray(trained.backbone.layers.self_attn.q_proj.lora_b[...])[1].T,
+        )
+        vocab = inner.get_input_embeddings().weight.shape[0]
+        inner.resize_token_embeddings(vocab + count)
+        inner.get_input_embeddings().weight[vocab:] = table
+        batch = len(TEXTS)
+        ids = torch.cat(
+            [
+                torch.as_tensor(features["input_ids"]),
+                torch.arange(vocab, vocab + count).repeat(batch, 1),
+            ],
+            1,
+        )
+        mask = torch.cat(
+            [
+                torch.as_tensor(features["attention_mask"]),
+                torch.ones(batch, count, dtype=torch.long),
+            ],
+            1,
+        )
+        states = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -count:]
+    states = states.numpy() / np.linalg.norm(states.numpy(), axis=-1, keepdims=True)
+    r_q = trained.num_query_tokens
+    np.testing.assert_allclose(
+        np.asarray(trained.embed("query", **features)), states[:, :r_q], atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(trained.embed("candidate", **features)), states[:, r_q:], atol=1e-4
+    )
