@@ -113,8 +113,8 @@ class MetaEmbed(nnx.Module):
             backbone = load_hf(path, **backbone_kwargs)
             return cls(
                 backbone,
-                num_query_tokens or 16,
-                num_candidate_tokens or 64,
+                16 if num_query_tokens is None else num_query_tokens,
+                64 if num_candidate_tokens is None else num_candidate_tokens,
                 projection_dim,
                 readout,
                 rngs=rngs,
@@ -133,7 +133,8 @@ class MetaEmbed(nnx.Module):
             raise ValueError("with adapter=..., LoRA comes from the adapter: do not pass lora")
         config, reader = peft_adapter.read_adapter(adapter)
         rows = peft_adapter.meta_table(reader).shape[0]
-        r_q = r_q or peft_adapter.saved_query_tokens(adapter) or 16
+        if r_q is None:
+            r_q = peft_adapter.saved_query_tokens(adapter) or 16
         if r_c is not None and r_q + r_c != rows:
             raise peft_adapter.AdapterError(
                 f"R_q={r_q} + R_c={r_c} != the adapter's {rows} meta-table rows"
