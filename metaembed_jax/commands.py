@@ -4,7 +4,7 @@
         [--add] [--dpi 96]
     metaembed index search --index INDEX --run DIR --query "text" [--query-image img.png]
         [--queries-file FILE] --budget 16x64 --k 10 [--coarse 1x1 --shortlist 300] [--json]
-    metaembed export --run DIR --out OUT [--format hf] [--step N]
+    metaembed export --run DIR --out OUT [--format hf|peft] [--step N]
 
 Training and evaluation stay `python train.py` / `python eval.py` (absl + ml_collections
 configs); everything here reads the run's own saved config.
@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="training run directory (train.py --workdir)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     export.add_argument("--out", required=True, help="directory to write")
-    export.add_argument("--format", default="hf", choices=("hf",), help="hf: merged checkpoint")
+    export.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "peft"),
+        help="hf: merged transformers checkpoint; peft: PEFT LoRA adapter on the run's base",
+    )
     return parser
 
 

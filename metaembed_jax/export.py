@@ -1,5 +1,7 @@
 """Export a trained run for PyTorch / transformers users: `metaembed export --run DIR --out OUT`.
 
+(`--format peft`, a PEFT adapter directory, is `peft_adapter.py`.)
+
 `--format hf` writes OUT as a transformers checkpoint of the backbone with the LoRA adapters
 merged into their base weights (`config.json`, `model.safetensors` in the published key layout,
 the tokenizer), loadable by `from_pretrained`, plus what MetaEmbed adds to it:
@@ -39,7 +41,7 @@ from metaembed_jax.models.hf_loading import (
     _path_string,
 )
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "peft")
 METAEMBED_WEIGHTS = "metaembed.safetensors"
 METAEMBED_CONFIG = "metaembed_config.json"
 
@@ -161,6 +163,26 @@ def _has_layer_group(pattern: str) -> bool:
     return "(?P<layer>" in pattern
 
 
+def rule_inverse(family: BackboneFamily, hf_config: Mapping[str, Any]):
+    """[(regex over parameter paths, Rule)] of the family's rules that load a parameter."""
+    rules = [rule for rule in family.rules(hf_config) if rule.target is not None]
+    return [(_target_regex(rule), rule) for rule in rules]
+
+
+def published_pieces(name: str, value, inverse) -> tuple[Rule | None, list[tuple[str, Any]]]:
+    """(the Rule that loads parameter `name`, [(published checkpoint key, piece of `value`)]):
+    one piece per index of the leading axis for a stacked parameter (rule with a `layer`
+    group), else `value` whole; (None, []) when no rule of `inverse` maps `name`."""
+    rule, groups = _find_rule(name, inverse)
+    if rule is None:
+        return None, []
+    if _has_layer_group(rule.pattern):
+        return rule, [
+            (checkpoint_key(rule.pattern, {**groups, "layer": i}), v) for i, v in enumerate(value)
+        ]
+    return rule, [(checkpoint_key(rule.pattern, groups), value)]
+
+
 def hf_tensors(
     params: Mapping[str, np.ndarray],
     family: BackboneFamily,
@@ -174,21 +196,13 @@ def hf_tensors(
 
     Raises ExportError listing every parameter no rule maps and every shape that disagrees.
     """
-    rules = [rule for rule in family.rules(hf_config) if rule.target is not None]
-    inverse = [(_target_regex(rule), rule) for rule in rules]
+    inverse = rule_inverse(family, hf_config)
     tensors, problems = {}, []
     for name, value in params.items():
-        rule, groups = _find_rule(name, inverse)
+        rule, pieces = published_pieces(name, value, inverse)
         if rule is None:
             problems.append(f"parameter {name} {value.shape}: no rule maps it to a checkpoint key")
             continue
-        if _has_layer_group(rule.pattern):
-            pieces = [
-                (checkpoint_key(rule.pattern, {**groups, "layer": i}), v)
-                for i, v in enumerate(value)
-            ]
-        else:
-            pieces = [(checkpoint_key(rule.pattern, groups), value)]
         for key, piece in pieces:
             if key not in shapes:
                 problems.append(f"parameter {name} -> {key}: not a tensor of the checkpoint")
@@ -320,5 +334,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "h
     config = read_saved_config(run_dir)
     model, processor = load_trained(run_dir, step)
     hf_config = base_hf_config(config, len(processor.tokenizer))
+    if fmt == "peft":
+        from metaembed_jax.peft_adapter import export_peft
+        from metaembed_jax.training.model import lora_spec
+
+        lora = lora_spec(config)
+        return export_peft(model, processor, hf_config, Path(out), lora, config.init_from or None)
     base = resolve_checkpoint(config.init_from) if config.init_from else None
     return export_hf(model, processor, hf_config, Path(out), base)

@@ -90,20 +90,64 @@ class MetaEmbed(nnx.Module):
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        num_query_tokens: int = 16,
-        num_candidate_tokens: int = 64,
+        num_query_tokens: int | None = None,
+        num_candidate_tokens: int | None = None,
         *,
         rngs: nnx.Rngs,
         projection_dim: int | None = None,
         readout: str = "meta",
+        adapter: str | os.PathLike | None = None,
         **backbone_kwargs: Any,
     ) -> MetaEmbed:
         """A MetaEmbed on a Hugging Face checkpoint dir; `backbone_kwargs` go to `load_hf`
-        (dtype, param_dtype, lora, remat, mesh, rules). Meta tokens start fresh."""
-        backbone = load_hf(path, **backbone_kwargs)
-        return cls(
-            backbone, num_query_tokens, num_candidate_tokens, projection_dim, readout, rngs=rngs
+        (dtype, param_dtype, lora, remat, mesh, rules).
+
+        Without `adapter` the meta tokens start fresh (R_q, R_c default 16 / 64). With `adapter`,
+        a PEFT adapter directory (the reference PyTorch code's, or `metaembed export --format
+        peft`), the backbone gets the adapter's LoRA (r, alpha, dropout, adapted layers) and
+        weights, and the meta tokens its `prompt_embed_tokens` table: R_q is `num_query_tokens`,
+        else the adapter's `metaembed_config.json`, else 16; R_c the table's remaining rows.
+        Raises AdapterError (a ValueError) for an adapter that does not fit the checkpoint.
+        """
+        if adapter is None:
+            backbone = load_hf(path, **backbone_kwargs)
+            return cls(
+                backbone,
+                16 if num_query_tokens is None else num_query_tokens,
+                64 if num_candidate_tokens is None else num_candidate_tokens,
+                projection_dim,
+                readout,
+                rngs=rngs,
+            )
+        return cls._from_adapter(
+            path, adapter, num_query_tokens, num_candidate_tokens, rngs, **backbone_kwargs
         )
+
+    @classmethod
+    def _from_adapter(cls, path, adapter, r_q, r_c, rngs, **backbone_kwargs) -> MetaEmbed:
+        from metaembed_jax import peft_adapter
+        from metaembed_jax.hub import resolve_checkpoint
+        from metaembed_jax.models.hf_loading import read_config
+
+        if "lora" in backbone_kwargs:
+            raise ValueError("with adapter=..., LoRA comes from the adapter: do not pass lora")
+        config, reader = peft_adapter.read_adapter(adapter)
+        rows = peft_adapter.meta_table(reader).shape[0]
+        if r_q is None:
+            r_q = peft_adapter.saved_query_tokens(adapter) or 16
+        if r_c is not None and r_q + r_c != rows:
+            raise peft_adapter.AdapterError(
+                f"R_q={r_q} + R_c={r_c} != the adapter's {rows} meta-table rows"
+            )
+        if rows <= r_q:
+            raise peft_adapter.AdapterError(
+                f"the adapter's meta table has {rows} rows; need more than R_q={r_q}"
+            )
+        lora = peft_adapter.adapter_lora_spec(config, reader)
+        backbone = load_hf(path, lora=lora, **backbone_kwargs)
+        model = cls(backbone, r_q, rows - r_q, rngs=rngs)
+        peft_adapter.load_adapter(model, reader, read_config(resolve_checkpoint(path)))
+        return model
 
     @classmethod
     def from_config(
