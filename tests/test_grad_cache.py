@@ -360,10 +360,11 @@ def _run_module(*command, cwd):
 
 @pytest.mark.slow
 def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_path):
-    """train.py on configs/demo.py (a small build of its dataset), 8 steps: `:gradcache` (4
-    micro-batches of 8) logs the losses of the plain run (one batch of 32) within 1e-5.
+    """train.py on configs/demo.py (a small build of its dataset), 10 steps: `:gradcache` (4
+    micro-batches of 8) logs the losses of the plain run (one batch of 32) within 1e-5 for the
+    first 9 steps.
 
-    Why 8 and not 10: the two runs sum in different orders, and the demo's from-scratch
+    Why not step 10: the two runs sum in different orders, and the demo's from-scratch
     optimisation amplifies such rounding differences about tenfold every step or two (the open
     demo-robustness issue): measured, the losses agree to <= 9.5e-7 (group losses <= 5.7e-6) for
     steps 1-9 and part by 3.1e-5 (8.7e-5) at step 10."""
@@ -379,7 +380,7 @@ def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_
         *sizes,
         cwd=REPO,
     )
-    common = [f"--config.data.dir={data}", "--config.train.steps=8", "--config.train.log_every=1"]
+    common = [f"--config.data.dir={data}", "--config.train.steps=10", "--config.train.log_every=1"]
     common += ["--config.checkpoint.every=100", "--config.train.progress_bar=False", *sizes]
     logged = {}
     for name, config in (("plain", demo), ("cached", f"{demo}:gradcache")):
@@ -389,8 +390,10 @@ def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_
         )
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
         logged[name] = [json.loads(line) for line in lines]
-    assert [r["step"] for r in logged["cached"]] == list(range(1, 9))
+    assert [r["step"] for r in logged["cached"]] == list(range(1, 11))
     for key in ("loss", "group_losses"):
         np.testing.assert_allclose(
-            [r[key] for r in logged["cached"]], [r[key] for r in logged["plain"]], atol=1e-5
+            [r[key] for r in logged["cached"][:9]],
+            [r[key] for r in logged["plain"][:9]],
+            atol=1e-5,
         )
