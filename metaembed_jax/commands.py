@@ -5,9 +5,13 @@
     metaembed index search --index INDEX --run DIR --query "text" [--query-image img.png]
         [--queries-file FILE] --budget 16x64 --k 10 [--coarse 1x1 --shortlist 300] [--json]
     metaembed export --run DIR --out OUT [--format hf|peft] [--step N]
+    metaembed configs [NAME]                 the bundled recipes (or the file of one)
+    metaembed train --config demo --workdir DIR [--config.train.steps=100 ...]   = train.py
+    metaembed eval --workdir DIR [--config demo]                                 = eval.py
 
-Training and evaluation stay `python train.py` / `python eval.py` (absl + ml_collections
-configs); everything here reads the run's own saved config.
+`train` and `eval` are the absl programs of train.py / eval.py (metaembed_jax/apps.py), so an
+installed package trains and evaluates without a checkout; index / search / export read the
+run's own saved config.
 """
 
 from __future__ import annotations
@@ -77,7 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("hf", "peft"),
         help="hf: merged transformers checkpoint; peft: PEFT LoRA adapter on the run's base",
     )
+
+    configs = commands.add_parser("configs", help="list the bundled recipes, or print one's path")
+    configs.add_argument("name", nargs="?", default=None, help="a recipe name, e.g. demo")
+    for name, what in (("train", "train.py"), ("eval", "eval.py")):
+        program = commands.add_parser(name, help=f"the {what} program (absl flags, see --help)")
+        program.add_argument("flags", nargs=argparse.REMAINDER, help=f"{what}'s flags")
     return parser
+
+
+def _configs(args) -> None:
+    from metaembed_jax.config_files import config_dir, config_names, config_path
+
+    if args.name:
+        print(config_path(args.name))
+        return
+    print(f"bundled recipes in {config_dir()} (use as --config NAME[:variant]):")
+    for name in config_names():
+        print(f"  {name}")
 
 
 def _queries(args) -> list[dict]:
@@ -156,9 +177,19 @@ def _index_search(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metaembed` script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):
+        # absl parses these flags itself (argparse would reject `--config.train.steps=5`).
+        from metaembed_jax import apps
+
+        program = apps.run_train if argv[0] == "train" else apps.run_eval
+        program([f"metaembed {argv[0]}", *argv[1:]])
+        return 0
     args = build_parser().parse_args(argv)
     if args.command == "index":
         {"build": _index_build, "search": _index_search}[args.action](args)
+    elif args.command == "configs":
+        _configs(args)
     elif args.command == "export":
         from metaembed_jax.export import export_run
 

@@ -10,11 +10,38 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from metaembed_jax.config_files import config_names, resolve_config_argv
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_package_and_maps_configs():
+    """The package list is explicit (configs/ installs as metaembed_jax.configs): a new
+    subpackage missing from it would install without its files."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "metaembed_jax").rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == found | {"metaembed_jax.configs"}
+    assert setuptools["package-dir"] == {"metaembed_jax.configs": "configs"}
+
+
+def test_config_names_resolve_to_the_bundled_files():
+    assert {"demo", "qwen2_5_vl_7b", "paligemma_3b", "llama3_2_vision_11b"} <= set(config_names())
+    argv = ["train.py", "--config", "demo:nommr", "--config.train.steps=5", "--workdir=w"]
+    resolved = resolve_config_argv(argv)
+    assert resolved[2] == f"{REPO / 'configs' / 'demo.py'}:nommr"
+    assert resolved[3:] == argv[3:]
+    local = REPO / "configs" / "demo.py"
+    assert resolve_config_argv([f"--config={local}"]) == [f"--config={local}"]
+    with pytest.raises(FileNotFoundError, match="bundled: .*demo"):
+        resolve_config_argv(["--config=no_such_recipe"])
 
 
 @pytest.mark.slow
@@ -73,5 +100,24 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
         check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), where  # the installed copy, not the source tree
+    recipe = subprocess.run(
+        [venv / "bin" / "metaembed", "configs", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    assert Path(recipe).is_relative_to(venv) and Path(recipe).name == "demo.py", recipe
+    # The installed recipe loads (it imports the installed package) and the train program
+    # starts from it by name, failing only on the flag it is missing.
+    train = subprocess.run(
+        [venv / "bin" / "metaembed", "train", "--config", "demo:single"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert train.returncode != 0 and "workdir" in train.stderr, train.stderr[-2000:]
     licence = list(Path(site).glob("metaembed_jax-*.dist-info/licenses/LICENSE"))
     assert licence and "Apache License" in licence[0].read_text()

@@ -1,0 +1,1 @@
+"""The bundled training recipes (one `get_config(variant)` per file); see `metaembed configs`."""
