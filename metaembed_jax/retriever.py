@@ -74,7 +74,7 @@ class Retriever:
         step = find_step(run_dir, step)
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
         family = model_family(config)
-        processor = make_processor(config, family)
+        processor = make_processor(config, family, run_dir)
         model = restore_trained_model(
             config, run_dir, step, mesh=mesh, vocab_size=len(processor.tokenizer)
         )
@@ -217,7 +217,9 @@ def _open_partial(out: Path, retriever: Retriever, entries, chunk_size: int, dty
             )
     else:
         partial.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(inputs))
+        temporary = record.with_suffix(".tmp")  # whole or absent, as the chunks
+        temporary.write_text(json.dumps(inputs))
+        os.replace(temporary, record)
     return partial
 
 

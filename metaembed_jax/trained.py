@@ -139,7 +139,9 @@ def load_trained(
         config = config.copy_and_resolve_references()
     if dtype is not None:
         config.model.dtype = _dtype_name(dtype)
-    processor = make_processor(config)  # the run's tokenizer and image preprocessing
+    processor = make_processor(
+        config, workdir=workdir
+    )  # the run's tokenizer and image preprocessing
     model = restore_trained_model(
         config, workdir, step, mesh=mesh, vocab_size=len(processor.tokenizer)
     )

@@ -72,3 +72,14 @@ def run_two_processes(tmp_path):
             assert proc.returncode == 0, output[-3000:]
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_after_each_module():
+    """Drops jax's compiled programs and traces after each test file: a worker runs hundreds of
+    tests, and the XLA CPU compiler crashed (segfault) late in a run that kept them all."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()

@@ -1,7 +1,8 @@
 """Retriever / `metaembed index build|search` on a tiny trained run: the index of a folder of
 PNGs and a 2-page PDF (made here) and of a JSONL holds MetaEmbed.embed's embeddings of the same
 items; a build stopped mid-way and restarted encodes only what was missing and equals the
-uninterrupted build; search returns the ids of a numpy MaxSim ranking, also as --json."""
+uninterrupted build (also after a real SIGKILL of `metaembed index build`); search returns the
+ids of a numpy MaxSim ranking, also as --json."""
 
 import io
 import json
@@ -157,3 +158,48 @@ def test_search_returns_the_maxsim_ranking_and_json(retriever, corpus, tmp_path,
     parsed = [json.loads(line) for line in lines]
     assert [p["query"] for p in parsed] == queries
     assert [[r["id"] for r in p["results"]] for p in parsed] == want
+
+
+@pytest.mark.slow
+def test_a_build_killed_with_sigkill_resumes_to_the_uninterrupted_index(retriever, tmp_path):
+    """`metaembed index build` in a subprocess, SIGKILLed once two chunks are on disk (a chunk
+    may be half-written then); the build resumed here encodes only the chunks not on disk and
+    gives the uninterrupted build's index."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_packaging import REPO
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i:02d}.png").write_bytes(_png((6 * i, 250 - 6 * i, 100)))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "metaembed_jax.commands", "index", "build"]
+    command += ["--run", str(retriever.run_dir), "--corpus", str(folder), "--out", str(out)]
+    command += ["--chunk-size", "1", "--batch-size", "1", "--dtype", "float32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    build = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    second_chunk = out.with_name(out.name + ".partial") / "chunk-000001.npy"
+    deadline = time.monotonic() + 300
+    while not second_chunk.exists() and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    build.send_signal(signal.SIGKILL)
+    _, stderr = build.communicate()
+    assert build.returncode == -signal.SIGKILL, stderr[-2000:]  # killed, not finished
+    done = len(list(second_chunk.parent.glob("chunk-??????.npy")))
+    assert 2 <= done < 40 and not out.exists()
+
+    original = retriever.encoder
+    try:
+        retriever.encoder = StopAfter(original)
+        resumed = build_index(retriever, folder, out, chunk_size=1, dtype="float32", progress=False)
+        assert retriever.encoder.items == 40 - done  # nothing encoded twice
+    finally:
+        retriever.encoder = original
+    full = build_index(retriever, folder, tmp_path / "full", dtype="float32", progress=False)
+    assert resumed.ids == full.ids
+    np.testing.assert_allclose(resumed.embeddings(), full.embeddings(), atol=2e-5)

@@ -4,11 +4,13 @@ model that is not the run's refused with what differs."""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from transformers import AutoTokenizer
 
 from metaembed_jax import load_trained
 from metaembed_jax.evaluation import runner
@@ -60,6 +62,22 @@ def test_load_trained_restores_the_parameters_without_optimizer_state(tmp_path_f
     )
     # eval.py without --config evaluates under the run's own saved config.
     assert runner.run_config(None, run).to_dict() == read_saved_config(run).to_dict()
+
+
+def test_a_moved_run_directory_loads_without_the_data_directory(tmp_path_factory, tmp_path):
+    """A from-scratch run keeps a copy of the built-in tokenizer: the run directory alone loads
+    (here its config's data.dir names a folder that does not exist)."""
+    trained = trained_lora_run(tmp_path_factory)
+    run = copy_run(trained, tmp_path / "run")
+    saved = json.loads((run / "config.json").read_text())
+    original_tokenizer = Path(saved["data"]["dir"]) / "tokenizer"
+    saved["data"]["dir"] = str(tmp_path / "no_such_data_dir")
+    (run / "config.json").write_text(json.dumps(saved))
+    _, processor = load_trained(run)
+    reference = AutoTokenizer.from_pretrained(original_tokenizer, local_files_only=True)
+    assert processor.tokenizer.get_vocab() == reference.get_vocab()
+    features = processor(TEXTS, [None, None], side="query")
+    assert np.asarray(features["input_ids"]).shape[0] == len(TEXTS)
 
 
 def test_load_trained_refuses_a_base_that_is_not_the_runs(tmp_path_factory, tmp_path):

@@ -155,12 +155,18 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app, flags
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    from metaembed_jax.config_files import resolve_config_argv
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Recipe: a file (configs/*.py[:variant]) or a bundled name (demo)."
+    )
     _CONVERT_EVAL = flags.DEFINE_bool(
         "convert_eval", False, "Also convert the MMEB eval / BEIR sets the config lists."
     )
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, argv=resolve_config_argv(sys.argv))

@@ -178,13 +178,21 @@ def model_family(config) -> BackboneFamily:
     return family_for(config.model.hf_config.to_dict())
 
 
-def make_processor(config, family: BackboneFamily | None = None) -> Processor:
+RUN_TOKENIZER_DIR = "tokenizer"  # a from-scratch run's copy of the built-in tokenizer
+
+
+def make_processor(config, family: BackboneFamily | None = None, workdir=None) -> Processor:
     """The processor of a run: its family's, on the checkpoint's tokenizer (`config.init_from`)
-    or the built-in one (`<config.data.dir>/tokenizer`).
+    or, for a from-scratch run, the copy training saved in `<workdir>/tokenizer` (so a run
+    directory moved to another machine still loads), else the built-in one
+    (`<config.data.dir>/tokenizer`).
 
     Raises FileNotFoundError when that tokenizer directory does not exist."""
     family = model_family(config) if family is None else family
-    path = resolve_checkpoint(config.init_from) or os.path.join(config.data.dir, "tokenizer")
+    path = resolve_checkpoint(config.init_from)
+    if not path and workdir is not None and os.path.isdir(os.path.join(workdir, RUN_TOKENIZER_DIR)):
+        path = os.path.join(workdir, RUN_TOKENIZER_DIR)
+    path = path or os.path.join(config.data.dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"

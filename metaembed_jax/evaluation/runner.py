@@ -235,7 +235,9 @@ class LazyEncoder:
         config = self.config
         mesh = sharding.make_mesh(config.mesh)
         family = model_family(config)
-        processor = make_processor(config, family)  # the run's tokenizer, as training used it
+        processor = make_processor(
+            config, family, self.run_dir
+        )  # the run's tokenizer, as training used it
         model = restore_trained_model(
             config, self.run_dir, self.step, mesh=mesh, vocab_size=len(processor.tokenizer)
         )

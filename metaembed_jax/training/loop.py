@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from metaembed_jax import sharding
-from metaembed_jax.data.pipeline import make_processor, make_train_iterator, model_family
+from metaembed_jax.data.pipeline import (
+    RUN_TOKENIZER_DIR,
+    make_processor,
+    make_train_iterator,
+    model_family,
+)
 from metaembed_jax.training import checkpointing, metrics, run_identity
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.model import (
@@ -122,7 +128,9 @@ def start_distributed(config) -> bool:
 
 
 def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
-    """config.json (the full config) and model_config.json (the backbone actually built)."""
+    """config.json (the full config), and for a from-scratch run model_config.json (the backbone
+    actually built) and tokenizer/ (the built-in tokenizer, which lives in the data directory,
+    so that the run directory alone loads: make_processor(config, workdir=...) reads it)."""
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,9 @@ def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
     if not config.init_from:
         hf = hf_config_dict(config, vocab_size)
         (workdir / "model_config.json").write_text(json.dumps(hf, indent=2))
+        built_in = Path(config.data.dir) / "tokenizer"
+        if built_in.is_dir() and not (workdir / RUN_TOKENIZER_DIR).exists():
+            shutil.copytree(built_in, workdir / RUN_TOKENIZER_DIR)
 
 
 def _has_checkpoint(workdir: Path) -> bool:
