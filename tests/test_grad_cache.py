@@ -180,7 +180,8 @@ def reference_step(state, micros, groups, temperature):
 
 @pytest.mark.parametrize(
     "count, dtype, remat, rtol",
-    [(2, "float32", "none", 1e-5), (4, "float32", "none", 1e-5), (2, "bfloat16", "full", 2e-3)],
+    # k = 2 in float32 is covered by k = 4 (and by the other tests' k = 2 cases): not repeated.
+    [(4, "float32", "none", 1e-5), (2, "bfloat16", "full", 2e-3)],
 )
 def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, rtol):
     """LoRA with dropout 0.1: the cached step's loss and update equal the global-batch loss's

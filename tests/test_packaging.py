@@ -49,13 +49,14 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
     # Outside the source tree: no PYTHONPATH pointing at it.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     source = tmp_path / "source"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "runs", "data", "__pycache__", "*.egg-info", "build", ".ruff_cache"
-        ),
-    )
+    skipped = shutil.ignore_patterns("__pycache__", "*.egg-info", ".ruff_cache")
+    top_level = {".git", ".venv", "runs", "build"} | {p.name for p in REPO.glob("data_cache*")}
+
+    def ignore(directory, names):  # build outputs at the top only: metaembed_jax/data is code
+        top = {n for n in names if n in top_level} if Path(directory) == REPO else set()
+        return top | skipped(directory, names)
+
+    shutil.copytree(REPO, source, ignore=ignore)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -100,6 +101,9 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
         check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), where  # the installed copy, not the source tree
+    modules = "metaembed_jax.data.pipeline, metaembed_jax.training.loop, metaembed_jax.evaluation"
+    modules += ".runner, metaembed_jax.models.mllama, metaembed_jax.models.paligemma"
+    subprocess.run([python, "-c", f"import {modules}"], cwd=tmp_path, env=env, check=True)
     recipe = subprocess.run(
         [venv / "bin" / "metaembed", "configs", "demo"],
         capture_output=True,

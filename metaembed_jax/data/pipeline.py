@@ -348,6 +348,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     source=None,
+    same_shapes: bool = False,
 ) -> TrainIterator:
     """The training iterator for `data_config` (config.data).
 
@@ -360,6 +361,11 @@ def make_train_iterator(
       seed: shuffle seed, used when config.data.shuffle_seed is None.
       process_index, process_count: shard to read (default: this JAX process of all).
       source: a random-access record source overriding the configured dataset (tests).
+      same_shapes: pad every batch to the largest length and patch bucket (always with several
+        processes). The training loop asks for it under gradient accumulation: the micro-batches
+        of one step then share their shapes, so a step compiles once, not once per combination
+        of per-micro-batch buckets (a gradient-cached demo step recompiled on most steps, ~1 min
+        each).
 
     Raises:
       ValueError: batch size not divisible by processes / batch shards; FileNotFoundError: the
@@ -382,7 +388,7 @@ def make_train_iterator(
         shard_count=process_count,
         multiple=multiple,
         source_name=repr(source),
-        same_shapes=process_count > 1,
+        same_shapes=same_shapes or process_count > 1,
     )
     logging.info(
         "train pipeline: %s, shard %d/%d, %d examples/process/step",

@@ -194,6 +194,7 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
             mesh=mesh,
             global_batch_size=micro_batch,
             seed=config.seed,
+            same_shapes=accum > 1,  # one shape for every micro-batch of a step
         )
     resuming = _has_checkpoint(workdir)
     if resuming:  # before config.json is overwritten with the config given
