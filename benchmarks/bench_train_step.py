@@ -8,6 +8,7 @@ MFU = XLA's FLOP count of the compiled step / step time / a measured float32 mat
 
     python benchmarks/bench_train_step.py [--hidden 128 --layers 2 --batch 16 --length 64]
     python benchmarks/bench_train_step.py --size representative   # hidden 512, 4 layers
+    python benchmarks/bench_train_step.py --profile   # + forward / loss / backward on their own
 
 `--size` sets the defaults of --hidden / --layers / --batch / --length (explicit flags win):
 tiny (the default, hidden 128, 2 layers) or representative (hidden 512, 4 layers, batch 16 x 3
@@ -34,7 +35,12 @@ from metaembed_jax.models.qwen2_vl import tiny_config
 from metaembed_jax.training.config import base_config
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
-from metaembed_jax.training.step import TrainStep
+from metaembed_jax.training.step import (
+    TrainStep,
+    _grads_one,
+    compute_loss,
+    embed_batch,
+)
 
 
 def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
@@ -107,6 +113,52 @@ SIZES = {
 }
 
 
+def _best_of(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def profile_parts(state, jax_batch, torch_model, torch_batch, repeats: int) -> None:
+    """Where a step's time goes: each part jitted (JAX) or run eagerly (torch) on its own, same
+    model and batch; the differences between rows are the backward and the optimizer."""
+    model = state.model()
+    embed = jax.jit(lambda m, b: embed_batch(m, b))
+    loss = jax.jit(lambda m, b: compute_loss(m, b, MMR_GROUPS, 0.03, None)[0])
+    grads = jax.jit(lambda st, b: _grads_one(st, st.params, st.other, b, MMR_GROUPS, 0.03, None)[2])
+    jax_parts = {
+        "forward (3 sides)": lambda: jax.block_until_ready(embed(model, jax_batch)),
+        "forward + MMR loss": lambda: jax.block_until_ready(loss(model, jax_batch)),
+        "forward + loss + backward": lambda: jax.block_until_ready(grads(state, jax_batch)),
+    }
+
+    def torch_forward():
+        with torch.no_grad():
+            torch_model.embed("query", **torch_batch["query"])
+            torch_model.embed("candidate", **torch_batch["positive"])
+            torch_model.embed("candidate", **torch_batch["negative"])
+
+    def torch_loss(backward: bool):
+        q = torch_model.embed("query", **torch_batch["query"])
+        pos = torch_model.embed("candidate", **torch_batch["positive"])
+        neg = torch_model.embed("candidate", **torch_batch["negative"])
+        value = torch_mmr_loss(q, pos, neg, MMR_GROUPS, 0.03)
+        if backward:
+            torch_model.zero_grad()
+            value.backward()
+
+    torch_parts = {
+        "forward (3 sides)": torch_forward,
+        "forward + MMR loss": lambda: torch_loss(False),
+        "forward + loss + backward": lambda: torch_loss(True),
+    }
+    print("\n| part | PyTorch (s) | JAX (s) | JAX speed-up |")
+    print("|---|---|---|---|")
+    for name in jax_parts:
+        jax_s = _best_of(jax_parts[name], repeats)
+        torch_s = _best_of(torch_parts[name], repeats)
+        print(f"| {name} | {torch_s:.4f} | {jax_s:.4f} | {torch_s / jax_s:.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -115,6 +167,9 @@ def main():
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--profile", action="store_true", help="also time forward / loss / backward on their own"
+    )
     args = parser.parse_args()
     for name, value in SIZES[args.size].items():
         if getattr(args, name) is None:
@@ -190,6 +245,12 @@ def main():
         f"speed-up jax / torch: {torch_s / jax_s:.2f}x   (step FLOPs {flops:.3g}, "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s)"
     )
+    if args.profile:
+        torch_batch = {
+            k: {n: torch.from_numpy(np.asarray(a)).long() for n, a in v.items()}
+            for k, v in batches[0].items()
+        }
+        profile_parts(state, jax_batches[0], torch_model, torch_batch, max(2, args.steps))
 
 
 if __name__ == "__main__":
