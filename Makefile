@@ -40,10 +40,11 @@ ablation: $(VENV)/.runtime
 	$(BIN)/python -m metaembed_jax.evaluation.ablation --names MMR nommr single \
 	  --workdirs $(ABLATION_DIR)/mmr $(ABLATION_DIR)/nommr $(ABLATION_DIR)/single
 
-# Two workers (the machine's cores); work stealing balances the long tests across them.
+# Two workers (the machine's cores), each test file whole on one worker: its module fixtures are
+# built once (work stealing split files and rebuilt them, measured slower).
 TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 lint: $(VENV)/.test
 	$(BIN)/ruff format --check .
