@@ -435,6 +435,7 @@ def main(args) -> None:
     )
     if args.images_only:
         images_line(args)
+        print(f"\nat end: {machine_load.describe()}")
         return
     print(f"size {args.size}")
     rows = throughput(args)
@@ -451,6 +452,7 @@ def main(args) -> None:
         print("|---|---|")
         for layers in (4, 16):
             print(f"| {layers} | {compile_seconds(layers, batch):.2f} |")
+    print(f"\nat end: {machine_load.describe()}")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,7 @@ def main():
             for k, v in batches[0].items()
         }
         profile_parts(state, jax_batches[0], torch_model, torch_batch, max(2, args.steps))
+    print(f"at end: {machine_load.describe()}")
 
 
 if __name__ == "__main__":

@@ -205,14 +205,6 @@ def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, r
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
 
 
-def test_one_micro_batch_with_dropout_equals_the_one_shot_step():
-    """k = 1 with LoRA dropout: the cached step is the one-shot step, masks included."""
-    config = small_config(lora=True, dropout=0.1)
-    (batch,) = micro_batches(1, size=8)
-    want = one_step(config, batch, grad_cache=False)
-    assert_same_step(one_step(config, (batch,), grad_cache=True), want)
-
-
 def test_dropout_streams_advance_as_without_caching():
     """The RNG streams after a cached step are those of plain accumulation over the same
     micro-batches (so the next step draws fresh masks, and a resume replays them)."""

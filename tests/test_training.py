@@ -53,7 +53,9 @@ def one_device():
     return config, batch, run_steps(config, None, [batch])
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (4, 2, 1), (2, 2, 2)])
+# (data, fsdp, tensor): data + fsdp, and all three axes. Pure data parallelism (8, 1, 1) is the
+# data axis of the first and is left out for the suite's time.
+@pytest.mark.parametrize("shape", [(4, 2, 1), (2, 2, 2)])
 def test_step_on_a_mesh_equals_one_device(one_device, shape):
     """Same loss, group losses, gradient norm and updated parameters (<= 1e-5)."""
     config, batch, (want_history, want_params, _, _) = one_device
