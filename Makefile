@@ -40,9 +40,9 @@ ablation: $(VENV)/.runtime
 	$(BIN)/python -m metaembed_jax.evaluation.ablation --names MMR nommr single \
 	  --workdirs $(ABLATION_DIR)/mmr $(ABLATION_DIR)/nommr $(ABLATION_DIR)/single
 
-# Three workers on the 2 cores (compiling leaves a core idle at times), each test file whole on
-# one worker: its module fixtures are built once (work stealing split files and rebuilt them).
-TEST_WORKERS ?= 3
+# Two workers (the machine's cores; 3 measured slower, 29 min), each test file whole on one
+# worker: its module fixtures are built once (work stealing split files and rebuilt them).
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
