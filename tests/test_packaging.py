@@ -75,53 +75,30 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
-    shown = subprocess.run(
-        [venv / "bin" / "metaembed", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    def installed(program: str, *args, check: bool = False) -> subprocess.CompletedProcess:
+        """A program of the new venv, run outside the source tree without PYTHONPATH."""
+        command = [python] if program == "python" else [venv / "bin" / program]
+        return subprocess.run(
+            [*command, *args], capture_output=True, text=True, cwd=tmp_path, env=env, check=check
+        )
+
+    shown = installed("metaembed", "--help")
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "index" in shown.stdout and "usage: metaembed" in shown.stdout
-    build_help = subprocess.run(
-        [venv / "bin" / "metaembed", "index", "build", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    build_help = installed("metaembed", "index", "build", "--help")
     assert "--corpus" in build_help.stdout and "--dtype" in build_help.stdout
-    where = subprocess.run(
-        [python, "-c", "import metaembed_jax, pathlib; print(metaembed_jax.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        check=True,
-    ).stdout.strip()
-    assert Path(where).is_relative_to(venv), where  # the installed copy, not the source tree
+    where = installed(
+        "python", "-c", "import metaembed_jax; print(metaembed_jax.__file__)", check=True
+    )
+    assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # the installed copy
     modules = "metaembed_jax.data.pipeline, metaembed_jax.training.loop, metaembed_jax.evaluation"
     modules += ".runner, metaembed_jax.models.mllama, metaembed_jax.models.paligemma"
-    subprocess.run([python, "-c", f"import {modules}"], cwd=tmp_path, env=env, check=True)
-    recipe = subprocess.run(
-        [venv / "bin" / "metaembed", "configs", "demo"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        check=True,
-    ).stdout.strip()
+    installed("python", "-c", f"import {modules}", check=True)
+    recipe = installed("metaembed", "configs", "demo", check=True).stdout.strip()
     assert Path(recipe).is_relative_to(venv) and Path(recipe).name == "demo.py", recipe
     # The installed recipe loads (it imports the installed package) and the train program
     # starts from it by name, failing only on the flag it is missing.
-    train = subprocess.run(
-        [venv / "bin" / "metaembed", "train", "--config", "demo:single"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    train = installed("metaembed", "train", "--config", "demo:single")
     assert train.returncode != 0 and "workdir" in train.stderr, train.stderr[-2000:]
     licence = list(Path(site).glob("metaembed_jax-*.dist-info/licenses/LICENSE"))
     assert licence and "Apache License" in licence[0].read_text()
