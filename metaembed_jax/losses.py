@@ -68,21 +68,32 @@ def validate_groups(groups: Sequence[Sequence[float]], num_query: int, num_candi
             raise ValueError(f"loss group {tuple(group)}: {error}") from None
 
 
+def group_temperatures(temperature: float | Sequence[float], groups) -> tuple[float, ...]:
+    """One temperature per group: `temperature` for all, or its entries (one per group)."""
+    if isinstance(temperature, int | float):
+        return (float(temperature),) * len(groups)
+    temperatures = tuple(float(t) for t in temperature)
+    if len(temperatures) != len(groups):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(groups)} loss groups")
+    return temperatures
+
+
 def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):
     """Per-group sums (over the local queries) of InfoNCE cross-entropy: `[G]` float32.
 
     q `[b, R_q, D]` local queries, pos_all `[B, R_c, D]` all positives, neg `[b, n, R_c, D]` or
-    None (each query's own hard negatives), targets `[b]` index of each query's positive in pos_all.
+    None (each query's own hard negatives), targets `[b]` index of each query's positive in pos_all,
+    temperature one per group.
     """
     sums = []
-    for r_q, r_c, _ in groups:
+    for (r_q, r_c, _), tau in zip(groups, temperature, strict=True):
         q_g = q[:, :r_q]
         logits = maxsim(q_g, pos_all, budget=(r_q, r_c))  # [b, B]
         if neg is not None:
             budget = (r_q, r_c)
             own = jax.vmap(lambda query, negs, b=budget: maxsim(query[None], negs, budget=b)[0])
             logits = jnp.concatenate([logits, own(q_g, neg)], axis=1)  # [b, B + n]
-        logits = logits / temperature
+        logits = logits / tau
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         picked = jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
         sums.append(-jnp.sum(picked))
@@ -108,7 +119,7 @@ def mmr_loss(
     pos: jax.Array,
     neg: jax.Array | None = None,
     groups: Sequence[Sequence[float]] = MMR_GROUPS,
-    temperature: float = 0.03,
+    temperature: float | Sequence[float] = 0.03,
     *,
     mesh: Mesh | None = None,
     batch_axes: tuple[str, ...] = sharding.BATCH_AXES,
@@ -120,7 +131,7 @@ def mmr_loss(
       pos: positive candidate embeddings `[B, R_c, D]`; row b is query b's positive.
       neg: hard negatives `[B, n_neg, R_c, D]` (query b's own), or None.
       groups: `(r_q, r_c, weight)` budgets; each must fit in R_q x R_c.
-      temperature: softmax temperature tau.
+      temperature: softmax temperature tau, or one per group.
       mesh: if given, compute per data shard (positives all-gathered over `batch_axes`).
       batch_axes: mesh axes the batch dimension is sharded over (those of size 1 are fine).
     Returns:
@@ -132,6 +143,7 @@ def mmr_loss(
     _check_shapes(q, pos, neg)
     groups = as_groups(groups)
     validate_groups(groups, q.shape[1], pos.shape[1])
+    temperature = group_temperatures(temperature, groups)
     weights = jnp.asarray([w for _, _, w in groups], jnp.float32)
     batch = q.shape[0]
     if mesh is None:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from metaembed_jax.models import layers
 
@@ -144,3 +145,42 @@ def test_process_wide_choice_and_errors():
         layers.dot_product_attention(query, key[:, :, :1].repeat(3, 2), value, is_causal=True)
     with pytest.raises(ValueError, match="prefix_lengths"):
         layers.dot_product_attention(query, key, value, prefix_lengths=PREFIX)
+
+
+class _Affine(nnx.Module):
+    """One layer of a stack: x -> tanh(x @ w + b)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (4, 4)) * 0.5)
+        self.b = nnx.Param(jax.random.normal(rngs.params(), (4,)))
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w + self.b)
+
+
+@pytest.mark.parametrize("depth", [2, layers.UNROLL_MAX_LAYERS + 2])  # unrolled, scanned
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_layers_equals_a_python_loop(depth, remat):
+    """Short stacks run unrolled, deeper ones under a scan: both are the layer-by-layer loop,
+    values and gradients."""
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def stack(key):
+        return _Affine(nnx.Rngs(params=key))
+
+    stacked = stack(jax.random.split(jax.random.key(0), depth))
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+
+    def by_scan(module, x):
+        return jnp.sum(layers.scan_layers(module, x, lambda layer, h: layer(h), remat) ** 2)
+
+    def by_loop(module, x):
+        w, b = module.w.value, module.b.value
+        for i in range(depth):
+            x = jnp.tanh(x @ w[i] + b[i])
+        return jnp.sum(x**2)
+
+    got, want = nnx.value_and_grad(by_scan)(stacked, x), nnx.value_and_grad(by_loop)(stacked, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ what the cached step promises); two real processes against one. Tiny model: hidd
 1 vision block, R_q = 4, R_c = 8.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -154,27 +155,31 @@ def test_cached_step_differs_from_plain_accumulation(one_shot_8):
     assert abs(float(got_metrics["loss"]) - float(want[0]["loss"])) > 1e-3
 
 
-def reference_step(state, micros, groups, temperature):
-    """(loss, params after the update): the global-batch loss differentiated in one piece, with
-    micro-batch i embedded under the RNG streams after i micro-batches (the cached step's masks)."""
-
+@functools.partial(jax.jit, static_argnames=("groups", "temperature", "advance_streams"))
+def _reference_update(state, micros, groups, temperature, advance_streams):
     def loss_of(params):
         other, parts = state.other, []
         for micro in micros:
             frozen, rest = jax.tree.map(lambda x: x, (state.frozen, other))
             model = nnx.merge(state.graphdef, params, frozen, rest)
             parts.append(embed_batch(model, micro))
-            other = nnx.state(model, nnx.Not(nnx.Param))
+            if advance_streams:
+                other = nnx.state(model, nnx.Not(nnx.Param))
         queries, positives, negatives = (jnp.concatenate(p) for p in zip(*parts, strict=True))
         return mmr_loss(queries, positives, negatives, groups=groups, temperature=temperature)[0]
 
-    @jax.jit
-    def run(state, micros):
-        loss, grads = jax.value_and_grad(loss_of)(state.params)
-        updates, _ = state.tx.update(grads, state.opt_state, state.params)
-        return loss, optax.apply_updates(state.params, updates)
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    return loss, optax.apply_updates(state.params, updates)
 
-    loss, params = run(state, micros)
+
+def reference_step(state, micros, groups, temperature, advance_streams=True):
+    """(loss, params after the update): the global-batch loss differentiated in one piece, with
+    micro-batch i embedded under the RNG streams after i micro-batches (the cached step's masks;
+    `advance_streams=False`: every micro-batch under the first one's streams, other masks)."""
+    loss, params = _reference_update(
+        state, tuple(micros), tuple(groups), temperature, advance_streams
+    )
     return np.asarray(loss), jax.tree.map(np.asarray, params)
 
 
@@ -193,11 +198,10 @@ def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, r
     groups, temperature = loss_groups(config), config.loss.temperature
     state, _ = fresh_state(config)
     want_loss, want_params = reference_step(state, micros, groups, temperature)
-    # Same masks everywhere (no stream advanced between micro-batches) gives another loss: the
-    # dropout is active and the comparison sees the masks.
-    same_masks = reference_step(state, (micros[0],) * count, groups, temperature)[0]
-    if count == 2:
-        assert abs(float(same_masks) - float(want_loss)) > 1e-3
+    # The same streams for every micro-batch (other dropout masks, same data) give another loss:
+    # the dropout is active and the comparison below sees the masks.
+    same_masks = reference_step(state, micros, groups, temperature, advance_streams=False)[0]
+    assert abs(float(same_masks) - float(want_loss)) > 1e-3
     metrics, params = one_step(config, micros, grad_cache=True)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=rtol)
     leaves = zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True)

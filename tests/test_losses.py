@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax.losses import MMR_GROUPS, groups_for_variant, mmr_loss
+from metaembed_jax.training.config import base_config, loss_temperatures
 
 
 def numpy_mmr_loss(q, pos, neg, groups, tau):
@@ -58,6 +59,30 @@ def test_matches_numpy_transcription(with_negatives, groups):
     want, want_groups = numpy_mmr_loss(q, pos, neg, groups, 0.05)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(aux["group_losses"]), want_groups, rtol=1e-5)
+
+
+def test_per_group_temperatures_match_numpy_and_scale_with_r_q():
+    """A temperature per group = the transcription run group by group with its own tau; the
+    config switch scale_temperature_by_r_q gives tau * r_q (the mean instead of the sum of the
+    query vectors' maxima); a wrong count is refused."""
+    q, pos, neg = make_embeddings(1)
+    groups = ((1, 1, 1.0), (4, 8, 0.5), (16, 64, 2.0))
+    taus = (0.05, 0.2, 0.8)
+    loss, aux = mmr_loss(q, pos, neg, groups=groups, temperature=taus)
+    want = [numpy_mmr_loss(q, pos, neg, (g,), t)[1][0] for g, t in zip(groups, taus, strict=True)]
+    np.testing.assert_allclose(np.asarray(aux["group_losses"]), want, rtol=1e-5)
+    weighted = sum(g[2] * w for g, w in zip(groups, want, strict=True)) / len(groups)
+    np.testing.assert_allclose(float(loss), weighted, rtol=1e-5)
+
+    config = base_config()
+    config.loss.groups, config.loss.temperature = groups, 0.05
+    assert loss_temperatures(config) == (0.05, 0.05, 0.05)
+    config.loss.scale_temperature_by_r_q = True
+    np.testing.assert_allclose(loss_temperatures(config), (0.05, 0.2, 0.8))
+    config.loss.variant = "nommr"  # only the full-budget group: one temperature, 16 tau
+    np.testing.assert_allclose(loss_temperatures(config), (0.8,))
+    with pytest.raises(ValueError, match="2 temperatures for 3 loss groups"):
+        mmr_loss(q, pos, neg, groups=groups, temperature=(0.1, 0.2))
 
 
 def test_gradient_matches_finite_differences():

@@ -435,6 +435,10 @@ def stack_layers(
     return create(rngs)
 
 
+# Layer stacks up to this depth run unrolled (see scan_layers).
+UNROLL_MAX_LAYERS = 4
+
+
 def scan_layers(
     layers: nnx.Module,
     carry: Any,
@@ -443,14 +447,20 @@ def scan_layers(
 ) -> Any:
     """Run `carry = apply_layer(layer, carry)` over a stacked module with `nnx.scan`.
 
-    Compile time does not grow with depth. `remat` is a key of `REMAT_POLICIES`; anything other
-    than "none" recomputes the layer in the backward pass under that policy.
+    Compile time does not grow with depth. Stacks of at most `UNROLL_MAX_LAYERS` layers are
+    unrolled (the same program without a loop): the loop's per-layer slicing of the weights and
+    stacking of the backward's residuals cost more than the layers themselves at small sizes
+    (measured: a 2-layer width-128 train step 1.39 s scanned, 1.04 s unrolled, 2 CPU cores).
+    `remat` is a key of `REMAT_POLICIES`; anything other than "none" recomputes the layer in the
+    backward pass under that policy.
     """
     check_remat(remat)
+    depth = jax.tree.leaves(nnx.state(layers))[0].shape[0]
 
     def body(carry, layer):
         return apply_layer(layer, carry)
 
     if remat != "none":
         body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(carry, layers)
+    unroll = depth <= UNROLL_MAX_LAYERS
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll)(carry, layers)

@@ -62,6 +62,10 @@ def base_config() -> ConfigDict:
     config.loss.groups = MMR_GROUPS
     # InfoNCE temperature tau.
     config.loss.temperature = 0.03
+    # True: group (r_q, r_c) uses temperature * r_q, i.e. its logits are each query's MEAN rather
+    # than sum of its r_q MaxSim terms (same ranking). With summed scores (False, the paper's
+    # loss) the (16, 64) group's softmax is 16x sharper than the (1, 1) group's.
+    config.loss.scale_temperature_by_r_q = False
 
     config.optimizer = ConfigDict()
     # AdamW peak learning rate, reached after `warmup_steps` of linear warm-up.
@@ -146,6 +150,13 @@ def base_config() -> ConfigDict:
 def loss_groups(config) -> tuple:
     """The groups the configured loss variant trains."""
     return groups_for_variant(config.loss.variant, config.loss.groups)
+
+
+def loss_temperatures(config) -> tuple[float, ...]:
+    """The temperature of each of `loss_groups(config)` (see loss.scale_temperature_by_r_q)."""
+    tau = float(config.loss.temperature)
+    scale = bool(config.loss.get("scale_temperature_by_r_q", False))
+    return tuple(tau * (r_q if scale else 1) for r_q, _, _ in loss_groups(config))
 
 
 def validate_config(config, num_batch_shards: int | None = None) -> None:

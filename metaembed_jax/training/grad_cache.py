@@ -103,7 +103,7 @@ def cached_gradients(
     micro_batches: Sequence[dict],
     *,
     groups,
-    temperature: float,
+    temperature: float | Sequence[float],
     mesh: Mesh | None = None,
 ):
     """The global-batch MMR loss over all `micro_batches` and its parameter gradients.

@@ -29,7 +29,7 @@ from metaembed_jax.data.pipeline import (
     model_family,
 )
 from metaembed_jax.training import checkpointing, metrics, run_identity
-from metaembed_jax.training.config import loss_groups, validate_config
+from metaembed_jax.training.config import loss_groups, loss_temperatures, validate_config
 from metaembed_jax.training.model import (
     base_hf_config,
     base_source,
@@ -223,7 +223,7 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     train_step = TrainStep(
         state,
         groups=groups,
-        temperature=config.loss.temperature,
+        temperature=loss_temperatures(config),
         schedule=schedule,
         mesh=mesh,
         grad_cache=bool(config.train.get("grad_cache", False)),

@@ -41,7 +41,7 @@ def embed_batch(model: nnx.Module, batch: dict[str, Any]):
     return queries, positives, negatives
 
 
-def embeddings_loss(embeddings, groups, temperature: float, mesh: Mesh | None):
+def embeddings_loss(embeddings, groups, temperature: float | Sequence[float], mesh: Mesh | None):
     """MMR loss of `embed_batch`'s output: queries vs the global positives and own negatives."""
     queries, positives, negatives = embeddings
     return mmr_loss(
@@ -50,7 +50,11 @@ def embeddings_loss(embeddings, groups, temperature: float, mesh: Mesh | None):
 
 
 def compute_loss(
-    model: nnx.Module, batch: dict[str, Any], groups, temperature: float, mesh: Mesh | None
+    model: nnx.Module,
+    batch: dict[str, Any],
+    groups,
+    temperature: float | Sequence[float],
+    mesh: Mesh | None,
 ):
     """MMR loss of one (micro-)batch: queries vs the global positives and own hard negatives."""
     return embeddings_loss(embed_batch(model, batch), groups, temperature, mesh)
@@ -132,7 +136,7 @@ def train_step(
     batch,
     *,
     groups,
-    temperature: float,
+    temperature: float | Sequence[float],
     schedule,
     mesh: Mesh | None = None,
     grad_cache: bool = False,
@@ -193,7 +197,7 @@ class TrainStep:
         state: TrainState,
         *,
         groups: Sequence,
-        temperature: float,
+        temperature: float | Sequence[float],
         schedule,
         mesh: Mesh | None = None,
         grad_cache: bool = False,
@@ -201,7 +205,11 @@ class TrainStep:
         self.mesh = mesh
         self.grad_cache = bool(grad_cache)
         self.groups = tuple(tuple(g) for g in groups)
-        self.temperature = float(temperature)
+        self.temperature = (
+            float(temperature)
+            if isinstance(temperature, int | float)
+            else tuple(float(t) for t in temperature)
+        )
         self.schedule = schedule
         self.state_shardings = None if mesh is None else state_shardings(state, mesh)
         # The part of the compile-cache key fixed for this TrainStep (the state's structure does
