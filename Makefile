@@ -30,12 +30,18 @@ demo: $(VENV)/.runtime
 	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
 	$(BIN)/python eval.py --config configs/demo.py --workdir $(WORKDIR)
 
-# The paper's ablation at demo scale: MMR vs loss on the full budget only vs one vector.
+# The paper's ablation at demo scale: MMR vs loss on the full budget only vs one vector, each
+# trained with SEEDS seeds (config.seed = 0 .. SEEDS-1; the data stay the same), mean +- std.
+SEEDS ?= 3
 ablation: $(VENV)/.runtime
 	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
 	for variant in mmr nommr single; do \
-	  $(BIN)/python train.py --config configs/demo.py:$$variant --workdir $(ABLATION_DIR)/$$variant || exit 1; \
-	  $(BIN)/python eval.py --config configs/demo.py:$$variant --workdir $(ABLATION_DIR)/$$variant || exit 1; \
+	  for seed in $$(seq 0 $$(($(SEEDS) - 1))); do \
+	    run=$(ABLATION_DIR)/$$variant/seed$$seed; \
+	    $(BIN)/python train.py --config configs/demo.py:$$variant --workdir $$run \
+	      --config.seed=$$seed || exit 1; \
+	    $(BIN)/python eval.py --config configs/demo.py:$$variant --workdir $$run || exit 1; \
+	  done; \
 	done
 	$(BIN)/python -m metaembed_jax.evaluation.ablation --names MMR nommr single \
 	  --workdirs $(ABLATION_DIR)/mmr $(ABLATION_DIR)/nommr $(ABLATION_DIR)/single

@@ -242,32 +242,64 @@ def test_report_table_json_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ablation_table_and_claims(tmp_path, capsys):
-    def fake_results(scores_by_budget):
-        return {
-            "budgets": list(scores_by_budget),
-            "average_columns": ["builtin avg"],
-            "rows": [
-                {"budget": b, "scores": {"builtin avg": v}} for b, v in scores_by_budget.items()
-            ],
-        }
+def _fake_results(scores_by_budget):
+    return {
+        "budgets": list(scores_by_budget),
+        "average_columns": ["builtin avg"],
+        "rows": [{"budget": b, "scores": {"builtin avg": v}} for b, v in scores_by_budget.items()],
+    }
 
+
+def _write_results(run_dir, results):
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+
+
+def test_ablation_table_and_claims(tmp_path, capsys):
     variants = {
-        "MMR": fake_results({"(1, 1)": 0.5, "(2, 4)": 0.6, "(16, 64)": 0.8}),
-        "nommr": fake_results({"(1, 1)": 0.1, "(2, 4)": 0.3, "(16, 64)": 0.82}),
-        "single": fake_results({"(1, 1)": 0.7}),
+        "MMR": _fake_results({"(1, 1)": 0.5, "(2, 4)": 0.6, "(16, 64)": 0.8}),
+        "nommr": _fake_results({"(1, 1)": 0.1, "(2, 4)": 0.3, "(16, 64)": 0.82}),
+        "single": _fake_results({"(1, 1)": 0.7}),
     }
     for name, results in variants.items():
-        (tmp_path / name / "eval").mkdir(parents=True)
-        (tmp_path / name / "eval" / "results.json").write_text(json.dumps(results))
+        _write_results(tmp_path / name, results)
     ablation.main(["--workdirs", *(str(tmp_path / n) for n in variants)])
-    out = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()[1:]  # after the seed-count line
     assert out[0].split() == ["budget", "builtin", "avg", "[MMR]", "builtin", "avg", "[nommr]",
                               "builtin", "avg", "[single]"]  # fmt: skip
     assert out[2].split() == ["(1,", "1)", "50.0", "10.0", "70.0"]
     assert out[4].split() == ["(16,", "64)", "80.0", "82.0", "-"]
     claims = [line for line in out if line.startswith("builtin avg: [")]
-    assert [c.split("[")[1][:3] for c in claims] == ["yes", "yes", "yes"]
+    assert [c.split("[")[1][:3] for c in claims] == ["yes", "yes", "yes", "inf"]
+    assert "+30.0 points" in claims[0] and "+40.0 points" in claims[1]
+
+
+def test_ablation_over_seeds_mean_std_and_margins(tmp_path, capsys):
+    """Seed folders are averaged; std is the sample std; margins are in units of the larger std;
+    a claim that fails on the mean says no."""
+    per_seed = {
+        "MMR": [(0.30, 0.50), (0.34, 0.54), (0.32, 0.52)],  # (1,1) mean 32 std 2; (16,64) 52 std 2
+        "single": [(0.60, None), (0.50, None), (0.55, None)],  # mean 55 std 5
+    }
+    for name, seeds in per_seed.items():
+        for seed, (small, big) in enumerate(seeds):
+            scores = {"(1, 1)": small} if big is None else {"(1, 1)": small, "(16, 64)": big}
+            _write_results(tmp_path / name / f"seed{seed}", _fake_results(scores))
+    ablation.main(["--names", "MMR", "single", "--workdirs", str(tmp_path / "MMR"),
+                   str(tmp_path / "single")])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("seeds per variant: {'MMR': 3, 'single': 3}")
+    assert out[3].split() == ["(1,", "1)", "32.0", "+-", "2.0", "55.0", "+-", "5.0"]
+    assert out[4].split() == ["(16,", "64)", "52.0", "+-", "2.0", "-"]
+    claims = [line for line in out if line.startswith("builtin avg: [")]
+    assert claims[0].startswith("builtin avg: [yes]") and "+20.0 points = +10.0 std" in claims[0]
+    # MMR at (16, 64) 52 vs single 55: -3 points = -0.6 std of the single vector's seeds
+    assert claims[1].startswith("builtin avg: [no]") and "-3.0 points = -0.6 std" in claims[1]
+
+
+def test_ablation_missing_results_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `python eval.py"):
+        ablation.load_results(str(tmp_path / "nothing"))
 
 
 # ----------------------------------------------------------------------------- fixtures
