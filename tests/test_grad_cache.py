@@ -185,9 +185,10 @@ def reference_step(state, micros, groups, temperature, advance_streams=True):
 
 @pytest.mark.parametrize(
     "count, dtype, remat, rtol",
-    # One case (the suite's time budget): k = 4 in float32. k = 2 and bfloat16 + full remat
-    # (within 2e-3) passed when written and can be run by adding them back here.
-    [(4, "float32", "none", 1e-5)],
+    # One case (the suite's time budget): k = 2 in float32 (k = 4 is checked without dropout
+    # above). k = 4 and bfloat16 + full remat (within 2e-3) passed when written and can be run by
+    # adding them back here.
+    [(2, "float32", "none", 1e-5)],
 )
 def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, rtol):
     """LoRA with dropout 0.1: the cached step's loss and update equal the global-batch loss's
@@ -365,15 +366,14 @@ def _run_module(*command, cwd):
 @pytest.mark.slow
 def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_path):
     """train.py on configs/demo.py (a small build of its dataset), 10 steps: `:gradcache` (4
-    micro-batches of 8) logs the losses of the plain run (one batch of 32) within 1e-5 for the
-    first 9 steps.
+    micro-batches of 8) logs the losses of the plain run (one batch of 32) within 1e-5.
 
-    Why not step 10: the two runs sum in different orders, and the demo's from-scratch
-    optimisation amplifies such rounding differences about tenfold every step or two (the open
-    demo-robustness issue): measured, the losses agree to <= 9.5e-7 (group losses <= 5.7e-6) for
-    steps 1-9 and part by 3.1e-5 (8.7e-5) at step 10."""
+    At lr 1e-4 instead of the demo's 1e-3: the two runs sum in different orders, and at the demo's
+    rate the from-scratch optimisation amplifies such rounding differences about tenfold a step
+    (the open demo-robustness issue; measured at 1e-3: 2e-6 at step 6, 7e-5 at step 8, 9e-4 at
+    step 9), which would hide what this test checks, the cached gradients."""
     data = tmp_path / "data"
-    sizes = ["--config.data.synthetic.num_train=640", "--config.data.synthetic.num_val=12"]
+    sizes = ["--config.data.synthetic.num_train=320", "--config.data.synthetic.num_val=12"]
     sizes.append("--config.data.synthetic.num_test=12")
     demo = str(REPO / "configs" / "demo.py")
     _run_module(
@@ -386,6 +386,7 @@ def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_
     )
     common = [f"--config.data.dir={data}", "--config.train.steps=10", "--config.train.log_every=1"]
     common += ["--config.checkpoint.every=100", "--config.train.progress_bar=False", *sizes]
+    common.append("--config.optimizer.lr=1e-4")
     logged = {}
     for name, config in (("plain", demo), ("cached", f"{demo}:gradcache")):
         workdir = tmp_path / name
@@ -397,7 +398,7 @@ def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_
     assert [r["step"] for r in logged["cached"]] == list(range(1, 11))
     for key in ("loss", "group_losses"):
         np.testing.assert_allclose(
-            [r[key] for r in logged["cached"][:9]],
-            [r[key] for r in logged["plain"][:9]],
+            [r[key] for r in logged["cached"]],
+            [r[key] for r in logged["plain"]],
             atol=1e-5,
         )
