@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import sharding
-from metaembed_jax.losses import mmr_loss
+from metaembed_jax.losses import group_temperatures, mmr_loss
 from metaembed_jax.training.state import TrainState, state_shardings
 
 
@@ -205,11 +205,7 @@ class TrainStep:
         self.mesh = mesh
         self.grad_cache = bool(grad_cache)
         self.groups = tuple(tuple(g) for g in groups)
-        self.temperature = (
-            float(temperature)
-            if isinstance(temperature, int | float)
-            else tuple(float(t) for t in temperature)
-        )
+        self.temperature = group_temperatures(temperature, self.groups)
         self.schedule = schedule
         self.state_shardings = None if mesh is None else state_shardings(state, mesh)
         # The part of the compile-cache key fixed for this TrainStep (the state's structure does
