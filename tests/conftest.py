@@ -13,6 +13,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One persistent compilation cache for the whole run: the xdist workers, and the train.py / two-
+# process subprocesses (through the environment). Many tests compile the same tiny programs (the
+# module-end `jax.clear_caches()` below drops the in-memory ones; subprocess runs start cold):
+# reloading them cut test_faults + test_training from 295 s to 219 s. Removed by the controller at
+# the end (`pytest_sessionfinish`); the cache cannot change results (same HLO, same executable).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # False in xdist workers: inherited
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"metaembed-jax-cache-{os.getpid()}"
+    )
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # tensorflow-datasets leaves an empty `tmp*tfds` directory per builder in the temp dir; keeping
 # every temporary file of the session (and of its subprocesses, through TMPDIR) under one
 # directory removed at exit leaves nothing behind.
@@ -25,6 +38,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 import socket  # noqa: E402
@@ -83,3 +99,9 @@ def _release_compiled_programs_after_each_module():
 
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_sessionfinish(session):
+    """The controller (or a run without xdist) removes the shared compilation cache."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

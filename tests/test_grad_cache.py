@@ -185,10 +185,9 @@ def reference_step(state, micros, groups, temperature, advance_streams=True):
 
 @pytest.mark.parametrize(
     "count, dtype, remat, rtol",
-    # One case (the suite's time budget): k = 2 in float32 (k = 4 is checked without dropout
-    # above). k = 4 and bfloat16 + full remat (within 2e-3) passed when written and can be run by
-    # adding them back here.
-    [(2, "float32", "none", 1e-5)],
+    # bfloat16 + full remat (within 2e-3) passed when written and can be run by adding it here
+    # (left out for the suite's time budget).
+    [(2, "float32", "none", 1e-5), (4, "float32", "none", 1e-5)],
 )
 def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, rtol):
     """LoRA with dropout 0.1: the cached step's loss and update equal the global-batch loss's
@@ -203,12 +202,14 @@ def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, r
     # update: the dropout is active and the comparison below sees the masks. (Not another loss:
     # a fresh LoRA's B is zero, so the first step's loss does not depend on the masks, its
     # gradient for B does. Adam's first update is about lr * sign(g): masks flip signs, 2 lr.)
-    _, same_masks = reference_step(state, micros, groups, temperature, advance_streams=False)
-    flips = [
-        np.max(np.abs(a - b))
-        for a, b in zip(jax.tree.leaves(same_masks), jax.tree.leaves(want_params), strict=True)
-    ]
-    assert max(flips) > 1e-4
+    # Checked at k = 2 only: it costs a third compile of the model (~45 s at k = 4).
+    if count == 2:
+        _, same_masks = reference_step(state, micros, groups, temperature, advance_streams=False)
+        flips = [
+            np.max(np.abs(a - b))
+            for a, b in zip(jax.tree.leaves(same_masks), jax.tree.leaves(want_params), strict=True)
+        ]
+        assert max(flips) > 1e-4
     metrics, params = one_step(config, micros, grad_cache=True)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=rtol)
     leaves = zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True)
