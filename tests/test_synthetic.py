@@ -46,8 +46,9 @@ def document_difference(a: S.Document, b: S.Document) -> list[str]:
 
 
 CFG = S.SyntheticConfig(
-    seed=3, num_train=48, num_val=16, num_test=24, image_size=56, word_prob=0.3, progress=False
-)
+    seed=3, num_train=50, num_val=20, num_test=30, image_size=56, word_prob=0.3, progress=False,
+    tasks=S.TASKS,
+)  # fmt: skip
 SPLITS = ("train", "val", "test")
 
 
@@ -106,7 +107,7 @@ def test_rows_follow_record_schema(rows):
         assert len(split_rows) == CFG.size(split)
         for i, row in enumerate(split_rows):
             assert tuple(sorted(row)) == tuple(sorted(RECORD_FIELDS))
-            assert row["task"] == S.TASKS[i % len(S.TASKS)]
+            assert row["task"] == CFG.tasks[i % len(CFG.tasks)]
             for side in ("query", "positive", "negative"):
                 assert isinstance(row[f"{side}_text"], str)
                 assert isinstance(row[f"{side}_image"], bytes)
@@ -148,6 +149,57 @@ def test_hard_negatives_differ_in_exactly_one_attribute():
                 assert named.get(field, example.positive.entity) in example.query_text
             else:
                 assert len(scene_difference(example.positive, example.negative)) == 1
+
+
+def _partial_examples(cfg, split):
+    return [e for e in S.plan_examples(cfg, split) if e.task == "partial_match"]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        S.SyntheticConfig(
+            grid_size=2,
+            max_objects=3,  # (other tasks' scenes; unused here)
+            partial_objects=4,
+            partial_named=2,
+            word_prob=0.0,
+            num_train=400,
+            num_val=40,
+            num_test=120,
+            tasks=("partial_match",),
+            progress=False,
+        ),
+    ],  # fmt: skip
+    ids=["3x3-3-objects", "full-2x2"],
+)
+def test_partial_match_queries_name_only_objects_of_their_positive(cfg):
+    """The query names `partial_named` objects, all of its positive's and no other; its hard
+    negative changes one attribute of a named object; within a split, no item but the positive
+    holds every named object (so the one relevant item in qrels is the only match)."""
+    for split in SPLITS:
+        examples = _partial_examples(cfg, split)
+        assert len(examples) == cfg.size(split) // len(cfg.tasks)
+        items = [(e.positive_id, e.positive) for e in examples]
+        items += [(e.negative_id, e.negative) for e in examples]
+        for example in examples:
+            scene, text = example.positive, example.query_text
+            assert len(scene.objects) == cfg.partial_objects
+            assert len(set(example.named)) == cfg.partial_named
+            for i, obj in enumerate(scene.objects):
+                phrase = S.object_phrase(obj, cfg.grid_size)
+                assert (phrase in text) == (i in example.named), (phrase, text)
+            assert text.count(" at the ") == cfg.partial_named
+            diff = scene_difference(scene, example.negative)
+            assert len(diff) == 1 and diff[0][0] in example.named
+            named = {tuple(scene.objects[i].attributes().values()) for i in example.named}
+            holders = [
+                item_id
+                for item_id, item in items
+                if named <= {tuple(o.attributes().values()) for o in item.objects}
+            ]
+            assert holders == [example.positive_id]
 
 
 def test_composed_edit_matches_its_text():
@@ -237,6 +289,8 @@ def test_config_errors_and_exhaustion():
         S.SyntheticConfig(tasks=("video",))
     with pytest.raises(ValueError, match="max_objects"):
         S.SyntheticConfig(max_objects=9)
+    with pytest.raises(ValueError, match="partial_named < partial_objects"):
+        S.SyntheticConfig(partial_objects=2, partial_named=2)
     with pytest.raises(ValueError, match="split must be one of"):
         S.plan_examples(CFG, "dev2")
     tiny = S.SyntheticConfig(grid_size=2, max_objects=1, word_prob=0.0, num_test=500,

@@ -5,11 +5,16 @@ Four tasks, each example a (query, positive, hard negative) triple:
   image_to_text  scene image -> its caption
   composed       scene image + modification text ("make the red circle blue") -> edited scene
   documents      question about one fact ("What was the revenue of Valoria in 2019?") -> the page
+  partial_match  text naming some objects of a busier scene ("Contains a small red circle at
+                 the top left and a large blue star at the center.") -> the scene's image
 
 Scenes hold 1-5 objects (shape, colour, size, grid cell, optional word); captions name every
-object, so one vector has to summarise several objects and more vectors help. Each hard negative
-differs from its positive in exactly one attribute of one object (for pages: one field that the
-question depends on). Every scene/page/caption is a distinct item: no item appears twice, within
+object, so one vector has to summarise several objects and more vectors help. Partial-match
+queries name only `partial_named` of a scene's `partial_objects` objects (the paper's motivation
+for late interaction: a query matches part of a candidate); within a split no other item holds
+every object a query names. Each hard negative differs from its positive in exactly one attribute
+of one object (for partial matches: of a named object; for pages: one field that the question
+depends on). Every scene/page/caption is a distinct item: no item appears twice, within
 or across splits (test is planned first, then val, then train, against one set of used items, so
 the evaluation sets do not change when the train size does).
 
@@ -22,15 +27,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import random
 from collections.abc import Iterable, Iterator, Mapping
 
 from tqdm.auto import tqdm
 
 from metaembed_jax.data import synthetic_render as render
+from metaembed_jax.data.synthetic_documents import (  # noqa: F401 (public names of the dataset)
+    KINDS,
+    METRICS,
+    Document,
+    document_texts,
+    make_document,
+    perturb_document,
+)
 from metaembed_jax.data.tokenizer import train_tokenizer
 
-TASKS = ("text_to_image", "image_to_text", "composed", "documents")
+TASKS = ("text_to_image", "image_to_text", "composed", "documents", "partial_match")
+DEFAULT_TASKS = TASKS[:4]
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 _TASK_CODES = {
@@ -38,6 +53,7 @@ _TASK_CODES = {
     "image_to_text": "i2t",
     "composed": "cir",
     "documents": "doc",
+    "partial_match": "pm",
 }
 _MAX_ATTEMPTS = 200
 
@@ -50,7 +66,7 @@ class SyntheticConfig:
     num_train: int = 2048  # training triples
     num_val: int = 128  # validation queries (and triples)
     num_test: int = 256  # test queries (and triples)
-    tasks: tuple[str, ...] = TASKS  # tasks to generate, round-robin over example indices
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # tasks to generate, round-robin over example indices
     image_size: int = 112  # scene images are image_size x image_size pixels
     doc_width: int | None = None  # document page width in pixels (None: image_size)
     doc_height: int | None = None  # page height in pixels (None: 5/4 of the width, portrait)
@@ -58,6 +74,8 @@ class SyntheticConfig:
     min_objects: int = 1  # objects per scene, at least
     max_objects: int = 5  # objects per scene, at most
     word_prob: float = 0.1  # probability that an object carries a short word
+    partial_objects: int = 3  # objects per partial_match scene (at most grid_size**2)
+    partial_named: int = 2  # objects a partial_match query names (fewer than partial_objects)
     supersample: int = 2  # draw scenes at this multiple of the size, then downsample (smooth edges)
     progress: bool = True  # tqdm progress bar while rendering
 
@@ -77,6 +95,11 @@ class SyntheticConfig:
             raise ValueError(
                 "need 1 <= min_objects <= max_objects <= grid_size**2 - 1 (a free cell for "
                 f"moves), got {self.min_objects}, {self.max_objects}, grid_size={self.grid_size}"
+            )
+        if not 1 <= self.partial_named < self.partial_objects <= self.grid_size**2:
+            raise ValueError(
+                "need 1 <= partial_named < partial_objects <= grid_size**2, got "
+                f"{self.partial_named}, {self.partial_objects}, grid_size={self.grid_size}"
             )
         if self.image_size < 28 or min(self.doc_width, self.doc_height) < 28:
             raise ValueError("image_size, doc_width and doc_height must be >= 28 pixels")
@@ -128,12 +151,6 @@ COLORS = tuple(render.COLORS)
 SIZES = ("small", "large")
 WORDS = ("cat", "dog", "sun", "map", "box", "key", "cup", "pen", "hat", "owl", "fig", "jam")
 SCENE_ATTRIBUTES = ("shape", "color", "size", "position", "word")
-KINDS = tuple(render.HEADER_COLORS)
-METRICS = ("revenue", "profit", "visitors", "budget", "exports", "members")
-_SYLLABLES = (
-    "va", "lo", "ri", "bren", "nix", "tor", "ka", "mel", "zu", "sa", "dor", "fen", "qui", "lan",
-    "mor", "pel", "tek", "vo", "yar", "gal", "ost", "ber", "cin", "dra", "el", "fa", "gru", "hal",
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- structures
@@ -175,23 +192,6 @@ class Scene:
 
 
 @dataclasses.dataclass(frozen=True)
-class Document:
-    """A page: entity name, kind, two facts and a table `values[year][metric]`."""
-
-    entity: str
-    kind: str
-    founded: int
-    staff: int
-    years: tuple[int, ...]
-    metrics: tuple[str, ...]
-    values: tuple[tuple[int, ...], ...]
-
-    def signature(self) -> tuple:
-        fields = (self.entity, self.kind, self.founded, self.staff)
-        return ("document", fields, self.years, self.metrics, self.values)
-
-
-@dataclasses.dataclass(frozen=True)
 class Example:
     """One (query, positive, hard negative) triple, before rendering.
 
@@ -209,15 +209,17 @@ class Example:
     query_scene: Scene | None
     positive: Scene | Document
     negative: Scene | Document
+    named: tuple[int, ...] = ()  # partial_match: the positive's objects the query names
 
 
 # ------------------------------------------------------------------------------- scenes
 
 
-def random_scene(rng: random.Random, cfg: SyntheticConfig) -> Scene:
-    """1-5 objects in distinct cells, with distinct (colour, shape) so text can name each."""
+def random_scene(rng: random.Random, cfg: SyntheticConfig, count: int | None = None) -> Scene:
+    """`count` (default: min_objects to max_objects) objects in distinct cells, with distinct
+    (colour, shape) so text can name each."""
     g = cfg.grid_size
-    count = rng.randint(cfg.min_objects, cfg.max_objects)
+    count = rng.randint(cfg.min_objects, cfg.max_objects) if count is None else count
     cells = rng.sample(range(g * g), count)
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
     objects = tuple(_random_object(rng, cfg, shape, color, cell // g, cell % g)
@@ -288,6 +290,38 @@ def caption(scene: Scene, grid_size: int) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def partial_query(scene: Scene, named: tuple[int, ...], grid_size: int) -> str:
+    """'Contains a large red circle at the top left and ...': the named objects, reading order."""
+    ordered = sorted((scene.objects[i] for i in named), key=lambda o: (o.row, o.col))
+    return "Contains " + " and ".join(object_phrase(o, grid_size) for o in ordered) + "."
+
+
+def _object_key(objects) -> frozenset:
+    return frozenset(tuple(o.attributes().values()) for o in objects)
+
+
+class _PartialMatchIndex:
+    """Keeps a split's partial-match queries unambiguous: no item but a query's positive holds
+    every object the query names (objects compared by attributes; jitter is not one)."""
+
+    def __init__(self, named_count: int):
+        self.named_count, self.named, self.held = named_count, set(), set()
+
+    def _held_by(self, scene: Scene) -> set:
+        combos = itertools.combinations(scene.objects, self.named_count)
+        return {_object_key(combo) for combo in combos}
+
+    def admits(self, example: Example) -> bool:
+        key = _object_key(example.positive.objects[i] for i in example.named)
+        held = self._held_by(example.positive) | self._held_by(example.negative)
+        in_negative = key in self._held_by(example.negative)
+        return not in_negative and key not in self.held and not held & self.named
+
+    def add(self, example: Example) -> None:
+        self.named.add(_object_key(example.positive.objects[i] for i in example.named))
+        self.held |= self._held_by(example.positive) | self._held_by(example.negative)
+
+
 @dataclasses.dataclass(frozen=True)
 class Edit:
     """A composed-retrieval modification: its text, the edited scene and what it changed."""
@@ -345,57 +379,6 @@ def composed_negative(edit: Edit, rng, cfg) -> Scene:
     return perturb_scene(edit.target, rng, cfg)
 
 
-# ------------------------------------------------------------------------------- documents
-
-
-def _entity_name(rng) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
-
-
-def make_document(rng) -> Document:
-    years = tuple(sorted(rng.sample(range(2000, 2025), 3)))
-    metrics = tuple(rng.sample(METRICS, 2))
-    values = tuple(tuple(rng.randint(10, 999) for _ in metrics) for _ in years)
-    kind, founded, staff = rng.choice(KINDS), rng.randint(1850, 1999), rng.randint(5, 9999)
-    return Document(_entity_name(rng), kind, founded, staff, years, metrics, values)
-
-
-def perturb_document(doc: Document, rng) -> tuple[Document, str]:
-    """(hard negative page, question): the negative changes one field the question names."""
-    fact = rng.choice(("table", "table", "founded", "staff"))
-    change = rng.choice(("entity", "year", "metric")) if fact == "table" else "entity"
-    if fact == "table":
-        i, j = rng.randrange(len(doc.years)), rng.randrange(len(doc.metrics))
-        question = f"What was the {doc.metrics[j]} of {doc.entity} in {doc.years[i]}?"
-    elif fact == "founded":
-        question = f"In which year was {doc.entity} founded?"
-    else:
-        question = f"How many staff does {doc.entity} have?"
-    if change == "entity":
-        return dataclasses.replace(doc, entity=_other_entity(doc.entity, rng)), question
-    if change == "year":
-        year = rng.choice([y for y in range(2000, 2025) if y not in doc.years])
-        years = doc.years[:i] + (year,) + doc.years[i + 1 :]
-        return dataclasses.replace(doc, years=years), question
-    metric = rng.choice([m for m in METRICS if m not in doc.metrics])
-    metrics = doc.metrics[:j] + (metric,) + doc.metrics[j + 1 :]
-    return dataclasses.replace(doc, metrics=metrics), question
-
-
-def _other_entity(entity: str, rng) -> str:
-    while (name := _entity_name(rng)) == entity:
-        pass
-    return name
-
-
-def document_texts(doc: Document) -> list[str]:
-    """The words printed on a page (for the tokenizer)."""
-    lines = [doc.entity, f"A {doc.kind}, founded {doc.founded}.", f"Staff: {doc.staff}."]
-    lines.append(" ".join(["Year", *(m.capitalize() for m in doc.metrics)]))
-    lines += [" ".join(map(str, (y, *v))) for y, v in zip(doc.years, doc.values, strict=True)]
-    return lines
-
-
 # ------------------------------------------------------------------------------- planning
 
 
@@ -412,6 +395,12 @@ def _try_example(cfg: SyntheticConfig, task: str, split: str, index: int, rng) -
         positive = make_document(rng)
         negative, question = perturb_document(positive, rng)
         return Example(task, split, index, *ids, question, None, positive, negative)
+    if task == "partial_match":
+        scene = random_scene(rng, cfg, count=cfg.partial_objects)
+        named = tuple(sorted(rng.sample(range(cfg.partial_objects), cfg.partial_named)))
+        negative = perturb_scene(scene, rng, cfg, index=rng.choice(named))
+        text = partial_query(scene, named, cfg.grid_size)
+        return Example(task, split, index, *ids, text, None, scene, negative, named)
     scene = random_scene(rng, cfg)
     if task == "composed":
         edit = make_modification(scene, rng, cfg)
@@ -457,17 +446,17 @@ def _plan_all(cfg: SyntheticConfig, last_split: str) -> dict[str, tuple[Example,
     used: set = set()
     plans = {}
     for split in ("test", "val", "train"):
-        examples = []
+        examples, partial = [], _PartialMatchIndex(cfg.partial_named)
         for index in range(cfg.size(split)):
             task = cfg.tasks[index % len(cfg.tasks)]
-            examples.append(_unique_example(cfg, task, split, index, used))
+            examples.append(_unique_example(cfg, task, split, index, used, partial))
         plans[split] = tuple(examples)
         if split == last_split:
             break
     return plans
 
 
-def _unique_example(cfg, task: str, split: str, index: int, used: set) -> Example:
+def _unique_example(cfg, task, split, index, used: set, partial: _PartialMatchIndex) -> Example:
     for attempt in range(_MAX_ATTEMPTS):
         rng = _rng(cfg.seed, split, task, index, attempt)
         example = _try_example(cfg, task, split, index, rng)
@@ -475,9 +464,14 @@ def _unique_example(cfg, task: str, split: str, index: int, used: set) -> Exampl
             continue
         keys = _item_keys(example)
         # a collision inside the example (e.g. the negative undoes the edit) also rejects it
-        if len(keys) == _expected_keys(example) and not keys & used:
-            used |= keys
-            return example
+        if len(keys) != _expected_keys(example) or keys & used:
+            continue
+        if task == "partial_match":
+            if not partial.admits(example):
+                continue
+            partial.add(example)
+        used |= keys
+        return example
     raise RuntimeError(
         f"no new unique {task} item after {_MAX_ATTEMPTS} attempts at {split}[{index}]: the "
         "scene space is exhausted; lower the sizes or raise grid_size / max_objects"
