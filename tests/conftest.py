@@ -26,6 +26,11 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Every layer stack scanned, also the tiny test models' 2-layer ones (which users' demo runs
+# unroll for speed): ~35% less XLA compile time, the suite's main cost. Both paths are equal
+# (tests/test_attention.py checks the unrolled one against a Python loop).
+os.environ.setdefault("METAEMBED_UNROLL_MAX_LAYERS", "0")
+
 # tensorflow-datasets leaves an empty `tmp*tfds` directory per builder in the temp dir; keeping
 # every temporary file of the session (and of its subprocesses, through TMPDIR) under one
 # directory removed at exit leaves nothing behind.
