@@ -37,10 +37,34 @@ def merge_pairs(first, second, k):
     return merge(values, positions, min(k, values.shape[1]))
 
 
+# Rows of scores are cut into blocks of this many for `top_k_by_blocks` (the fastest measured on
+# CPU among 8-256: 32 queries x 20k candidates, k = 10, 1.57 ms -> 0.21 ms).
+TOP_K_BLOCK = 32
+
+
+def top_k_by_blocks(values, k, block: int = TOP_K_BLOCK):
+    """``lax.top_k(values, k)`` for [Nq, n], the same values and indices (ties: lower index),
+    computed from the k blocks of ``block`` entries with the largest maxima: only those can hold
+    a top-k entry (an entry of another block has k block maxima above it or tied at lower
+    positions). XLA's CPU top-k is slow on long rows; this reads them once for the block maxima
+    and sorts only k * block entries."""
+    rows, n = values.shape
+    count = -(-n // block)
+    if count <= k:
+        return lax.top_k(values, k)
+    padded = jnp.pad(values, ((0, 0), (0, count * block - n)), constant_values=-jnp.inf)
+    blocks = padded.reshape(rows, count, block)
+    _, chosen = lax.top_k(blocks.max(axis=2), k)
+    chosen = jnp.sort(chosen, axis=1)  # position order, so ties keep resolving to lower indices
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(rows, k * block)
+    best, order = lax.top_k(candidates, k)
+    return best, jnp.take_along_axis(chosen, order // block, axis=1) * block + order % block
+
+
 def _local_top_k(scores, positions, limit, k):
     """Top-k of one device's scores [Nq, n]; positions >= limit (padding) never win."""
     scores = jnp.where(positions < limit, scores, -jnp.inf)
-    best, order = lax.top_k(scores, min(k, scores.shape[1]))
+    best, order = top_k_by_blocks(scores, min(k, scores.shape[1]))
     return best, jnp.take_along_axis(positions, order, axis=1)
 
 

@@ -513,7 +513,7 @@ class MultiVectorIndex:
         block, the per-block top-k lists merged in position order (ties: lower position)."""
         best = None
         for offset, vectors, scales, limit in self._device_blocks(mesh, r_c):
-            found = search_block(vectors, scales, jnp.int32(offset), jnp.int32(limit))
+            found = search_block(vectors, scales, np.int32(offset), np.int32(limit))
             best = found if best is None else kernels.merge_pairs(best, found, k)
         return best
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from metaembed_jax import _index_io
+from metaembed_jax import _index_io, _index_search
 from metaembed_jax.index import MultiVectorIndex
 
 
@@ -58,6 +58,23 @@ def test_ties_go_to_the_lower_position(data):
     # Query = the duplicated candidate's own vectors: it and its 10 copies tie at the top.
     _, ids = index.search(candidates[10:11, :16], (16, 64), k=11)
     assert ids[0].tolist() == [10, *range(150, 160)]
+    # k = 3: 7 blocks of 32 candidates > k, so the blocked top-k runs; same tie order.
+    _, ids = index.search(candidates[10:11, :16], (16, 64), k=3)
+    assert ids[0].tolist() == [10, 150, 151]
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 40])  # 40: 32 blocks <= k, plain lax.top_k
+def test_top_k_by_blocks_equals_lax_top_k(k):
+    """Values and indices of `lax.top_k`, ties (to the lower index) and -inf included, on rows
+    whose length is not a multiple of the block."""
+    rng = np.random.default_rng(k)
+    values = rng.integers(0, 6, (7, 1000)).astype(np.float32)  # many ties
+    values[:, rng.choice(1000, 300, replace=False)] = -np.inf
+    values[3] = -np.inf  # a row with nothing but -inf
+    want = jax.lax.top_k(values, k)
+    got = jax.jit(lambda v: _index_search.top_k_by_blocks(v, k))(values)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_quantised_sizes(data):
