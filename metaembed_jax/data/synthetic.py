@@ -1,6 +1,6 @@
 """A procedural multimodal retrieval dataset, generated locally and deterministically from a seed.
 
-Four tasks, each example a (query, positive, hard negative) triple:
+Five tasks (the first four by default), each example a (query, positive, hard negative) triple:
   text_to_image  caption of a scene -> the scene's image
   image_to_text  scene image -> its caption
   composed       scene image + modification text ("make the red circle blue") -> edited scene
