@@ -442,13 +442,13 @@ class MultiVectorIndex:
         mesh = _default_mesh() if mesh is None else mesh
         # Only the query vectors the budgets use go to the devices (a (1, 1) search of 16-vector
         # queries moves 1/16 of them: at D = 2048, 4 MB -> 256 KB a call).
-        used = r_q
+        coarse = None
         if coarse_budget is not None:
             coarse = resolve_budget(coarse_budget, host_queries.shape[1], self.num_vectors)
-            used = max(used, coarse[0])
+        used = r_q if coarse is None else max(r_q, coarse[0])
         queries = _replicate(np.ascontiguousarray(host_queries[:, :used]), mesh)
         query_mask = None if host_mask is None else _replicate(host_mask[:, :used], mesh)
-        if coarse_budget is None:
+        if coarse is None:
             values, positions = self._exhaustive(
                 queries, query_mask, (r_q, r_c), found, mesh, chunk_size
             )

@@ -311,15 +311,18 @@ class _PartialMatchIndex:
         combos = itertools.combinations(scene.objects, self.named_count)
         return {_object_key(combo) for combo in combos}
 
-    def admits(self, example: Example) -> bool:
+    def admit(self, example: Example) -> bool:
+        """Records the example and returns True if it keeps every query unambiguous (its named
+        objects are held by no item so far, not even its own negative, and its items hold no
+        earlier query's named objects); else returns False and records nothing."""
         key = _object_key(example.positive.objects[i] for i in example.named)
-        held = self._held_by(example.positive) | self._held_by(example.negative)
-        in_negative = key in self._held_by(example.negative)
-        return not in_negative and key not in self.held and not held & self.named
-
-    def add(self, example: Example) -> None:
-        self.named.add(_object_key(example.positive.objects[i] for i in example.named))
-        self.held |= self._held_by(example.positive) | self._held_by(example.negative)
+        negative_held = self._held_by(example.negative)
+        held = self._held_by(example.positive) | negative_held
+        if key in negative_held or key in self.held or held & self.named:
+            return False
+        self.named.add(key)
+        self.held |= held
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,10 +469,8 @@ def _unique_example(cfg, task, split, index, used: set, partial: _PartialMatchIn
         # a collision inside the example (e.g. the negative undoes the edit) also rejects it
         if len(keys) != _expected_keys(example) or keys & used:
             continue
-        if task == "partial_match":
-            if not partial.admits(example):
-                continue
-            partial.add(example)
+        if task == "partial_match" and not partial.admit(example):
+            continue
         used |= keys
         return example
     raise RuntimeError(
