@@ -3,6 +3,8 @@ softmax attention for causal, padded, prefix-LM, sliding-window and segment mask
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +97,56 @@ def test_dense_mask_left_padding(impl):
     expected = numpy_attention(query, key, value, allowed)
     assert np.all(np.asarray(out)[1, :9] == 0)
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+
+
+# Mllama's vision mask: a pair is masked only when query AND key are padding.
+REAL = np.arange(LENGTH)[None, :] < LENGTHS[:, None]
+EITHER_REAL = REAL[:, :, None] | REAL[:, None, :]
+BLOCKED_CASES = {
+    **CASES,
+    "dense_rows": (dict(mask=EITHER_REAL[:, None]), EITHER_REAL),
+    "dense_keys_only": (
+        dict(mask=REAL[:, None, None, :]),
+        np.broadcast_to(REAL[:, None], CAUSAL.shape),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKED_CASES))
+def test_reference_over_query_blocks_equals_numpy(case, monkeypatch):
+    """Long sequences run the reference path over blocks of query rows (5 rows here: 24 queries
+    = 5 blocks, the last padded): the same values, and the same gradients as one block."""
+    keywords, allowed = BLOCKED_CASES[case]
+    query, key, value = qkv(4)
+    weights = jax.random.normal(jax.random.key(8), query.shape)
+
+    def loss(q, k, v):
+        out = layers.dot_product_attention(q, k, v, implementation="reference", **keywords)
+        return jnp.sum(out * weights), out
+
+    (_, whole), whole_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        query, key, value
+    )
+    monkeypatch.setattr(layers, "QUERY_BLOCK_ROWS", 5)
+    (_, blocked), blocked_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        query, key, value
+    )
+    expected = numpy_attention(query, key, value, allowed)
+    np.testing.assert_allclose(np.asarray(blocked), expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(whole), expected, atol=2e-5, rtol=2e-5)
+    for got, want in zip(blocked_grads, whole_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_reference_over_query_blocks_with_soft_cap(monkeypatch):
+    """Gemma 2's soft-capped scores through the blocked path equal one block."""
+    query, key, value = qkv(5)
+    run = functools.partial(
+        layers.dot_product_attention, is_causal=True, logit_softcap=2.0, implementation="reference"
+    )
+    whole = run(query, key, value)
+    monkeypatch.setattr(layers, "QUERY_BLOCK_ROWS", 7)
+    np.testing.assert_allclose(np.asarray(run(query, key, value)), whole, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
