@@ -224,9 +224,20 @@ class MultiVectorIndex:
         float32 copy of a ``full_precision`` index is not counted (it lives on disk)."""
         return sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in self._blocks)
 
-    def embeddings(self) -> np.ndarray:
-        """All stored vectors dequantised to float32 [N, R_c, D] (for inspection and tests)."""
-        parts = [dequantize(v, s, self.dtype).transpose(1, 0, 2) for v, s in self._blocks]
+    def embeddings(self, count: int | None = None) -> np.ndarray:
+        """The stored vectors of the first `count` candidates (None = all) dequantised to
+        float32 [count, R_c, D] (for inspection and tests)."""
+        remaining = len(self) if count is None else min(count, len(self))
+        parts = []
+        for vectors, scales in self._blocks:
+            if remaining <= 0:
+                break
+            take = min(remaining, vectors.shape[1])
+            part = dequantize(
+                vectors[:, :take], None if scales is None else scales[:, :take], self.dtype
+            )
+            parts.append(part.transpose(1, 0, 2))
+            remaining -= take
         return np.concatenate(parts) if parts else np.zeros((0, self.num_vectors, self.dim))
 
     # ----------------------------------------------------------------------------- files

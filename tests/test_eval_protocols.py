@@ -169,6 +169,12 @@ def test_corpus_retrieval_matches_pytrec_eval_on_a_full_run():
             assert got[ours] == pytest.approx(mean, abs=1e-5), (ours, r_q, r_c)
         # index bytes a deployment at r_c needs: N * r_c * D float32
         assert got["index_bytes"] == len(corpus) * r_c * D * 4
+        # the vector cosines of the budget's prefixes
+        want_q = retrieval.mean_vector_cosine(q, r_q)
+        assert got["query_vector_cosine"] == (None if want_q is None else pytest.approx(want_q))
+        assert got["candidate_vector_cosine"] == (
+            None if r_c == 1 else pytest.approx(retrieval.mean_vector_cosine(c, r_c))
+        )
 
 
 def test_builtin_reports_each_task_type():
@@ -214,6 +220,25 @@ def test_cached_embeddings_are_reused(tmp_path):
     assert len(encoder.calls) == 4
 
 
+def test_mean_vector_cosine_detects_collapse():
+    """Mean cosine of two different vectors of one item: 1 for a repeated vector, 0 for
+    orthogonal ones, the brute-force pairwise mean on random ones, None below two vectors."""
+    rng = np.random.default_rng(3)
+    one = rng.normal(size=(5, 1, 8))
+    assert retrieval.mean_vector_cosine(np.repeat(one * 3.0, 4, axis=1), 4) == pytest.approx(1.0)
+    orthogonal = np.broadcast_to(np.eye(8)[:6], (3, 6, 8))
+    assert retrieval.mean_vector_cosine(orthogonal, 6) == pytest.approx(0.0, abs=1e-12)
+    vectors = rng.normal(size=(7, 9, 8))
+    unit = vectors[:, :5] / np.linalg.norm(vectors[:, :5], axis=-1, keepdims=True)
+    pairs = [
+        unit[n, i] @ unit[n, j] for n in range(7) for i in range(5) for j in range(5) if i != j
+    ]
+    assert retrieval.mean_vector_cosine(vectors, 5) == pytest.approx(np.mean(pairs))
+    assert retrieval.mean_vector_cosine(vectors, 1) is None
+    with_zero = np.stack([np.ones(8), np.zeros(8)])[None]
+    assert retrieval.mean_vector_cosine(with_zero, 2) == 0.0
+
+
 def _suite_results():
     encoder, corpus, queries, qrels = _random_corpus()
     budgets = [(1, 1), (2, 3), (3, 5)]
@@ -239,6 +264,13 @@ def test_report_table_json_and_plot(tmp_path):
     assert row["(2, 2)"]["scores"]["mmeb Overall"] == pytest.approx(0.8)
     assert "mmeb Overall" not in row["(3, 5)"]["scores"]
     assert row["(3, 5)"]["index_bytes"] == 25 * 5 * D * 4
+    # The vector-cosine column: "-" at one vector, else the builtin tasks' mean (MMEB's
+    # protocol reports none), the value evaluate_corpus recorded per task.
+    assert "vector cos q / c" in lines[0] and lines[2].endswith("- / -")
+    builtin_tasks = suites[0]["tasks"].values()
+    want = np.mean([t["by_budget"]["(3, 5)"]["candidate_vector_cosine"] for t in builtin_tasks])
+    assert row["(3, 5)"]["vector_cosine"]["candidate"] == pytest.approx(want)
+    assert row["(2, 2)"]["vector_cosine"] == {"query": None, "candidate": None}
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -96,6 +96,9 @@ def test_add_equals_building_at_once(data):
     parts.add(candidates[100:])
     assert parts.ids == list(range(203))
     np.testing.assert_array_equal(parts.embeddings(), whole.embeddings())
+    # the first candidates only, across the added block's boundary
+    np.testing.assert_array_equal(parts.embeddings(150), whole.embeddings()[:150])
+    np.testing.assert_array_equal(parts.embeddings(10**6), whole.embeddings())
     for got, want in zip(
         parts.search(queries, (4, 8), 7), whole.search(queries, (4, 8), 7), strict=True
     ):

@@ -6,7 +6,10 @@ Input: the suites a run evaluated, each `{"suite": name, "tasks": {task: task_re
 columns are each task's primary metric (only the averages for suites with many tasks, e.g.
 MMEB's 36 datasets), then the averages, then the per-query scoring latency (summed scoring time
 over summed queries of all tasks, compilation excluded) and the index bytes a deployment at that
-budget needs (all evaluated corpora, only the first r_c vectors per candidate).
+budget needs (all evaluated corpora, only the first r_c vectors per candidate), and the mean
+cosine between two vectors of one item at that budget (queries / candidates, averaged over the
+tasks; `retrieval.mean_vector_cosine`): near 1, the vectors have collapsed into one and a larger
+budget cannot rank differently.
 """
 
 from __future__ import annotations
@@ -39,10 +42,25 @@ def average_columns(suites: Sequence[Mapping[str, Any]]) -> list[str]:
     return [label for suite in suites for label, kind, _ in _columns(suite) if kind == "average"]
 
 
+def _mean_cosines(tasks: Sequence[Mapping[str, Any]], key: str) -> dict[str, float | None]:
+    """`{"query", "candidate"}`: the tasks' mean vector cosines at budget `key` (None when no
+    task reports one, e.g. at one vector)."""
+    means = {}
+    for side in ("query", "candidate"):
+        values = [
+            t["by_budget"][key].get(f"{side}_vector_cosine") for t in tasks if key in t["by_budget"]
+        ]
+        values = [v for v in values if v is not None]
+        means[side] = sum(values) / len(values) if values else None
+    return means
+
+
 def build_rows(suites: Sequence[Mapping[str, Any]], budgets: Sequence[str]) -> list[dict]:
     """One dict per budget: `{"budget", "scores": {column: value}, "latency_ms_per_query",
-    "index_bytes"}`. A task that was not evaluated at a budget has no entry for it."""
+    "index_bytes", "vector_cosine": {"query", "candidate"}}`. A task that was not evaluated at a
+    budget has no entry for it."""
     rows = []
+    all_tasks = [task for suite in suites for task in suite["tasks"].values()]
     for key in budgets:
         scores, seconds, num_queries, index_bytes = {}, 0.0, 0, 0
         for suite in suites:
@@ -64,6 +82,7 @@ def build_rows(suites: Sequence[Mapping[str, Any]], budgets: Sequence[str]) -> l
                 "scores": scores,
                 "latency_ms_per_query": 1e3 * seconds / num_queries if num_queries else None,
                 "index_bytes": index_bytes,
+                "vector_cosine": _mean_cosines(all_tasks, key),
             }
         )
     return rows
@@ -94,15 +113,21 @@ def render_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Plain-text table: rows = budgets, scores x100 with one decimal."""
     columns = list(dict.fromkeys(c for row in rows for c in row["scores"]))
-    header = ["budget", *columns, "ms/query", "index"]
+    header = ["budget", *columns, "ms/query", "index", "vector cos q / c"]
     body = []
     for row in rows:
         cells = [row["budget"], *(format_score(row["scores"].get(c)) for c in columns)]
         latency = row["latency_ms_per_query"]
         cells.append("-" if latency is None else f"{latency:.3f}")
         cells.append(format_bytes(row["index_bytes"]))
+        cosine = row.get("vector_cosine") or {}
+        cells.append(" / ".join(_format_cosine(cosine.get(s)) for s in ("query", "candidate")))
         body.append(cells)
     return render_table(header, body)
+
+
+def _format_cosine(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:

@@ -56,6 +56,26 @@ def search_timed(index, query_embeddings: np.ndarray, budget, k: int):
     return scores, positions, time.perf_counter() - start
 
 
+# `candidate_vector_cosine` reads the first this many candidates (a diagnostic; not the corpus).
+COSINE_SAMPLE = 1024
+
+
+def mean_vector_cosine(embeddings: np.ndarray, count: int) -> float | None:
+    """Mean cosine similarity between two different vectors among each item's first `count`
+    of `embeddings` [N, R, D], averaged over items; None for `count` < 2.
+
+    A collapse detector: near 1, an item's vectors are one vector repeated and a larger budget
+    cannot rank differently from (1, 1). All-zero vectors count as cosine 0."""
+    if count < 2 or len(embeddings) == 0:
+        return None
+    vectors = np.asarray(embeddings[:, :count], np.float64)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    summed = unit.sum(axis=1)  # sum over pairs i != j of <u_i, u_j> = |sum u|^2 - sum |u|^2
+    pairs = (summed**2).sum(-1) - (unit**2).sum((-2, -1))
+    return float(np.mean(pairs / (count * (count - 1))))
+
+
 def evaluate_corpus(
     encode: Encode,
     corpus: Sequence[Mapping[str, Any]],
@@ -74,7 +94,9 @@ def evaluate_corpus(
     `corpus` / `queries` rows: `{"id","text","image"}`; `qrels`: `{query_id: {corpus_id: grade}}`.
     Only queries with judgments are encoded (trec_eval ignores the others).
     Returns `{"name", "num_queries", "num_candidates", "metric", "by_budget": {"(r_q, r_c)":
-    {metric: value, ..., "scoring_seconds", "index_bytes"}}}`.
+    {metric: value, ..., "scoring_seconds", "index_bytes", "query_vector_cosine",
+    "candidate_vector_cosine"}}}` (the last two: `mean_vector_cosine` of the budget's vectors,
+    of the first `COSINE_SAMPLE` candidates; None at 1 vector).
     Raises ValueError for an empty corpus, no judged query, or a budget beyond the embeddings.
     """
     corpus_ids = [str(row["id"]) for row in corpus]
@@ -92,6 +114,7 @@ def evaluate_corpus(
     )
     k = min(depth, len(corpus_ids))
     query_ids = [str(row["id"]) for row in judged]
+    candidate_embeddings = index.embeddings(COSINE_SAMPLE)
     by_budget = {}
     for budget in budgets:
         scores, positions, seconds = search_timed(index, query_embeddings, budget, k)
@@ -106,6 +129,8 @@ def evaluate_corpus(
         result = metrics.retrieval_metrics(qrels, run, ndcg_k=ndcg_k, recall_ks=recall_ks)
         result["scoring_seconds"] = seconds
         result["index_bytes"] = index_bytes_at(index, budget[1])
+        result["query_vector_cosine"] = mean_vector_cosine(query_embeddings, budget[0])
+        result["candidate_vector_cosine"] = mean_vector_cosine(candidate_embeddings, budget[1])
         by_budget[budget_key(budget)] = result
     return {
         "name": name,
