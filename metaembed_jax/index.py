@@ -227,18 +227,14 @@ class MultiVectorIndex:
     def embeddings(self, count: int | None = None) -> np.ndarray:
         """The stored vectors of the first `count` candidates (None = all) dequantised to
         float32 [count, R_c, D] (for inspection and tests)."""
-        remaining = len(self) if count is None else min(count, len(self))
-        parts = []
-        for vectors, scales in self._blocks:
-            if remaining <= 0:
-                break
-            take = min(remaining, vectors.shape[1])
-            part = dequantize(
-                vectors[:, :take], None if scales is None else scales[:, :take], self.dtype
-            )
-            parts.append(part.transpose(1, 0, 2))
-            remaining -= take
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_vectors, self.dim))
+        count = len(self) if count is None else min(count, len(self))
+        if count == 0:
+            return np.zeros((0, self.num_vectors, self.dim))
+        vectors = _host_rows([v for v, _ in self._blocks], 0, count)
+        scales = None
+        if self._blocks[0][1] is not None:
+            scales = _host_rows([s for _, s in self._blocks], 0, count)
+        return dequantize(vectors, scales, self.dtype).transpose(1, 0, 2)
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, shard_rows: int = DEFAULT_SHARD_ROWS) -> None:
