@@ -120,8 +120,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         latency = row["latency_ms_per_query"]
         cells.append("-" if latency is None else f"{latency:.3f}")
         cells.append(format_bytes(row["index_bytes"]))
-        cosine = row.get("vector_cosine") or {}
-        cells.append(" / ".join(_format_cosine(cosine.get(s)) for s in ("query", "candidate")))
+        cosine = row["vector_cosine"]
+        cells.append(" / ".join(_format_cosine(cosine[s]) for s in ("query", "candidate")))
         body.append(cells)
     return render_table(header, body)
 
