@@ -185,9 +185,10 @@ def reference_step(state, micros, groups, temperature, advance_streams=True):
 
 @pytest.mark.parametrize(
     "count, dtype, remat, rtol",
-    # bfloat16 + full remat (within 2e-3) passed when written and can be run by adding it here
-    # (left out for the suite's time budget).
-    [(2, "float32", "none", 1e-5), (4, "float32", "none", 1e-5)],
+    # k = 4 (float32) and bfloat16 + full remat (within 2e-3) passed when written and can be run
+    # by adding them here (left out for the suite's time budget: ~110 s each; k = 4 is covered
+    # without dropout by the one-shot and mesh tests, the stream advance by the test below).
+    [(2, "float32", "none", 1e-5)],
 )
 def test_lora_dropout_draws_the_same_masks_in_both_passes(count, dtype, remat, rtol):
     """LoRA with dropout 0.1: the cached step's loss and update equal the global-batch loss's
@@ -357,7 +358,6 @@ def test_recipe_variants():
 
 def _run_module(*command, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     done = subprocess.run(
         [sys.executable, *command], env=env, cwd=cwd, capture_output=True, text=True, timeout=1800
     )
