@@ -40,7 +40,7 @@ def get_config(variant: str | None = None):
     config.loss.temperature = 0.05
     # One temperature for every budget group, as the paper's loss has it. Scaling it by each
     # group's r_q (the option loss.scale_temperature_by_r_q, this recipe's default until
-    # 2026-12-02) scored 6-15 points lower at every budget in each of 3 seeds, with less diverse
+    # 2026-12-02) scored 5-17 points lower at every budget in each of 3 seeds, with less diverse
     # vectors (README, "What make demo shows").
     config.loss.scale_temperature_by_r_q = False
 
