@@ -1,0 +1,80 @@
+"""The index's compiled search kernel at small budgets over a range of candidate chunk sizes.
+
+`scoring.default_chunk_size` caps a chunk's candidate slice at `MAX_SLICE_BYTES` (2 MiB), a
+bound tuned on the old strided `[N, R_c, D]` layout; in the budget-major layout a small budget's
+prefix is one contiguous range, so the cap may no longer pay at `(1, 1)`. This times the kernel
+alone (no `search` bookkeeping) on random vectors, 32 queries, k = 10, one device, best of
+`--repeats` calls; `*` marks the default chunk.
+
+    python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import machine_load
+from metaembed_jax import _index_search as kernels
+from metaembed_jax.index import MultiVectorIndex, _default_mesh, _replicate
+from metaembed_jax.scoring import default_chunk_size
+
+NUM_QUERIES, R_Q, K = 32, 16, 10
+BUDGETS = ((1, 1), (2, 4))
+
+
+def best_ms(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def sweep_row(index, queries, mesh, budget, repeats) -> str:
+    r_q, r_c = budget
+    _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
+    placed = _replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
+    count = len(index)
+    default = default_chunk_size(NUM_QUERIES * r_q, r_c, count, index.dim, vectors.dtype.itemsize)
+    cells = []
+    for chunk in sorted({min(c, count) for c in (default, 256, 1024, 4096, count)}):
+        search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
+        args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
+        ms = best_ms(lambda s=search, a=args: s(*a), repeats)
+        cells.append(f"{chunk}{'*' if chunk == default else ''}: {ms:.2f} ms")
+    return f"| {count} | {index.dim} | {index.dtype} | {budget} | " + ", ".join(cells) + " |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4000,20000")
+    parser.add_argument("--dims", default="256,2048")
+    parser.add_argument("--stored_vectors", type=int, default=4, help="R_c of the index")
+    parser.add_argument("--max_elements", type=int, default=20000 * 512, help="skip N x D above")
+    parser.add_argument("--repeats", type=int, default=25)
+    args = parser.parse_args()
+    print(machine_load.describe())
+    mesh = _default_mesh()
+    print("| N | D | dtype | budget | chunk: kernel time |\n|---|---|---|---|---|")
+    for count in map(int, args.sizes.split(",")):
+        for dim in map(int, args.dims.split(",")):
+            if count * dim > args.max_elements:
+                continue
+            rng = np.random.default_rng(0)
+            vectors = rng.standard_normal((count, args.stored_vectors, dim), dtype=np.float32)
+            queries = rng.standard_normal((NUM_QUERIES, R_Q, dim), dtype=np.float32)
+            for dtype in ("float32", "bfloat16"):
+                index = MultiVectorIndex.build(vectors, dtype=dtype)
+                for budget in BUDGETS:
+                    print(sweep_row(index, queries, mesh, budget, args.repeats), flush=True)
+    print(machine_load.describe())
+
+
+if __name__ == "__main__":
+    main()
