@@ -3,8 +3,8 @@
 `scoring.default_chunk_size` caps a chunk's candidate slice at `MAX_SLICE_BYTES` (2 MiB), a
 bound tuned on the old strided `[N, R_c, D]` layout; in the budget-major layout a small budget's
 prefix is one contiguous range, so the cap may no longer pay at `(1, 1)`. This times the kernel
-alone (no `search` bookkeeping) on random vectors, 32 queries, k = 10, one device, best of
-`--repeats` calls; `*` marks the default chunk.
+alone (no `search` bookkeeping) on random vectors, 32 queries, k = 10, one device, best of at
+least `--repeats` calls (`bench_scoring.best_time`); `*` marks the default chunk.
 
     python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048]
 """
@@ -12,28 +12,17 @@ alone (no `search` bookkeeping) on random vectors, 32 queries, k = 10, one devic
 from __future__ import annotations
 
 import argparse
-import time
 
-import jax
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks.bench_scoring import best_time
 from metaembed_jax import _index_search as kernels
 from metaembed_jax.index import MultiVectorIndex, _default_mesh, _replicate
 from metaembed_jax.scoring import default_chunk_size
 
 NUM_QUERIES, R_Q, K = 32, 16, 10
 BUDGETS = ((1, 1), (2, 4))
-
-
-def best_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def sweep_row(index, queries, mesh, budget, repeats) -> str:
@@ -46,7 +35,7 @@ def sweep_row(index, queries, mesh, budget, repeats) -> str:
     for chunk in sorted({min(c, count) for c in (default, 256, 1024, 4096, count)}):
         search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
         args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
-        ms = best_ms(lambda s=search, a=args: s(*a), repeats)
+        ms = best_time(lambda s=search, a=args: s(*a), repeats) * 1e3
         cells.append(f"{chunk}{'*' if chunk == default else ''}: {ms:.2f} ms")
     return f"| {count} | {index.dim} | {index.dtype} | {budget} | " + ", ".join(cells) + " |"
 
