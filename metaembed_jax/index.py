@@ -232,7 +232,7 @@ class MultiVectorIndex:
             return np.zeros((0, self.num_vectors, self.dim))
         vectors = _host_rows([v for v, _ in self._blocks], 0, count)
         scales = None
-        if self._blocks[0][1] is not None:
+        if self.dtype == "int8":  # the dtype that stores scales (as `_device_blocks` reads it)
             scales = _host_rows([s for _, s in self._blocks], 0, count)
         return dequantize(vectors, scales, self.dtype).transpose(1, 0, 2)
 
