@@ -203,12 +203,13 @@ def print_scoring_table(rows, peaks):
 # ------------------------------------------------------------------------------------- index
 def _budget_index(rng, num_candidates, dim, dtype_name, prefix_rc, block=1000):
     """An index of random unit vectors [N, R_C, D] generated ``block`` rows at a time (no full
-    float32 copy), and the float32 prefix [N, prefix_rc, D] the peers get."""
+    float32 copy), and the peers' prefix [N, prefix_rc, D]: a torch tensor of the index dtype."""
     index = MultiVectorIndex(R_C, dim, dtype_name)
-    prefix = np.empty((num_candidates, prefix_rc, dim), np.float32)
+    tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+    prefix = torch.empty((num_candidates, prefix_rc, dim), dtype=tdtype)
     for start in range(0, num_candidates, block):
         rows = unit_vectors(rng, (min(block, num_candidates - start), R_C, dim))
-        prefix[start : start + len(rows)] = rows[:, :prefix_rc]
+        prefix[start : start + len(rows)] = torch.from_numpy(rows[:, :prefix_rc].copy())
         index.add(rows)
     return index, prefix
 
@@ -219,7 +220,7 @@ def bench_index_search(peers, args, k=10):
     rows = []
     for num_candidates in (int(n) for n in args.index_sizes.split(",")):
         for dim in (int(d) for d in args.index_dims.split(",")):
-            for dtype_name in ("float32", "bfloat16"):
+            for dtype_name in args.index_dtypes.split(","):
                 itemsize = 4 if dtype_name == "float32" else 2
                 gigabytes = num_candidates * R_C * dim * itemsize / 1e9
                 if gigabytes > args.max_index_gb:
@@ -247,9 +248,7 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
         rng, num_candidates, dim, dtype_name, max(r_c for _, r_c in budgets)
     )
     queries = unit_vectors(rng, (args.num_queries, R_Q, dim))
-    tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
-    q_torch, c_torch = torch.from_numpy(queries).to(tdtype), torch.from_numpy(prefix).to(tdtype)
-    del prefix
+    q_torch, c_torch = torch.from_numpy(queries).to(prefix.dtype), prefix
     rows = []
     for budget in budgets:
         r_q, r_c = budget
@@ -475,6 +474,7 @@ def parse_args():
     parser.add_argument("--index-sizes", default="4000,20000", help="N of the index rows")
     parser.add_argument("--index-dims", default="256,2048", help="D of the index rows")
     parser.add_argument("--index-budgets", default="1x1", help="e.g. 1x1,2x4,4x8,8x16,16x64")
+    parser.add_argument("--index-dtypes", default="float32,bfloat16")
     parser.add_argument(
         "--max-index-gb",
         type=float,

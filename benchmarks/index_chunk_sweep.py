@@ -2,11 +2,14 @@
 
 `scoring.default_chunk_size` caps a chunk's candidate slice at `MAX_SLICE_BYTES` (2 MiB), a
 bound tuned on the old strided `[N, R_c, D]` layout; in the budget-major layout a small budget's
-prefix is one contiguous range, so the cap may no longer pay at `(1, 1)`. This times the kernel
-alone (no `search` bookkeeping) on random vectors, 32 queries, k = 10, one device, best of at
-least `--repeats` calls (`bench_scoring.best_time`); `*` marks the default chunk.
+prefix is one contiguous range, so the cap may not pay at small budgets (the index's float32
+`(1, 1)` search now takes one chunk, measured here). This times the kernel alone (no `search`
+bookkeeping) on random vectors, 32 queries, k = 10, one device, best of at least `--repeats`
+calls (`bench_scoring.best_time`); `*` marks the chunk `search` picks
+(`index._search_chunk_size`); chunks whose float32 similarity block exceeds 1 GiB are skipped.
 
-    python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048]
+    python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048] \
+        [--budgets 1x1,2x4]
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import numpy as np
 from benchmarks import machine_load
 from benchmarks.bench_scoring import best_time
 from metaembed_jax import _index_search as kernels
-from metaembed_jax.index import MultiVectorIndex, _default_mesh, _replicate
-from metaembed_jax.scoring import default_chunk_size
+from metaembed_jax.index import MultiVectorIndex, _default_mesh, _replicate, _search_chunk_size
 
 NUM_QUERIES, R_Q, K = 32, 16, 10
-BUDGETS = ((1, 1), (2, 4))
+MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped
 
 
 def sweep_row(index, queries, mesh, budget, repeats) -> str:
@@ -30,9 +32,11 @@ def sweep_row(index, queries, mesh, budget, repeats) -> str:
     _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
     placed = _replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
     count = len(index)
-    default = default_chunk_size(NUM_QUERIES * r_q, r_c, count, index.dim, vectors.dtype.itemsize)
+    default = _search_chunk_size(NUM_QUERIES, budget, count, index.dim, vectors.dtype)
     cells = []
     for chunk in sorted({min(c, count) for c in (default, 256, 1024, 4096, count)}):
+        if NUM_QUERIES * r_q * chunk * r_c * 4 > MAX_SCORE_BYTES:
+            continue
         search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
         args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
         ms = best_time(lambda s=search, a=args: s(*a), repeats) * 1e3
@@ -44,10 +48,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4000,20000")
     parser.add_argument("--dims", default="256,2048")
-    parser.add_argument("--stored_vectors", type=int, default=4, help="R_c of the index")
+    parser.add_argument("--budgets", default="1x1,2x4", help="r_q x r_c, comma-separated")
+    parser.add_argument("--stored_vectors", type=int, default=0, help="R_c (0: largest r_c)")
     parser.add_argument("--max_elements", type=int, default=20000 * 512, help="skip N x D above")
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
+    budgets = [tuple(int(r) for r in b.split("x")) for b in args.budgets.split(",")]
+    stored = args.stored_vectors or max(r_c for _, r_c in budgets)
     print(machine_load.describe())
     mesh = _default_mesh()
     print("| N | D | dtype | budget | chunk: kernel time |\n|---|---|---|---|---|")
@@ -56,11 +63,11 @@ def main():
             if count * dim > args.max_elements:
                 continue
             rng = np.random.default_rng(0)
-            vectors = rng.standard_normal((count, args.stored_vectors, dim), dtype=np.float32)
+            vectors = rng.standard_normal((count, stored, dim), dtype=np.float32)
             queries = rng.standard_normal((NUM_QUERIES, R_Q, dim), dtype=np.float32)
             for dtype in ("float32", "bfloat16"):
                 index = MultiVectorIndex.build(vectors, dtype=dtype)
-                for budget in BUDGETS:
+                for budget in budgets:
                     print(sweep_row(index, queries, mesh, budget, args.repeats), flush=True)
     print(machine_load.describe())
 

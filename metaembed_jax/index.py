@@ -534,8 +534,8 @@ class MultiVectorIndex:
 
         def search_block(vectors, scales, offset, limit):
             n_local = vectors.shape[1] // mesh.devices.size
-            chunk = chunk_size or default_chunk_size(
-                queries.shape[0] * r_q, r_c, n_local, self.dim, vectors.dtype.itemsize
+            chunk = chunk_size or _search_chunk_size(
+                queries.shape[0], (r_q, r_c), n_local, self.dim, vectors.dtype
             )
             search = kernels.exhaustive_fn(
                 mesh,
@@ -556,6 +556,22 @@ class MultiVectorIndex:
             return rerank(queries, query_mask, vectors, scales, offset, limit, shortlist)
 
         return self._merged_over_blocks(mesh, k, budget[1], rerank_block)
+
+
+def _search_chunk_size(num_queries: int, budget, num_candidates: int, dim: int, dtype) -> int:
+    """Candidates per chunk of an exhaustive search on a device's ``num_candidates``.
+
+    A float32 ``(1, 1)`` search scores all of them at once: its similarity block is the score
+    rows themselves (chunks would bound no memory), the prefix it reads is one contiguous range,
+    and one chunk was the fastest measured at every size (`benchmarks/index_chunk_sweep.py`:
+    4000 x 256 0.41 -> 0.31 ms, 4000 x 2048 2.78 -> 2.41, 20000 x 256 1.77 -> 1.43). bfloat16
+    keeps the bounded chunks (one chunk was slower at 4000 x 2048), as do larger budgets, whose
+    similarity block grows with r_q * r_c.
+    """
+    r_q, r_c = budget
+    if (r_q, r_c) == (1, 1) and np.dtype(dtype) == np.float32:
+        return num_candidates
+    return default_chunk_size(num_queries * r_q, r_c, num_candidates, dim, np.dtype(dtype).itemsize)
 
 
 def _row_ranges(blocks: list[np.ndarray]) -> np.ndarray:

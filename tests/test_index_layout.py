@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from metaembed_jax import _index_io
 from metaembed_jax import index as index_module
 from metaembed_jax.index import MultiVectorIndex, quantize
-from metaembed_jax.scoring import chunked_scores, maxsim, top_k
+from metaembed_jax.scoring import chunked_scores, default_chunk_size, maxsim, top_k
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index_v1"
 # The corners and one uneven budget (each budget compiles its own programs: kept few).
@@ -230,3 +230,14 @@ def test_rescore_argument_errors(untied):
         index.search(queries, (1, 1), k=10, rescore=50, coarse_budget=(1, 1), shortlist=20)
     with pytest.raises(ValueError, match="float32 already is exact"):
         MultiVectorIndex.build(candidates, dtype="float32", full_precision=True)
+
+
+def test_float32_single_vector_search_scores_all_candidates_in_one_chunk():
+    """A float32 (1, 1) search takes every candidate of a device in one chunk (its similarity
+    block is its score rows); other dtypes and budgets keep `default_chunk_size`'s bound."""
+    assert index_module._search_chunk_size(32, (1, 1), 20000, 2048, np.float32) == 20000
+    for budget, dtype in (((1, 1), np.uint16), ((2, 4), np.float32), ((1, 2), np.float32)):
+        r_q, r_c = budget
+        bounded = default_chunk_size(32 * r_q, r_c, 20000, 2048, np.dtype(dtype).itemsize)
+        assert bounded < 20000
+        assert index_module._search_chunk_size(32, budget, 20000, 2048, dtype) == bounded
