@@ -1,5 +1,6 @@
 """MultiVectorIndex: search vs a numpy reference, files, atomic saves, sharding, streaming."""
 
+import functools
 import json
 import os
 
@@ -63,16 +64,19 @@ def test_ties_go_to_the_lower_position(data):
     assert ids[0].tolist() == [10, 150, 151]
 
 
+@pytest.mark.parametrize("candidates_first", [False, True])
 @pytest.mark.parametrize("k", [1, 5, 10, 40])  # 40: 32 blocks <= k, plain lax.top_k
-def test_top_k_by_blocks_equals_lax_top_k(k):
+def test_top_k_by_blocks_equals_lax_top_k(k, candidates_first):
     """Values and indices of `lax.top_k`, ties (to the lower index) and -inf included, on rows
-    whose length is not a multiple of the block."""
+    whose length is not a multiple of the block; also read from the transposed [n, rows]."""
     rng = np.random.default_rng(k)
     values = rng.integers(0, 6, (7, 1000)).astype(np.float32)  # many ties
     values[:, rng.choice(1000, 300, replace=False)] = -np.inf
     values[3] = -np.inf  # a row with nothing but -inf
     want = jax.lax.top_k(values, k)
-    got = jax.jit(lambda v: _index_search.top_k_by_blocks(v, k))(values)
+    given = np.ascontiguousarray(values.T) if candidates_first else values
+    top_k = functools.partial(_index_search.top_k_by_blocks, candidates_first=candidates_first)
+    got = jax.jit(lambda v: top_k(v, k))(given)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 

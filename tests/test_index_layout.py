@@ -241,3 +241,32 @@ def test_float32_single_vector_search_scores_all_candidates_in_one_chunk():
         bounded = default_chunk_size(32 * r_q, r_c, 20000, 2048, np.dtype(dtype).itemsize)
         assert bounded < 20000
         assert index_module._search_chunk_size(32, budget, 20000, 2048, dtype) == bounded
+
+
+def test_float32_single_vector_kernel_equals_the_chunked_scorer(data, monkeypatch):
+    """The float32 (1, 1) search (candidates-first product, `_single_vector_top_k`) returns the
+    ids and scores of the chunked MaxSim path, ties and padded shards included, on one device
+    and on 8; the test counts its traces, so it fails if the search stops taking that path."""
+    queries, candidates = data
+    candidates = candidates.copy()
+    candidates[30:36, 0] = candidates[7, 0]  # six ties with candidate 7 at (1, 1)
+    queries = np.concatenate([queries, candidates[7:8, :16]])  # a query on the tied vector
+    index = MultiVectorIndex.build(candidates, dtype="float32")
+    traced = []
+    kernel = index_module.kernels._single_vector_top_k
+    monkeypatch.setattr(
+        index_module.kernels,
+        "_single_vector_top_k",
+        lambda *args: traced.append(1) or kernel(*args),
+    )
+    index_module.kernels.exhaustive_fn.cache_clear()
+    devices = np.array(jax.devices())
+    for mesh in (None, Mesh(devices, ("index",))):  # 41 candidates: 8 devices pad to 48
+        for k in (3, 9):
+            fast = index.search(queries, (1, 1), k, mesh=mesh)
+            chunked = index.search(queries, (1, 1), k, mesh=mesh, chunk_size=4)
+            np.testing.assert_array_equal(fast[1], chunked[1])
+            np.testing.assert_array_equal(fast[0], chunked[0])
+        assert fast[1][-1, :7].tolist() == [7, 30, 31, 32, 33, 34, 35]
+    assert len(traced) == 4  # one trace per (mesh, k); chunk_size=4 never takes the path
+    index_module.kernels.exhaustive_fn.cache_clear()
