@@ -563,10 +563,11 @@ def _search_chunk_size(num_queries: int, budget, num_candidates: int, dim: int, 
 
     A float32 ``(1, 1)`` search scores all of them at once: its similarity block is the score
     rows themselves (chunks would bound no memory), the prefix it reads is one contiguous range,
-    and one chunk was the fastest measured at every size (`benchmarks/index_chunk_sweep.py`:
-    4000 x 256 0.41 -> 0.31 ms, 4000 x 2048 2.78 -> 2.41, 20000 x 256 1.77 -> 1.43). bfloat16
-    keeps the bounded chunks (one chunk was slower at 4000 x 2048), as do larger budgets, whose
-    similarity block grows with r_q * r_c.
+    and one chunk is what the candidates-first kernel (`_index_search._single_vector_top_k`)
+    takes; on the chunked kernel too one chunk was the fastest at every size
+    (`benchmarks/index_chunk_sweep.py`, 2026-12-05). bfloat16 keeps the bounded chunks (one
+    chunk was slower at 4000 x 2048 there), as do larger budgets, whose similarity block grows
+    with r_q * r_c.
     """
     r_q, r_c = budget
     if (r_q, r_c) == (1, 1) and np.dtype(dtype) == np.float32:
