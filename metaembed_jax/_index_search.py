@@ -146,8 +146,9 @@ def _single_vector_top_k(queries, block, valid, k):
 
     The product is taken as ``block[0] @ queries[:, 0].T`` ([n, Nq]), not the transpose: XLA:CPU
     ran that orientation 1.2-1.7x faster (jax 0.10.2, 32 queries, 4000-20000 candidates, D 256
-    and 2048; `benchmarks/bench_scoring.py`), and the blocked top-k reads it in place. The
-    scores are the same floats either way (one dot product per pair)."""
+    and 2048; an ad-hoc timing of the two products, not kept; `benchmarks/bench_scoring.py`'s
+    float32 (1, 1) rows show the search as a whole), and the blocked top-k reads it in place.
+    The scores are the same floats either way (one dot product per pair)."""
     scores = lax.dot_general(
         block[0], queries[:, 0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
