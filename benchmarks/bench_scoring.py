@@ -268,8 +268,8 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
             f"{per_query['pylate']:.3f} | {peer_times[faster] / ours:.2f}x ({faster}) |"
         )
         print(
-            f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours:.4f}s, "
-            + ", ".join(f"{n} {t:.4f}s" for n, t in peer_times.items()),
+            f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours:.7f}s, "
+            + ", ".join(f"{n} {t:.7f}s" for n, t in peer_times.items()),
             flush=True,
         )
     return rows

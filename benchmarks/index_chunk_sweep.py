@@ -9,7 +9,7 @@ calls (`bench_scoring.best_time`); `*` marks the chunk `search` picks
 (`index._search_chunk_size`); chunks whose float32 similarity block exceeds 1 GiB are skipped.
 
     python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048] \
-        [--budgets 1x1,2x4]
+        [--budgets 1x1,2x4] [--chunks 256,1024,4096] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ NUM_QUERIES, R_Q, K = 32, 16, 10
 MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped
 
 
-def sweep_row(index, queries, mesh, budget, repeats) -> str:
+def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096)) -> str:
     r_q, r_c = budget
     _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
     placed = _replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
     count = len(index)
     default = _search_chunk_size(NUM_QUERIES, budget, count, index.dim, vectors.dtype)
     cells = []
-    for chunk in sorted({min(c, count) for c in (default, 256, 1024, 4096, count)}):
+    for chunk in sorted({min(c, count) for c in (default, *chunks, count)}):
         if NUM_QUERIES * r_q * chunk * r_c * 4 > MAX_SCORE_BYTES:
             continue
         search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
@@ -52,6 +52,10 @@ def main():
     parser.add_argument("--stored_vectors", type=int, default=0, help="R_c (0: largest r_c)")
     parser.add_argument("--max_elements", type=int, default=20000 * 512, help="skip N x D above")
     parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument(
+        "--chunks", default="256,1024,4096", help="chunk sizes tried besides the default and N"
+    )
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     budgets = [tuple(int(r) for r in b.split("x")) for b in args.budgets.split(",")]
     stored = args.stored_vectors or max(r_c for _, r_c in budgets)
@@ -65,10 +69,12 @@ def main():
             rng = np.random.default_rng(0)
             vectors = rng.standard_normal((count, stored, dim), dtype=np.float32)
             queries = rng.standard_normal((NUM_QUERIES, R_Q, dim), dtype=np.float32)
-            for dtype in ("float32", "bfloat16"):
+            for dtype in args.dtypes.split(","):
                 index = MultiVectorIndex.build(vectors, dtype=dtype)
                 for budget in budgets:
-                    print(sweep_row(index, queries, mesh, budget, args.repeats), flush=True)
+                    chunks = tuple(int(c) for c in args.chunks.split(","))
+                    row = sweep_row(index, queries, mesh, budget, args.repeats, chunks)
+                    print(row, flush=True)
     print(machine_load.describe())
 
 

@@ -369,15 +369,25 @@ def _masked_softmax(scores, mask, head_dim, scale, logit_softcap):
 
 def _reference_attention(query, key, value, mask, scale=None, logit_softcap=None) -> jax.Array:
     """The einsum path: float32 scores `[B, Hkv, G, L, S]`, masked, softmax, zeros where a row
-    has no allowed key."""
+    has no allowed key.
+
+    Queries, keys and values are made head-major (`[B, Hkv, G, L, Dh]`, `[B, Hkv, S, Dh]`)
+    before the products, so that the scores come out of the matmul in the layout the softmax
+    and the second product read: with token-major operands XLA:CPU wrote every layer's scores
+    (and their gradient) through transposing copies, 25% of a train step's time (hidden 512,
+    head dim 16, length 208, `benchmarks/profile_train_step.py`). Transposing the operands
+    instead moves `Dh`-wide rows, not `S`-wide ones."""
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
-    query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
+    query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    key_heads, value_heads = (jnp.swapaxes(a, 1, 2) for a in (key, value))  # [B, Hkv, S, Dh]
+    scores = jnp.einsum(
+        "bkgld,bksd->bkgls", query, key_heads, preferred_element_type=jnp.float32
+    )
     probs = _masked_softmax(scores, mask, head_dim, scale, logit_softcap)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(value.dtype), value)
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    out = jnp.einsum("bkgls,bksd->bkgld", probs.astype(value.dtype), value_heads)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
 
 
 def _zero_rows_without_keys(out: jax.Array, spec: MaskSpec, kv_len: int) -> jax.Array:

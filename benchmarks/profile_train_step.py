@@ -1,0 +1,109 @@
+"""Where the JAX train step's time goes: a `jax.profiler` trace of the gradient computation,
+summed per XLA operation (op times of every XLA thread added together).
+
+    python benchmarks/profile_train_step.py --size representative [--top 25]
+
+Builds the model and batch of `bench_train_step.py` (same sizes and flags), runs the jitted
+forward + MMR loss + backward (`_grads_one`) once to compile, traces `--steps` calls, then reads
+the trace with `jax.profiler.ProfileData` and prints the largest operations, their share of the
+summed op time, and the share by kind (fusions are named after what XLA fused: `dot`, `copy`,
+`reduce`, `dynamic-update-slice`, ...). Run it on a quiet machine: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from benchmarks import machine_load  # noqa: E402
+from benchmarks.bench_train_step import SIZES, text_batch  # noqa: E402
+from metaembed_jax.losses import MMR_GROUPS  # noqa: E402
+from metaembed_jax.models.qwen2_vl import tiny_config  # noqa: E402
+from metaembed_jax.training.config import base_config  # noqa: E402
+from metaembed_jax.training.model import build_model  # noqa: E402
+from metaembed_jax.training.state import create_train_state, make_optimizer  # noqa: E402
+from metaembed_jax.training.step import _grads_one  # noqa: E402
+
+
+def build(args):
+    """(train state, one batch) as `bench_train_step.py` builds them (weights via transformers)."""
+    hf_dict = tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+    config = base_config()
+    config.model.hf_config = ConfigDict(hf_dict)
+    torch.manual_seed(0)
+    hf_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_dict)).float()
+    with tempfile.TemporaryDirectory() as checkpoint:
+        hf_model.save_pretrained(checkpoint)
+        config.init_from = checkpoint
+        model = build_model(config)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    state = create_train_state(model, tx, lora=False)
+    batch = jax.tree.map(jnp.asarray, text_batch(0, args.batch, args.length, 1024))
+    return state, batch
+
+
+def op_kind(name: str) -> str:
+    """An op's kind: its name without the numeric suffix XLA adds (`fusion.12` -> `fusion`)."""
+    return re.sub(r"[.\d]+$", "", name)
+
+
+def summed_op_times(trace_dir: str) -> collections.Counter:
+    """{op name: summed duration in ms} over every XLA op event of the trace."""
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+    totals = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if "XLA Ops" not in line.name and "xla" not in line.name.lower():
+                continue
+            for event in line.events:
+                totals[event.name] += event.duration_ns / 1e6
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="representative")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    for name, value in SIZES[args.size].items():
+        setattr(args, name, value)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"at start: {machine_load.describe()}")
+    state, batch = build(args)
+    grads = jax.jit(lambda st, b: _grads_one(st, st.params, st.other, b, MMR_GROUPS, 0.03, None)[2])
+    jax.block_until_ready(grads(state, batch))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.steps):
+                jax.block_until_ready(grads(state, batch))
+        totals = summed_op_times(trace_dir)
+    total = sum(totals.values())
+    print(f"\nsummed op time over {args.steps} calls: {total:.0f} ms ({len(totals)} ops)\n")
+    print("| op | ms per call | share |\n|---|---|---|")
+    for name, ms in totals.most_common(args.top):
+        print(f"| {name} | {ms / args.steps:.1f} | {ms / total:.1%} |")
+    kinds = collections.Counter()
+    for name, ms in totals.items():
+        kinds[op_kind(name)] += ms
+    print("\n| kind | ms per call | share |\n|---|---|---|")
+    for name, ms in kinds.most_common(15):
+        print(f"| {name} | {ms / args.steps:.1f} | {ms / total:.1%} |")
+    print(f"\nat end: {machine_load.describe()}")
+
+
+if __name__ == "__main__":
+    main()
