@@ -382,9 +382,7 @@ def _reference_attention(query, key, value, mask, scale=None, logit_softcap=None
     groups = num_heads // num_kv_heads
     query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     key_heads, value_heads = (jnp.swapaxes(a, 1, 2) for a in (key, value))  # [B, Hkv, S, Dh]
-    scores = jnp.einsum(
-        "bkgld,bksd->bkgls", query, key_heads, preferred_element_type=jnp.float32
-    )
+    scores = jnp.einsum("bkgld,bksd->bkgls", query, key_heads, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores, mask, head_dim, scale, logit_softcap)
     out = jnp.einsum("bkgls,bksd->bkgld", probs.astype(value.dtype), value_heads)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
