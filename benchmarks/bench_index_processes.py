@@ -59,7 +59,7 @@ def summarise(runs: list[dict], num_queries: int) -> None:
     for key in runs[0]:
         ours = [run[key][0] for run in runs]
         peers = [min(run[key][1:]) for run in runs]
-        ratios = sorted(p / o for p, o in zip(peers, ours))
+        ratios = sorted(p / o for p, o in zip(peers, ours, strict=True))
         n, d, dtype, r_q, r_c = key
         per_query = 1e3 / num_queries
         print(
