@@ -10,9 +10,11 @@ MFU = XLA's FLOP count of the compiled step / step time / a measured float32 mat
     python benchmarks/bench_train_step.py --size representative   # hidden 512, 4 layers
     python benchmarks/bench_train_step.py --profile   # + forward / loss / backward on their own
 
-`--size` sets the defaults of --hidden / --layers / --batch / --length (explicit flags win):
-tiny (the default, hidden 128, 2 layers) or representative (hidden 512, 4 layers, batch 16 x 3
-sides, length 128). Both text-only: the PyTorch reference has no image path.
+`--size` sets the defaults of --hidden / --layers / --batch / --length / --head_dim /
+--intermediate (explicit flags win): tiny (the default, hidden 128, 2 layers), representative
+(hidden 512, 4 layers, batch 16 x 3 sides, length 128; head dim 16 as `tiny_config` gives it)
+or qwen_shaped (the same with Qwen2.5-VL's head dim 128 and MLP width 5.375x). All text-only:
+the PyTorch reference has no image path.
 XLA's FLOP count counts the scanned layer body once, so the MFU printed is a lower bound.
 """
 
@@ -110,7 +112,31 @@ class TorchMetaEmbed(torch.nn.Module):
 SIZES = {
     "tiny": dict(hidden=128, layers=2, batch=16, length=64),
     "representative": dict(hidden=512, layers=4, batch=16, length=128),
+    # As representative, with Qwen2.5-VL's proportions: head dim 128 (4 heads, 2 kv heads) and
+    # an MLP 5.375x the width (3B: 2048 -> 11008), where `tiny_config` gives head dim 16 and 2x.
+    "qwen_shaped": dict(
+        hidden=512, layers=4, batch=16, length=128, head_dim=128, intermediate=2752
+    ),
 }
+
+
+def hf_config_for(args) -> dict:
+    """The benchmark model's config dict: `tiny_config` at --hidden / --layers, with --head_dim
+    (heads = hidden / head_dim, half as many kv heads) and --intermediate where given."""
+    text = {}
+    if args.head_dim:
+        heads = args.hidden // args.head_dim
+        half = args.head_dim // 2
+        section = [half // 4, (half - half // 4) // 2]
+        text["num_attention_heads"], text["num_key_value_heads"] = heads, max(1, heads // 2)
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": [*section, half - sum(section)],
+            "rope_theta": 1e4,
+        }
+    if args.intermediate:
+        text["intermediate_size"] = args.intermediate
+    return tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers, text=text)
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -166,6 +192,8 @@ def main():
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--head_dim", type=int, default=None, help="default: tiny_config's 16")
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 2 x hidden")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
         "--profile", action="store_true", help="also time forward / loss / backward on their own"
@@ -176,7 +204,7 @@ def main():
             setattr(args, name, value)
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    hf_dict = tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+    hf_dict = hf_config_for(args)
     config = base_config()
     config.model.hf_config = ConfigDict(hf_dict)
     config.optimizer.lr = 1e-3  # the torch peer's AdamW below

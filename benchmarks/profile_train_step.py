@@ -28,9 +28,8 @@ from ml_collections import ConfigDict  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from benchmarks import machine_load  # noqa: E402
-from benchmarks.bench_train_step import SIZES, text_batch  # noqa: E402
+from benchmarks.bench_train_step import SIZES, hf_config_for, text_batch  # noqa: E402
 from metaembed_jax.losses import MMR_GROUPS  # noqa: E402
-from metaembed_jax.models.qwen2_vl import tiny_config  # noqa: E402
 from metaembed_jax.training.config import base_config  # noqa: E402
 from metaembed_jax.training.model import build_model  # noqa: E402
 from metaembed_jax.training.state import create_train_state, make_optimizer  # noqa: E402
@@ -39,7 +38,7 @@ from metaembed_jax.training.step import _grads_one  # noqa: E402
 
 def build(args):
     """(train state, one batch) as `bench_train_step.py` builds them (weights via transformers)."""
-    hf_dict = tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers)
+    hf_dict = hf_config_for(args)
     config = base_config()
     config.model.hf_config = ConfigDict(hf_dict)
     torch.manual_seed(0)
@@ -79,6 +78,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    args.head_dim = args.intermediate = None
     for name, value in SIZES[args.size].items():
         setattr(args, name, value)
     jax.config.update("jax_default_matmul_precision", "highest")
