@@ -48,8 +48,10 @@ def get_config(variant: str | None = None):
     # held the full budget at the level of the smallest: flat curves (3 seeds on 2026-12-06,
     # average nDCG@5 at (1, 1) ... (16, 64): 62.7 ... 66.3, 64.1 ... 66.9, 64.6 ... 64.2). With
     # these weights the same seeds scored higher at every budget and rose with it (68.9 ... 75.7,
-    # 68.6 ... 75.4, 73.8 ... 80.4 at (8, 16) ... 78.5). README, "What make demo shows", has
-    # the tables and an earlier single run on another machine that went the other way.
+    # 68.6 ... 75.4, 73.8 ... 80.4 at (8, 16) ... 78.5; at commit 745506e: the code since
+    # rounds attention sums in another order, and its 3 seeds average 61.9 ... 69.8). README,
+    # "What make demo shows", has the tables and an earlier single run on another machine
+    # that went the other way.
     config.loss.groups = ((1, 1, 0.25), (2, 4, 0.25), (4, 8, 0.25), (8, 16, 0.25), (16, 64, 1.0))
 
     config.train.steps = 400
