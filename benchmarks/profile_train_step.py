@@ -68,8 +68,16 @@ def summed_op_times(trace_dir: str) -> collections.Counter:
             if "XLA Ops" not in line.name and "xla" not in line.name.lower():
                 continue
             for event in line.events:
-                totals[event.name] += event.duration_ns / 1e6
+                if not event.name.startswith("ThunkExecutor"):  # spans around the ops below
+                    totals[event.name] += event.duration_ns / 1e6
     return totals
+
+
+def describe_ops(hlo_text: str) -> dict[str, str]:
+    """{HLO instruction name: "shape, op_name"} from a compiled module's text, so that a fusion
+    in the trace can be traced back to the JAX operation it came from."""
+    pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = (\S+) .*?op_name="([^"]*)"', re.M)
+    return {name: f"{shape} {op_name[-70:]}" for name, shape, op_name in pattern.findall(hlo_text)}
 
 
 def main():
@@ -86,6 +94,7 @@ def main():
     state, batch = build(args)
     grads = jax.jit(lambda st, b: _grads_one(st, st.params, st.other, b, MMR_GROUPS, 0.03, None)[2])
     jax.block_until_ready(grads(state, batch))
+    described = describe_ops(grads.lower(state, batch).compile().as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):
@@ -93,9 +102,10 @@ def main():
         totals = summed_op_times(trace_dir)
     total = sum(totals.values())
     print(f"\nsummed op time over {args.steps} calls: {total:.0f} ms ({len(totals)} ops)\n")
-    print("| op | ms per call | share |\n|---|---|---|")
+    print("| op | ms per call | share | shape, from |\n|---|---|---|---|")
     for name, ms in totals.most_common(args.top):
-        print(f"| {name} | {ms / args.steps:.1f} | {ms / total:.1%} |")
+        what = described.get(name, "")
+        print(f"| {name} | {ms / args.steps:.1f} | {ms / total:.1%} | {what} |")
     kinds = collections.Counter()
     for name, ms in totals.items():
         kinds[op_kind(name)] += ms
