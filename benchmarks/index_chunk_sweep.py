@@ -58,6 +58,7 @@ def main():
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     budgets = [tuple(int(r) for r in b.split("x")) for b in args.budgets.split(",")]
+    chunks = tuple(int(c) for c in args.chunks.split(","))
     stored = args.stored_vectors or max(r_c for _, r_c in budgets)
     print(machine_load.describe())
     mesh = _default_mesh()
@@ -72,7 +73,6 @@ def main():
             for dtype in args.dtypes.split(","):
                 index = MultiVectorIndex.build(vectors, dtype=dtype)
                 for budget in budgets:
-                    chunks = tuple(int(c) for c in args.chunks.split(","))
                     row = sweep_row(index, queries, mesh, budget, args.repeats, chunks)
                     print(row, flush=True)
     print(machine_load.describe())
