@@ -120,23 +120,43 @@ SIZES = {
 }
 
 
-def hf_config_for(args) -> dict:
-    """The benchmark model's config dict: `tiny_config` at --hidden / --layers, with --head_dim
-    (heads = hidden / head_dim, half as many kv heads) and --intermediate where given."""
-    text = {}
-    if args.head_dim:
-        heads = args.hidden // args.head_dim
-        half = args.head_dim // 2
-        section = [half // 4, (half - half // 4) // 2]
-        text["num_attention_heads"], text["num_key_value_heads"] = heads, max(1, heads // 2)
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "mrope_section": [*section, half - sum(section)],
-            "rope_theta": 1e4,
-        }
+def apply_size(args, size: str) -> None:
+    """Fill the model / batch fields of `args` that are missing or None from `SIZES[size]`."""
+    for name in ("hidden", "layers", "batch", "length", "head_dim", "intermediate"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, SIZES[size].get(name))
+
+
+def build_models(args, lr: float = 1e-3):
+    """(config, transformers model, our model) with the same random weights: the transformers
+    model at `args`' size is saved and loaded by our loader. The config trains at constant `lr`
+    (the torch peer's AdamW) with batch `args.batch`."""
+    hf_dict = tiny_config(
+        vocab_size=1024, hidden=args.hidden, layers=args.layers, head_dim=args.head_dim or 16
+    )
     if args.intermediate:
-        text["intermediate_size"] = args.intermediate
-    return tiny_config(vocab_size=1024, hidden=args.hidden, layers=args.layers, text=text)
+        hf_dict["text_config"]["intermediate_size"] = args.intermediate
+    config = base_config()
+    config.model.hf_config = ConfigDict(hf_dict)
+    config.optimizer.lr = lr
+    config.train.batch_size = args.batch
+    config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"
+    torch.manual_seed(0)
+    hf_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_dict)).float()
+    with tempfile.TemporaryDirectory() as checkpoint:
+        hf_model.save_pretrained(checkpoint)
+        config.init_from = checkpoint
+        model = build_model(config)
+    return config, hf_model, model
+
+
+# Forward + MMR loss + backward of one batch: the gradients alone, without the optimizer.
+gradients = jax.jit(
+    lambda state, batch: _grads_one(
+        state, state.params, state.other, batch, MMR_GROUPS, 0.03, None
+    )[2]
+)
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -150,11 +170,10 @@ def profile_parts(state, jax_batch, torch_model, torch_batch, repeats: int) -> N
     model = state.model()
     embed = jax.jit(lambda m, b: embed_batch(m, b))
     loss = jax.jit(lambda m, b: compute_loss(m, b, MMR_GROUPS, 0.03, None)[0])
-    grads = jax.jit(lambda st, b: _grads_one(st, st.params, st.other, b, MMR_GROUPS, 0.03, None)[2])
     jax_parts = {
         "forward (3 sides)": lambda: jax.block_until_ready(embed(model, jax_batch)),
         "forward + MMR loss": lambda: jax.block_until_ready(loss(model, jax_batch)),
-        "forward + loss + backward": lambda: jax.block_until_ready(grads(state, jax_batch)),
+        "forward + loss + backward": lambda: jax.block_until_ready(gradients(state, jax_batch)),
     }
 
     def torch_forward():
@@ -199,24 +218,10 @@ def main():
         "--profile", action="store_true", help="also time forward / loss / backward on their own"
     )
     args = parser.parse_args()
-    for name, value in SIZES[args.size].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_size(args, args.size)
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    hf_dict = hf_config_for(args)
-    config = base_config()
-    config.model.hf_config = ConfigDict(hf_dict)
-    config.optimizer.lr = 1e-3  # the torch peer's AdamW below
-    config.train.batch_size = args.batch
-    config.optimizer.warmup_steps = 0
-    config.optimizer.schedule = "constant"
-    torch.manual_seed(0)
-    hf_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_dict)).float()
-    with tempfile.TemporaryDirectory() as checkpoint:
-        hf_model.save_pretrained(checkpoint)
-        config.init_from = checkpoint
-        model = build_model(config)
+    config, hf_model, model = build_models(args, lr=1e-3)  # the torch peer's AdamW below
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     state = create_train_state(model, tx, lora=False)
     step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)

@@ -23,30 +23,21 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from benchmarks import machine_load  # noqa: E402
-from benchmarks.bench_train_step import SIZES, hf_config_for, text_batch  # noqa: E402
-from metaembed_jax.losses import MMR_GROUPS  # noqa: E402
-from metaembed_jax.training.config import base_config  # noqa: E402
-from metaembed_jax.training.model import build_model  # noqa: E402
+from benchmarks.bench_train_step import (  # noqa: E402
+    SIZES,
+    apply_size,
+    build_models,
+    gradients,
+    text_batch,
+)
 from metaembed_jax.training.state import create_train_state, make_optimizer  # noqa: E402
-from metaembed_jax.training.step import _grads_one  # noqa: E402
 
 
 def build(args):
     """(train state, one batch) as `bench_train_step.py` builds them (weights via transformers)."""
-    hf_dict = hf_config_for(args)
-    config = base_config()
-    config.model.hf_config = ConfigDict(hf_dict)
-    torch.manual_seed(0)
-    hf_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_dict)).float()
-    with tempfile.TemporaryDirectory() as checkpoint:
-        hf_model.save_pretrained(checkpoint)
-        config.init_from = checkpoint
-        model = build_model(config)
+    config, _, model = build_models(args)
     tx, _ = make_optimizer(config.optimizer, config.train.steps)
     state = create_train_state(model, tx, lora=False)
     batch = jax.tree.map(jnp.asarray, text_batch(0, args.batch, args.length, 1024))
@@ -86,19 +77,16 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    args.head_dim = args.intermediate = None
-    for name, value in SIZES[args.size].items():
-        setattr(args, name, value)
+    apply_size(args, args.size)
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"at start: {machine_load.describe()}")
     state, batch = build(args)
-    grads = jax.jit(lambda st, b: _grads_one(st, st.params, st.other, b, MMR_GROUPS, 0.03, None)[2])
-    jax.block_until_ready(grads(state, batch))
-    described = describe_ops(grads.lower(state, batch).compile().as_text())
+    jax.block_until_ready(gradients(state, batch))
+    described = describe_ops(gradients.lower(state, batch).compile().as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):
-                jax.block_until_ready(grads(state, batch))
+                jax.block_until_ready(gradients(state, batch))
         totals = summed_op_times(trace_dir)
     total = sum(totals.values())
     print(f"\nsummed op time over {args.steps} calls: {total:.0f} ms ({len(totals)} ops)\n")

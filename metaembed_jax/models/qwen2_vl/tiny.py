@@ -27,6 +27,7 @@ def tiny_config(
     model_type: str = "qwen2_5_vl",
     hidden: int = 32,
     layers: int = 2,
+    head_dim: int = 16,
     vision_hidden: int = 32,
     vision_depth: int = 1,
     text: Mapping[str, Any] | None = None,
@@ -38,13 +39,14 @@ def tiny_config(
     Args:
       vocab_size: text vocabulary (0 = "the tokenizer's", filled in by the training run).
       model_type: "qwen2_5_vl" (windowed RMSNorm vision tower) or "qwen2_vl" (LayerNorm tower).
-      hidden / layers: the language model's width and depth (heads: hidden / 16, at least 2;
-        half as many key/value heads).
+      hidden / layers: the language model's width and depth.
+      head_dim: width of an attention head (heads: hidden / head_dim, at least 2; half as many
+        key/value heads). Qwen2.5-VL's is 128; 16 keeps tests' tiny models multi-headed.
       vision_hidden / vision_depth: the vision tower's width and depth.
       text / vision: entries that replace those of `text_config` / `vision_config`.
       overrides: top-level entries (e.g. `image_token_id`) that replace the defaults.
     """
-    heads = max(2, hidden // 16)
+    heads = max(2, hidden // head_dim)
     section = _mrope_section(hidden // heads)
     text_config = {
         "model_type": f"{model_type}_text",
