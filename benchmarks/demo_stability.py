@@ -1,7 +1,10 @@
 """How sensitive is a training recipe to rounding? The same run on 1 CPU device and on a 4 x 2
 (data x fsdp) mesh of 8 virtual CPU devices: same data, seed and global batch; only the order of
 the floating-point sums differs. Prints the largest |loss difference| per window of steps and
-whether the first `--within` steps stay within `--tolerance`.
+whether the first `--within` steps stay within `--tolerance`. The runs are the recipe's own
+first `--steps` steps (its warm-up and schedule over its `train.steps`; `train.stop_after` ends
+them), as in a full run. (Until 2026-12-06 the script set `train.steps` to `--steps`, which
+compressed the schedule into those steps.)
 
     python benchmarks/demo_stability.py                       # configs/demo.py, 100 steps
     python benchmarks/demo_stability.py --steps 40 -- --config.loss.temperature=0.1
@@ -50,7 +53,7 @@ def train(name: str, workdir: Path, args, overrides: list[str]) -> dict[int, flo
         return losses
     env, mesh = MESHES[name]
     command = [sys.executable, str(REPO / "train.py"), f"--config={args.config}",
-               f"--workdir={workdir}", f"--config.train.steps={args.steps}",
+               f"--workdir={workdir}", f"--config.train.stop_after={args.steps}",
                "--config.train.log_every=1", f"--config.checkpoint.every={10**6}",
                "--config.train.progress_bar=False", *mesh, *overrides]  # fmt: skip
     if args.data:
