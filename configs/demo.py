@@ -57,9 +57,10 @@ def get_config(variant: str | None = None):
     # that went the other way.
     config.loss.groups = ((1, 1, 0.25), (2, 4, 0.25), (4, 8, 0.25), (8, 16, 0.25), (16, 64, 1.0))
 
-    # 700 steps: at 400 the loss was still falling (0.25-0.6, every group alike) and 3 seeds'
-    # averages spread by 5-7 points; 700 steps, bought by the faster step (heads, length buckets),
-    # spread by 0.2-3.9 and score ~15 points higher (README, "What make demo shows").
+    # 700 steps: at 400 the loss was still falling (0.25-0.6, every group alike) and the
+    # averages of 3 seeds had a std of 4.8-7.3 points; with 700 steps, bought by the faster step
+    # (heads, length buckets), 0.2-3.9, and means 16-19 points higher (README, "What make demo
+    # shows").
     config.train.steps = 700
     config.train.batch_size = 32
     config.train.log_every = 10
