@@ -3,8 +3,9 @@ summed per XLA operation (op times of every XLA thread added together).
 
     python benchmarks/profile_train_step.py --size representative [--top 25]
 
-Builds the model and batch of `bench_train_step.py` (same sizes and flags), runs the jitted
-forward + MMR loss + backward (`_grads_one`) once to compile, traces `--steps` calls, then reads
+Builds the model and batch of `bench_train_step.py` (same sizes and flags), compiles the
+forward + MMR loss + backward (`_grads_one`) once, runs it once to warm up, traces `--steps`
+calls of the same executable, then reads
 the trace with `jax.profiler.ProfileData` and prints the largest operations, their share of the
 summed op time, and the share by kind (fusions are named after what XLA fused: `dot`, `copy`,
 `reduce`, `dynamic-update-slice`, ...). Run it on a quiet machine: the load average is printed.
@@ -81,12 +82,14 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"at start: {machine_load.describe()}")
     state, batch = build(args)
-    jax.block_until_ready(gradients(state, batch))
-    described = describe_ops(gradients.lower(state, batch).compile().as_text())
+    # Compiled once: its text names the ops, and the same executable is warmed up and traced.
+    compiled = gradients.lower(state, batch).compile()
+    described = describe_ops(compiled.as_text())
+    jax.block_until_ready(compiled(state, batch))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):
-                jax.block_until_ready(gradients(state, batch))
+                jax.block_until_ready(compiled(state, batch))
         totals = summed_op_times(trace_dir)
     total = sum(totals.values())
     print(f"\nsummed op time over {args.steps} calls: {total:.0f} ms ({len(totals)} ops)\n")
