@@ -31,3 +31,16 @@ def test_matmul_gradients_equal_autodiff_of_the_plain_product(dtype):
             atol=tolerance,
         )
     assert float(jnp.abs(ours[1].astype(jnp.float32)).max()) > 0.1  # a real gradient, not zeros
+
+
+def test_no_kernel_gradient_leaves_one_dot():
+    """A frozen kernel (LoRA's base weight) needs only the input's gradient: XLA removes the
+    custom backward's kernel product, so the compiled backward holds one dot, not two."""
+    x, kernel = jnp.ones((3, 5, 8)), jnp.ones((8, 6))
+
+    def dots(argnums):
+        grad = jax.grad(lambda x, k: jnp.sum(_matmul(x, k)), argnums=argnums)
+        return jax.jit(grad).lower(x, kernel).compile().as_text().count(" dot(")
+
+    assert dots(0) == 1
+    assert dots((0, 1)) == 2
