@@ -24,17 +24,19 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionR
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
 from metaembed_jax.models import hf_loading, layers
-from metaembed_jax.models.qwen2_vl import vision as qwen2_vl_vision
-from metaembed_jax.models.qwen2_vl.tiny import tiny_config
-from metaembed_jax.models.qwen2_vl.vision import (
-    VisionTower,
+from metaembed_jax.models.qwen2_vl import segment_attention
+from metaembed_jax.models.qwen2_vl.segment_attention import (
     blocked_attention,
     dense_attention,
     local_attention,
+    segment_blocks,
+)
+from metaembed_jax.models.qwen2_vl.tiny import tiny_config
+from metaembed_jax.models.qwen2_vl.vision import (
+    VisionTower,
     parse_vision_config,
     patch_layout,
     rotary_cos_sin,
-    segment_blocks,
     vision_rules,
 )
 from tests.helpers import register_loader_family
@@ -232,7 +234,7 @@ def test_padding_does_not_change_real_rows(checkpoint, monkeypatch):
     padding output rows come after them and are zero. Full attention runs in query chunks of 16
     here (as it does on long packed sequences)."""
     model_type, visual, path = checkpoint
-    monkeypatch.setattr(qwen2_vl_vision, "DENSE_QUERY_CHUNK", 16)
+    monkeypatch.setattr(segment_attention, "DENSE_QUERY_CHUNK", 16)
     tower = hf_loading.load_hf(path).visual
     pixel_values, grid_thw = images_to_patches([(56, 56), (56, 112)])
     expected = hf_features(visual, pixel_values, grid_thw)
