@@ -9,7 +9,7 @@ calls (`bench_scoring.best_time`); `*` marks the chunk `search` picks
 (`index._search_chunk_size`); chunks whose float32 similarity block exceeds 1 GiB are skipped.
 
     python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048] \
-        [--budgets 1x1,2x4] [--chunks 256,1024,4096] [--dtypes float32,bfloat16]
+        [--budgets 1x1,2x4] [--chunks 256,1024,4096] [--dtypes float32,bfloat16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -27,20 +27,27 @@ NUM_QUERIES, R_Q, K = 32, 16, 10
 MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped
 
 
-def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096)) -> str:
+def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), rounds=1) -> str:
+    """One table row: each chunk's best kernel time over ``rounds`` rounds, each round timing
+    every chunk once in turn, so that a drift of the machine's speed over minutes (this 2-core
+    machine's shared caches and memory) reaches all chunks alike rather than the last ones."""
     r_q, r_c = budget
     _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
     placed = _replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
     count = len(index)
     default = _search_chunk_size(NUM_QUERIES, budget, count, index.dim, vectors.dtype)
+    candidates = sorted({min(c, count) for c in (default, *chunks, count)})
+    fitting = [c for c in candidates if NUM_QUERIES * r_q * c * r_c * 4 <= MAX_SCORE_BYTES]
+    times = {chunk: [] for chunk in fitting}
+    for _ in range(rounds):
+        for chunk in fitting:
+            search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
+            args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
+            times[chunk].append(best_time(lambda s=search, a=args: s(*a), repeats) * 1e3)
     cells = []
-    for chunk in sorted({min(c, count) for c in (default, *chunks, count)}):
-        if NUM_QUERIES * r_q * chunk * r_c * 4 > MAX_SCORE_BYTES:
-            continue
-        search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
-        args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
-        ms = best_time(lambda s=search, a=args: s(*a), repeats) * 1e3
-        cells.append(f"{chunk}{'*' if chunk == default else ''}: {ms:.2f} ms")
+    for chunk, ms in times.items():
+        spread = f" (rounds up to {max(ms):.2f})" if rounds > 1 else ""
+        cells.append(f"{chunk}{'*' if chunk == default else ''}: {min(ms):.2f} ms{spread}")
     return f"| {count} | {index.dim} | {index.dtype} | {budget} | " + ", ".join(cells) + " |"
 
 
@@ -56,6 +63,9 @@ def main():
         "--chunks", default="256,1024,4096", help="chunk sizes tried besides the default and N"
     )
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds over all chunks; each cell: best round"
+    )
     args = parser.parse_args()
     budgets = [tuple(int(r) for r in b.split("x")) for b in args.budgets.split(",")]
     chunks = tuple(int(c) for c in args.chunks.split(","))
@@ -73,7 +83,7 @@ def main():
             for dtype in args.dtypes.split(","):
                 index = MultiVectorIndex.build(vectors, dtype=dtype)
                 for budget in budgets:
-                    row = sweep_row(index, queries, mesh, budget, args.repeats, chunks)
+                    row = sweep_row(index, queries, mesh, budget, args.repeats, chunks, args.rounds)
                     print(row, flush=True)
     print(machine_load.describe())
 

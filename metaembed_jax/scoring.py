@@ -7,8 +7,8 @@ budget.
 
 The scorer is one matmul per candidate chunk over all query vectors at once
 (``[Nq * r_q, D] x [D, chunk * r_c]``), then a max over the candidate-vector axis and a sum over
-the query-vector axis. Chunks are sized so that the similarity block stays cache-resident (the
-matmul then runs near the machine's peak and the block never goes to main memory), and memory is
+the query-vector axis. Chunks are sized so that the similarity block stays small (the matmul then
+runs near the machine's peak and the block is reduced right after it), and memory is
 bounded at any number of candidates. Accumulation is always float32.
 """
 
@@ -21,16 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Chunk sizing (candidates per chunk), tuned with benchmarks/bench_scoring.py on a 2-core AVX-512
-# CPU. Three bounds:
-# - the float32 similarity block [Nq * r_q, chunk * r_c] holds at most 128K floats (512 KiB,
-#   about one core's L2): blocks of 64K-128K scored 1.2-2x faster than 2M-8M ones at (8,16) and
-#   (16,64), because the block is reduced (max, sum) while still in cache;
+# Chunk sizing (candidates per chunk), tuned on a 2-core AVX-512 CPU (jax 0.10.2) with
+# benchmarks/bench_scoring.py and benchmarks/index_chunk_sweep.py. Three bounds:
+# - the float32 similarity block [Nq * r_q, chunk * r_c] holds at most 1M floats (4 MiB): it is
+#   reduced (max, sum) right after the matmul, and blocks of 8M ran ~1.6-2x slower than 1M at
+#   (16, 64) (D 256 and 512); below 1M the matmul per chunk is small at small D: the index's
+#   (16, 64) search of 20000 x 256 took 1.07x (float32) and 1.16x (bfloat16) as long with 128K
+#   blocks, its (8, 16) and (4, 8) searches up to 1.1x (sweeps with interleaved rounds,
+#   2026-12-06); `maxsim` on [N, R_c, D] candidates was within 3% either way;
 # - the candidate slice [chunk, r_c, D] is at most 2 MiB: at (1, 1) with D=2048, 4096-candidate
 #   chunks (32 MiB) ran 3x slower than 256-1024;
-# - at least 8 candidates: at (16, 64) the block bound alone gives 4, and the bfloat16 matmul then
-#   ran at ~74% of its peak instead of ~84% (float32: no change).
-DEFAULT_BLOCK_ELEMENTS = 128 * 1024
+# - at least 8 candidates: at D=2048 and (16, 64) the slice bound gives 4, and the bfloat16
+#   matmul then ran at ~74% of its peak instead of ~84% (float32: no change).
+DEFAULT_BLOCK_ELEMENTS = 1 << 20
 MAX_SLICE_BYTES = 2 << 20
 MIN_CHUNK_CANDIDATES = 8
 
