@@ -21,7 +21,8 @@ import numpy as np
 from benchmarks import machine_load
 from benchmarks.bench_scoring import best_time
 from metaembed_jax import _index_search as kernels
-from metaembed_jax.index import MultiVectorIndex, _default_mesh, _replicate, _search_chunk_size
+from metaembed_jax._index_placement import replicate
+from metaembed_jax.index import MultiVectorIndex, _default_mesh, _search_chunk_size
 
 NUM_QUERIES, R_Q, K = 32, 16, 10
 MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped
@@ -33,7 +34,7 @@ def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), r
     machine's shared caches and memory) reaches all chunks alike rather than the last ones."""
     r_q, r_c = budget
     _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
-    placed = _replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
+    placed = replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
     count = len(index)
     default = _search_chunk_size(NUM_QUERIES, budget, count, index.dim, vectors.dtype)
     candidates = sorted({min(c, count) for c in (default, *chunks, count)})

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import _index_io
+from metaembed_jax import _index_placement as placement
 from metaembed_jax import _index_search as kernels
 from metaembed_jax.scoring import default_chunk_size, resolve_budget, top_k
 
@@ -233,10 +234,10 @@ class MultiVectorIndex:
         count = len(self) if count is None else min(count, len(self))
         if count == 0:
             return np.zeros((0, self.num_vectors, self.dim))
-        vectors = _host_rows([v for v, _ in self._blocks], 0, count)
+        vectors = placement.host_rows([v for v, _ in self._blocks], 0, count)
         scales = None
         if self.dtype == "int8":  # the dtype that stores scales (as `_device_blocks` reads it)
-            scales = _host_rows([s for _, s in self._blocks], 0, count)
+            scales = placement.host_rows([s for _, s in self._blocks], 0, count)
         return dequantize(vectors, scales, self.dtype).transpose(1, 0, 2)
 
     # ----------------------------------------------------------------------------- files
@@ -259,7 +260,7 @@ class MultiVectorIndex:
             offset = 0
             for shard in shards:
                 count = shard["vectors"].shape[1]
-                shard["full"] = _host_rows(self._full, offset, offset + count)
+                shard["full"] = placement.host_rows(self._full, offset, offset + count)
                 offset += count
         header = {
             "dtype": self.dtype,
@@ -360,9 +361,9 @@ class MultiVectorIndex:
         them, so device memory grows with the largest budget searched, not with R_c; streamed,
         each file shard's prefix is placed per search.
 
-        Each process reads only the rows its own devices hold (`_place_rows`), so on a mesh that
-        spans several processes a memory-mapped index is read from disk once in total, not once
-        per process.
+        Each process reads only the rows its own devices hold (`_index_placement.place_rows`),
+        so on a mesh that spans several processes a memory-mapped index is read from disk once
+        in total, not once per process.
         """
         devices = mesh.devices.size
         sharding = NamedSharding(mesh, P(None, kernels.mesh_axes(mesh)))
@@ -376,8 +377,8 @@ class MultiVectorIndex:
                 scales = [s[:r_c] for _, s in self._blocks] if has_scales else None
                 self._device_cache[mesh] = (
                     r_c,
-                    _place_rows(vectors, rows, sharding),
-                    None if scales is None else _place_rows(scales, rows, sharding),
+                    placement.place_rows(vectors, rows, sharding),
+                    None if scales is None else placement.place_rows(scales, rows, sharding),
                 )
             yield (0, *self._device_cache[mesh][1:], len(self))
             return
@@ -388,9 +389,9 @@ class MultiVectorIndex:
         for vectors, scales in self._blocks:
             count = vectors.shape[1]
             if count:
-                placed = _place_rows([vectors[:r_c]], rows, sharding)
+                placed = placement.place_rows([vectors[:r_c]], rows, sharding)
                 placed_scales = (
-                    None if scales is None else _place_rows([scales[:r_c]], rows, sharding)
+                    None if scales is None else placement.place_rows([scales[:r_c]], rows, sharding)
                 )
                 yield offset, placed, placed_scales, offset + count
             offset += count
@@ -456,8 +457,8 @@ class MultiVectorIndex:
         if coarse_budget is not None:
             coarse = resolve_budget(coarse_budget, host_queries.shape[1], self.num_vectors)
         used = r_q if coarse is None else max(r_q, coarse[0])
-        queries = _replicate(np.ascontiguousarray(host_queries[:, :used]), mesh)
-        query_mask = None if host_mask is None else _replicate(host_mask[:, :used], mesh)
+        queries = placement.replicate(np.ascontiguousarray(host_queries[:, :used]), mesh)
+        query_mask = None if host_mask is None else placement.replicate(host_mask[:, :used], mesh)
         if coarse is None:
             values, positions = self._exhaustive(
                 queries, query_mask, (r_q, r_c), found, mesh, chunk_size
@@ -495,10 +496,10 @@ class MultiVectorIndex:
         group = max(1, _RESCORE_BYTES // (r_c * self.dim * 4))
         bucket = min(group, 1 << int(np.ceil(np.log2(len(unique)))))  # few compiled shapes
         chunk = default_chunk_size(len(queries) * r_q, r_c, bucket, self.dim, 4)
-        ranges, parts = _row_ranges(self._full), []
+        ranges, parts = placement.row_ranges(self._full), []
         for start in range(0, len(unique), bucket):
             chosen = unique[start : start + bucket]
-            gathered = _gather_columns(self._full, chosen, r_c, ranges)
+            gathered = placement.gather_columns(self._full, chosen, r_c, ranges)
             if len(chosen) < bucket:
                 pad = np.zeros((r_c, bucket - len(chosen), self.dim), np.float32)
                 gathered = np.concatenate([gathered, pad], axis=1)
@@ -577,61 +578,3 @@ def _search_chunk_size(num_queries: int, budget, num_candidates: int, dim: int, 
     if (r_q, r_c) == (1, 1) and np.dtype(dtype) == np.float32:
         return num_candidates
     return default_chunk_size(num_queries * r_q, r_c, num_candidates, dim, np.dtype(dtype).itemsize)
-
-
-def _row_ranges(blocks: list[np.ndarray]) -> np.ndarray:
-    """Start position of each budget-major block (and the total at the end)."""
-    return np.cumsum([0] + [b.shape[1] for b in blocks])
-
-
-def _gather_columns(blocks, positions, r_c, ranges) -> np.ndarray:
-    """The first r_c vectors of the candidates at sorted ``positions``: [r_c, S, D] float32."""
-    pieces = []
-    for block, low, high in zip(blocks, ranges[:-1], ranges[1:], strict=True):
-        first, last = np.searchsorted(positions, (low, high))
-        if first < last:
-            pieces.append(np.asarray(block[:r_c, positions[first:last] - low], np.float32))
-    return np.concatenate(pieces, axis=1)
-
-
-def _host_rows(blocks: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Candidates [start, stop) of the concatenation of budget-major ``blocks`` [R, n_i, ...]
-    (along axis 1), as one contiguous array; candidates past the end are zeros."""
-    pieces, offset = [], 0
-    for block in blocks:
-        low, high = max(start - offset, 0), min(stop - offset, block.shape[1])
-        if low < high:
-            pieces.append(np.asarray(block[:, low:high]))
-        offset += block.shape[1]
-    missing = (stop - start) - sum(piece.shape[1] for piece in pieces)
-    if missing:
-        first = blocks[0]
-        pieces.append(np.zeros((first.shape[0], missing, *first.shape[2:]), first.dtype))
-    return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1))
-
-
-def _place_rows(blocks: list[np.ndarray], rows: int, sharding: NamedSharding) -> jax.Array:
-    """The budget-major ``blocks`` [R, n_i, ...] concatenated along the candidate axis,
-    zero-padded to ``rows`` candidates, as one global array with ``sharding`` (split over the
-    candidate axis). Only the candidates of this process's devices are read from the host arrays
-    (which may be memmaps)."""
-    shape = (blocks[0].shape[0], rows, *blocks[0].shape[2:])
-
-    def fetch(index):
-        start, stop, _ = index[1].indices(rows)
-        return _host_rows(blocks, start, stop)[index[0]]
-
-    return jax.make_array_from_callback(shape, sharding, fetch)
-
-
-def _replicate(array: np.ndarray, mesh: Mesh) -> np.ndarray | jax.Array:
-    """A host array that every process holds identically, as the search kernels take it
-    replicated on all devices of ``mesh``. On a mesh of this process's own devices that is the
-    array itself: the jitted kernel places it as part of the call, which took ~70 us a call less
-    than placing it first (a float32 (1, 1) search of 4000 x 256, 32 queries: ~0.46 -> 0.54 ms
-    kernel time with a fresh placement each call; jax 0.10.2, CPU). A mesh spanning several
-    processes needs one global array built from every process's copy."""
-    array = np.asarray(array)
-    if not mesh.is_multi_process:
-        return array
-    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()), lambda i: array[i])

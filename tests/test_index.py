@@ -310,12 +310,12 @@ port, process_id, index_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 import numpy as np
 from jax.sharding import Mesh
-from metaembed_jax import index as index_module
+from metaembed_jax import _index_placement as placement
 from metaembed_jax.index import MultiVectorIndex
 
 read = []  # every host row range this process reads to place the index on its devices
-host_rows = index_module._host_rows
-index_module._host_rows = lambda blocks, a, b: read.append((a, b)) or host_rows(blocks, a, b)
+host_rows = placement.host_rows
+placement.host_rows = lambda blocks, a, b: read.append((a, b)) or host_rows(blocks, a, b)
 queries = np.load(f"{index_dir}/queries.npy")
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("host", "device"))
 saved = {}

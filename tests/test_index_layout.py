@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from metaembed_jax import _index_io
+from metaembed_jax import _index_placement as placement
 from metaembed_jax import index as index_module
 from metaembed_jax.index import MultiVectorIndex, quantize
 from metaembed_jax.scoring import chunked_scores, default_chunk_size, maxsim, top_k
@@ -111,17 +112,17 @@ def test_prefixes_are_contiguous_in_memory_files_and_mmap(data, tmp_path):
         for r_c in (1, 5, 64):
             assert vectors[:r_c].flags.c_contiguous and scales[:r_c].flags.c_contiguous
     placed = []
-    real_place = index_module._place_rows
+    real_place = placement.place_rows
 
     def record(blocks, rows, sharding):
         placed.append(blocks[0].shape)
         return real_place(blocks, rows, sharding)
 
-    index_module._place_rows = record
+    placement.place_rows = record
     try:
         got = streamed.search(queries, (2, 3), k=4)
     finally:
-        index_module._place_rows = real_place
+        placement.place_rows = real_place
     assert placed and all(shape[0] == 3 for shape in placed), placed
     want = index.search(queries, (2, 3), k=4)
     np.testing.assert_array_equal(got[1], want[1])
@@ -270,3 +271,32 @@ def test_float32_single_vector_kernel_equals_the_chunked_scorer(data, monkeypatc
         assert fast[1][-1, :7].tolist() == [7, 30, 31, 32, 33, 34, 35]
     assert len(traced) == 4  # one trace per (mesh, k); chunk_size=4 never takes the path
     index_module.kernels.exhaustive_fn.cache_clear()
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_placement_reads_bounded_pieces_and_equals_the_concatenation(monkeypatch, num_devices):
+    """`place_rows` fills each device's shard from host pieces of at most `PLACE_BYTES` (never a
+    host concatenation of a device's rows across blocks) and gives the zero-padded
+    concatenation of the blocks, for vectors [R, n, D] and scales [R, n]."""
+    rng = np.random.default_rng(0)
+    sizes = (7, 1, 12, 5)  # blocks of uneven sizes: pieces cross block and shard boundaries
+    vectors = [rng.standard_normal((3, n, 4)).astype(np.float32) for n in sizes]
+    scales = [rng.standard_normal((3, n)).astype(np.float32) for n in sizes]
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), ("index",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "index"))
+    reads = []
+    host_rows = placement.host_rows
+    monkeypatch.setattr(
+        placement, "host_rows", lambda b, a, z: reads.append(z - a) or host_rows(b, a, z)
+    )
+    rows = 32  # 25 candidates, zero-padded
+    for blocks in (vectors, scales):
+        row_bytes = blocks[0][:, :1].nbytes
+        monkeypatch.setattr(placement, "PLACE_BYTES", 3 * row_bytes)
+        reads.clear()
+        placed = placement.place_rows(blocks, rows, sharding)
+        want = np.concatenate(blocks, axis=1)
+        want = np.concatenate([want, np.zeros_like(want[:, : rows - want.shape[1]])], axis=1)
+        np.testing.assert_array_equal(np.asarray(placed), want)
+        assert placed.sharding == sharding
+        assert reads and max(reads) <= 3, reads
