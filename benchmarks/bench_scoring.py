@@ -201,17 +201,31 @@ def print_scoring_table(rows, peaks):
 
 
 # ------------------------------------------------------------------------------------- index
-def _budget_index(rng, num_candidates, dim, dtype_name, prefix_rc, block=1000):
-    """An index of random unit vectors [N, R_C, D] generated ``block`` rows at a time (no full
-    float32 copy), and the peers' prefix [N, prefix_rc, D]: a torch tensor of the index dtype."""
+def _candidate_blocks(num_candidates, dim, block=1000):
+    """The index rows' random unit vectors [n, R_C, D], ``block`` rows at a time (no full float32
+    copy): the same vectors on every call with the same N and D."""
+    rng = np.random.default_rng(num_candidates + dim)
+    for start in range(0, num_candidates, block):
+        yield unit_vectors(rng, (min(block, num_candidates - start), R_C, dim))
+
+
+def _budget_index(num_candidates, dim, dtype_name) -> MultiVectorIndex:
     index = MultiVectorIndex(R_C, dim, dtype_name)
+    for rows in _candidate_blocks(num_candidates, dim):
+        index.add(rows)
+    return index
+
+
+def _peer_prefix(num_candidates, dim, dtype_name, prefix_rc) -> torch.Tensor:
+    """The peers' copy of the same vectors' first ``prefix_rc`` [N, prefix_rc, D], a torch tensor
+    of the index dtype."""
     tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
     prefix = torch.empty((num_candidates, prefix_rc, dim), dtype=tdtype)
-    for start in range(0, num_candidates, block):
-        rows = unit_vectors(rng, (min(block, num_candidates - start), R_C, dim))
+    start = 0
+    for rows in _candidate_blocks(num_candidates, dim):
         prefix[start : start + len(rows)] = torch.from_numpy(rows[:, :prefix_rc].copy())
-        index.add(rows)
-    return index, prefix
+        start += len(rows)
+    return prefix
 
 
 def bench_index_search(peers, args, k=10):
@@ -243,36 +257,54 @@ def bench_index_search(peers, args, k=10):
 
 
 def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
-    rng = np.random.default_rng(num_candidates + dim)
-    index, prefix = _budget_index(
-        rng, num_candidates, dim, dtype_name, max(r_c for _, r_c in budgets)
+    """Rows of the index table for one N, D and dtype. By default each budget times ours, then
+    the peers; with ``--peers-after`` all of ours first, then the index is dropped before the
+    peers' copy is built (for indexes whose index, placed prefix and peers' copy do not fit in
+    memory together)."""
+    queries = unit_vectors(
+        np.random.default_rng(num_candidates + dim + 1), (args.num_queries, R_Q, dim)
     )
-    queries = unit_vectors(rng, (args.num_queries, R_Q, dim))
-    q_torch, c_torch = torch.from_numpy(queries).to(prefix.dtype), prefix
+    index = _budget_index(num_candidates, dim, dtype_name)
+    index_gigabytes = index.nbytes / 1e9
+    prefix_rc = max(r_c for _, r_c in budgets)
+    prefix = None if args.peers_after else _peer_prefix(num_candidates, dim, dtype_name, prefix_rc)
+    ours, peer_times = {}, {}
+    for budget in budgets:
+        ours[budget] = best_time(lambda b=budget: index.search(queries, b, k=k), args.repeats)
+        if prefix is not None:
+            peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
+    if prefix is None:
+        del index  # and with it the placed prefix
+        prefix = _peer_prefix(num_candidates, dim, dtype_name, prefix_rc)
+        for budget in budgets:
+            peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
     rows = []
     for budget in budgets:
-        r_q, r_c = budget
-        ours = best_time(lambda b=budget: index.search(queries, b, k=k), args.repeats)
-        q_prefix, c_prefix = q_torch[:, :r_q].contiguous(), c_torch[:, :r_c].contiguous()
-        peer_times = {
-            name: best_time(
-                lambda f=fn, q=q_prefix, c=c_prefix: torch.topk(f(q, c), k, dim=1), args.repeats
-            )
-            for name, fn in peers.items()
-        }
-        faster = min(peer_times, key=peer_times.get)
-        per_query = {name: t / args.num_queries * 1e3 for name, t in peer_times.items()}
+        times = peer_times[budget]
+        faster = min(times, key=times.get)
+        per_query = {name: t / args.num_queries * 1e3 for name, t in times.items()}
         rows.append(
-            f"| {num_candidates} | {dim} | {dtype_name} | {budget} | {index.nbytes / 1e9:.2f} | "
-            f"{ours / args.num_queries * 1e3:.3f} | {per_query['colpali']:.3f} | "
-            f"{per_query['pylate']:.3f} | {peer_times[faster] / ours:.2f}x ({faster}) |"
+            f"| {num_candidates} | {dim} | {dtype_name} | {budget} | {index_gigabytes:.2f} | "
+            f"{ours[budget] / args.num_queries * 1e3:.3f} | {per_query['colpali']:.3f} | "
+            f"{per_query['pylate']:.3f} | {times[faster] / ours[budget]:.2f}x ({faster}) |"
         )
         print(
-            f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours:.7f}s, "
-            + ", ".join(f"{n} {t:.7f}s" for n, t in peer_times.items()),
+            f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours[budget]:.7f}s, "
+            + ", ".join(f"{n} {t:.7f}s" for n, t in times.items()),
             flush=True,
         )
     return rows
+
+
+def _peer_times(peers, queries, prefix, budget, k, repeats) -> dict[str, float]:
+    """Each peer's best time for scores + top-k at ``budget`` on contiguous prefix copies."""
+    r_q, r_c = budget
+    q_prefix = torch.from_numpy(queries).to(prefix.dtype)[:, :r_q].contiguous()
+    c_prefix = prefix[:, :r_c].contiguous()
+    return {
+        name: best_time(lambda f=fn: torch.topk(f(q_prefix, c_prefix), k, dim=1), repeats)
+        for name, fn in peers.items()
+    }
 
 
 # ------------------------------------------------------------------------------------- recall
@@ -480,6 +512,11 @@ def parse_args():
         type=float,
         default=12.0,
         help="skip index rows whose stored vectors exceed this (20k x 64 x 2048 float32: 10.5)",
+    )
+    parser.add_argument(
+        "--peers-after",
+        action="store_true",
+        help="index rows: time all budgets of ours, drop the index, then the peers (memory)",
     )
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-scoring", action="store_true")
