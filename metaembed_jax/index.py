@@ -142,11 +142,9 @@ def _check_finite_queries(queries) -> None:
     if np.isfinite(queries).all():  # one pass; which query is bad is looked up only on failure
         return
     finite = np.isfinite(queries).all(axis=(1, 2))
-    if not finite.all():
-        raise ValueError(
-            f"query {int(np.argmin(finite))} contains NaN or inf; only finite queries can be "
-            "searched"
-        )
+    raise ValueError(
+        f"query {int(np.argmin(finite))} contains NaN or inf; only finite queries can be searched"
+    )
 
 
 class MultiVectorIndex:
