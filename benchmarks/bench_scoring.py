@@ -209,23 +209,23 @@ def _candidate_blocks(num_candidates, dim, block=1000):
         yield unit_vectors(rng, (min(block, num_candidates - start), R_C, dim))
 
 
-def _budget_index(num_candidates, dim, dtype_name) -> MultiVectorIndex:
-    index = MultiVectorIndex(R_C, dim, dtype_name)
-    for rows in _candidate_blocks(num_candidates, dim):
-        index.add(rows)
-    return index
-
-
-def _peer_prefix(num_candidates, dim, dtype_name, prefix_rc) -> torch.Tensor:
-    """The peers' copy of the same vectors' first ``prefix_rc`` [N, prefix_rc, D], a torch tensor
-    of the index dtype."""
-    tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
-    prefix = torch.empty((num_candidates, prefix_rc, dim), dtype=tdtype)
+def _build(num_candidates, dim, dtype_name, *, with_index=True, prefix_rc=0):
+    """From one pass over the vectors: (our index or None, the peers' copy of the first
+    ``prefix_rc`` vectors [N, prefix_rc, D] as a torch tensor of the index dtype, or None if
+    ``prefix_rc`` is 0)."""
+    index = MultiVectorIndex(R_C, dim, dtype_name) if with_index else None
+    prefix = None
+    if prefix_rc:
+        tdtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+        prefix = torch.empty((num_candidates, prefix_rc, dim), dtype=tdtype)
     start = 0
     for rows in _candidate_blocks(num_candidates, dim):
-        prefix[start : start + len(rows)] = torch.from_numpy(rows[:, :prefix_rc].copy())
+        if index is not None:
+            index.add(rows)
+        if prefix is not None:
+            prefix[start : start + len(rows)] = torch.from_numpy(rows[:, :prefix_rc].copy())
         start += len(rows)
-    return prefix
+    return index, prefix
 
 
 def bench_index_search(peers, args, k=10):
@@ -264,10 +264,11 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
     queries = unit_vectors(
         np.random.default_rng(num_candidates + dim + 1), (args.num_queries, R_Q, dim)
     )
-    index = _budget_index(num_candidates, dim, dtype_name)
-    index_gigabytes = index.nbytes / 1e9
     prefix_rc = max(r_c for _, r_c in budgets)
-    prefix = None if args.peers_after else _peer_prefix(num_candidates, dim, dtype_name, prefix_rc)
+    index, prefix = _build(
+        num_candidates, dim, dtype_name, prefix_rc=0 if args.peers_after else prefix_rc
+    )
+    index_gigabytes = index.nbytes / 1e9
     ours, peer_times = {}, {}
     for budget in budgets:
         ours[budget] = best_time(lambda b=budget: index.search(queries, b, k=k), args.repeats)
@@ -275,7 +276,7 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
             peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
     if prefix is None:
         del index  # and with it the placed prefix
-        prefix = _peer_prefix(num_candidates, dim, dtype_name, prefix_rc)
+        _, prefix = _build(num_candidates, dim, dtype_name, with_index=False, prefix_rc=prefix_rc)
         for budget in budgets:
             peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
     rows = []
