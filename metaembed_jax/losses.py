@@ -22,13 +22,21 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import sharding
-from metaembed_jax.scoring import maxsim, resolve_budget
+from metaembed_jax.scoring import default_chunk_size, maxsim, resolve_budget
 
 Group = tuple[int, int, float]
 
 # The paper's groups (r_q, r_c, weight): every prefix budget is trained at once.
 MMR_GROUPS: tuple[Group, ...] = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0), (8, 16, 1.0), (16, 64, 1.0))
 LOSS_VARIANTS = ("mmr", "nommr", "single")
+
+# The loss's similarity blocks hold at most 128K floats, the size every documented run (demo
+# table, ablation, stability table) was trained with. The search's block size
+# (`scoring.DEFAULT_BLOCK_ELEMENTS`, 1M since commit c46fa0c) is a speed knob of the index and
+# must not change what training computes: chunking changes only rounding, but the demo recipe
+# amplifies rounding into a different model (`make demo` with 1M-float blocks in the loss:
+# +6.9 points from (1, 1) to (16, 64) instead of +12.4; README, "Sensitivity to rounding").
+LOSS_BLOCK_ELEMENTS = 1 << 17
 
 
 def as_groups(groups: Sequence[Sequence[float]]) -> tuple[Group, ...]:
@@ -78,6 +86,20 @@ def group_temperatures(temperature: float | Sequence[float], groups) -> tuple[fl
     return temperatures
 
 
+def _loss_maxsim(queries, candidates, budget):
+    """`maxsim` chunked by the loss's own block bound, `LOSS_BLOCK_ELEMENTS`."""
+    r_q, r_c = budget
+    chunk = default_chunk_size(
+        queries.shape[0] * r_q,
+        r_c,
+        candidates.shape[0],
+        candidates.shape[2],
+        candidates.dtype.itemsize,
+        block_elements=LOSS_BLOCK_ELEMENTS,
+    )
+    return maxsim(queries, candidates, budget=budget, chunk_size=chunk)
+
+
 def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):
     """Per-group sums (over the local queries) of InfoNCE cross-entropy: `[G]` float32.
 
@@ -88,10 +110,10 @@ def _group_cross_entropy_sums(q, pos_all, neg, targets, groups, temperature):
     sums = []
     for (r_q, r_c, _), tau in zip(groups, temperature, strict=True):
         q_g = q[:, :r_q]
-        logits = maxsim(q_g, pos_all, budget=(r_q, r_c))  # [b, B]
+        logits = _loss_maxsim(q_g, pos_all, (r_q, r_c))  # [b, B]
         if neg is not None:
             budget = (r_q, r_c)
-            own = jax.vmap(lambda query, negs, b=budget: maxsim(query[None], negs, budget=b)[0])
+            own = jax.vmap(lambda query, negs, b=budget: _loss_maxsim(query[None], negs, b)[0])
             logits = jnp.concatenate([logits, own(q_g, neg)], axis=1)  # [b, B + n]
         logits = logits / tau
         log_probs = jax.nn.log_softmax(logits, axis=-1)

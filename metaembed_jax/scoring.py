@@ -130,10 +130,18 @@ def compute_dtype(query_dtype, candidate_dtype):
 
 
 def default_chunk_size(
-    num_query_rows: int, r_c: int, num_candidates: int, dim: int, itemsize: int
+    num_query_rows: int,
+    r_c: int,
+    num_candidates: int,
+    dim: int,
+    itemsize: int,
+    *,
+    block_elements: int | None = None,
 ) -> int:
-    """Candidates per chunk within the bounds above (and at most ``num_candidates``)."""
-    by_block = DEFAULT_BLOCK_ELEMENTS // max(1, num_query_rows * r_c)
+    """Candidates per chunk within the bounds above (and at most ``num_candidates``);
+    ``block_elements`` replaces `DEFAULT_BLOCK_ELEMENTS` (the loss keeps its own, see losses.py)."""
+    block = DEFAULT_BLOCK_ELEMENTS if block_elements is None else block_elements
+    by_block = block // max(1, num_query_rows * r_c)
     by_slice = MAX_SLICE_BYTES // max(1, r_c * dim * itemsize)
     chunk = max(MIN_CHUNK_CANDIDATES, min(by_block, by_slice))
     return int(max(1, min(chunk, num_candidates)))

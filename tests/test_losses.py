@@ -156,3 +156,29 @@ def test_variants():
     assert groups_for_variant("single") == ((1, 1, 1.0),)
     with pytest.raises(ValueError, match="loss variant 'bogus'"):
         groups_for_variant("bogus")
+
+
+def test_loss_chunks_by_its_own_block_bound_not_the_search_default(monkeypatch):
+    """The search's block size is a speed knob; the loss's chunks (and so its rounding, which
+    the demo recipe amplifies into a different model) must not follow it."""
+    from metaembed_jax import losses, scoring
+
+    chunks = []
+
+    def recording_maxsim(queries, candidates, budget=None, *, chunk_size=None):
+        chunks.append((queries.shape[0] * budget[0], budget[1], candidates.shape[0], chunk_size))
+        return scoring.maxsim(queries, candidates, budget=budget, chunk_size=chunk_size)
+
+    monkeypatch.setattr(losses, "maxsim", recording_maxsim)
+    q, pos, neg = make_embeddings(0, batch=32)
+    loss_here, _ = mmr_loss(q, pos, neg, groups=MMR_GROUPS, temperature=0.05)
+    seen = list(chunks)
+    monkeypatch.setattr(scoring, "DEFAULT_BLOCK_ELEMENTS", 1 << 30)
+    chunks.clear()
+    loss_other_default, _ = mmr_loss(q, pos, neg, groups=MMR_GROUPS, temperature=0.05)
+    assert chunks == seen
+    assert float(loss_here) == float(loss_other_default)
+    # 32 queries x 16 vectors x 64 candidate vectors = 32K floats per candidate: 128K floats
+    # hold 4, raised to the 8-candidate minimum; the smaller groups fit the batch in one chunk.
+    assert (32 * 16, 64, 32, 8) in seen
+    assert (32 * 8, 16, 32, 32) in seen
