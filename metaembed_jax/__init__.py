@@ -2,13 +2,18 @@
 
 from metaembed_jax.metaembed import MetaEmbed
 
-__all__ = ["MetaEmbed", "load_trained"]
+__all__ = ["MetaEmbed", "load_reference", "load_trained"]
+
+# Names loaded on first use: they pull in the training stack (optax, orbax).
+_LAZY = {
+    "load_trained": "metaembed_jax.trained",
+    "load_reference": "metaembed_jax.reference",
+}
 
 
 def __getattr__(name: str):
-    # load_trained pulls in the training stack (optax, orbax): imported on first use only.
-    if name == "load_trained":
-        from metaembed_jax.trained import load_trained
+    if name in _LAZY:
+        import importlib
 
-        return load_trained
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'metaembed_jax' has no attribute {name!r}")

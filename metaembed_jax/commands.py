@@ -5,6 +5,7 @@
     metaembed index search --index INDEX --run DIR --query "text" [--query-image img.png]
         [--queries-file FILE] --budget 16x64 --k 10 [--coarse 1x1 --shortlist 300] [--json]
     metaembed export --run DIR --out OUT [--format hf|peft] [--step N]
+    metaembed import-reference --base DIR --adapter DIR --out RUN [--r_q N]
     metaembed configs [NAME]                 the bundled recipes (or the file of one)
     metaembed train --config demo --workdir DIR [--config.train.steps=100 ...]   = train.py
     metaembed eval --workdir DIR [--config demo]                                 = eval.py
@@ -80,6 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
         default="hf",
         choices=("hf", "peft"),
         help="hf: merged transformers checkpoint; peft: PEFT LoRA adapter on the run's base",
+    )
+
+    imported = commands.add_parser(
+        "import-reference",
+        help="turn a model trained with the reference PyTorch MetaEmbed into a run directory",
+    )
+    imported.add_argument("--base", required=True, help="the base checkpoint dir or Hub id")
+    imported.add_argument("--adapter", required=True, help="the PEFT adapter directory")
+    imported.add_argument("--out", required=True, help="run directory to write")
+    imported.add_argument(
+        "--r_q",
+        type=int,
+        default=None,
+        help="query meta tokens R_q (the reference stores none; default 16 for an 80-row table)",
+    )
+    imported.add_argument(
+        "--projection-dim",
+        type=int,
+        default=None,
+        help="apply the base's custom_text_proj of this width (the adapter's is always applied)",
+    )
+    imported.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe giving the data settings (default: the family's reference recipe)",
     )
 
     configs = commands.add_parser("configs", help="list the bundled recipes, or print one's path")
@@ -190,6 +216,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"build": _index_build, "search": _index_search}[args.action](args)
     elif args.command == "configs":
         _configs(args)
+    elif args.command == "import-reference":
+        from metaembed_jax.reference import import_reference
+
+        out = import_reference(
+            args.base,
+            args.adapter,
+            args.out,
+            args.r_q,
+            recipe=args.recipe,
+            projection_dim=args.projection_dim,
+        )
+        print(f"{out}: a run directory (step 0); use it with eval.py --workdir, metaembed index")
     elif args.command == "export":
         from metaembed_jax.export import export_run
 

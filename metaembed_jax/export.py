@@ -12,7 +12,7 @@ the content of every (left-padded) input, and reads the last R_q + R_c hidden st
 
 The published key of each parameter comes from inverting the backbone family's `rules`: every
 `Rule` maps a checkpoint key pattern to a parameter path through a transform, so the parameter
-path gives the pattern's group values and `hf_loading.INVERSE_TRANSFORMS` undoes the transform.
+path gives the pattern's group values and `rules.INVERSE_TRANSFORMS` undoes the transform.
 The checkpoint shapes the inverse needs come from transformers' own model, built on the meta
 device (no memory), whose in-memory keys reach the published layout through `key_aliases`.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,14 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.family import BackboneFamily, family_for
-from metaembed_jax.models.hf_loading import (
+from metaembed_jax.models.rules import (
     INVERSE_TRANSFORMS,
-    Rule,
-    SafetensorsReader,
-    _normalise_key,
-    _path_string,
+    normalise_key,
+    path_string,
+    published_pieces,
+    rule_inverse,
 )
+from metaembed_jax.models.safetensors_io import SafetensorsReader
 
 FORMATS = ("hf", "peft")
 METAEMBED_WEIGHTS = "metaembed.safetensors"
@@ -58,7 +58,7 @@ def merged_backbone_params(backbone: nnx.Module) -> dict[str, np.ndarray]:
     into its kernel (`kernel + lora_a @ lora_b * alpha / rank`, in float32, then cast back to
     the kernel's dtype). The LoRA parameters themselves are not in the result."""
     params = {
-        _path_string(path): variable
+        path_string(path): variable
         for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Param))
     }
     merged = {
@@ -69,7 +69,7 @@ def merged_backbone_params(backbone: nnx.Module) -> dict[str, np.ndarray]:
     for path, module in nnx.iter_graph(backbone):
         if not isinstance(module, layers.Dense) or module.lora_scale is None:
             continue
-        prefix = _path_string(path) + "." if path else ""
+        prefix = path_string(path) + "." if path else ""
         kernel = merged[prefix + "kernel"]
         low_rank = jnp.einsum(
             "...ir,...ro->...io",
@@ -79,108 +79,6 @@ def merged_backbone_params(backbone: nnx.Module) -> dict[str, np.ndarray]:
         total = jnp.asarray(kernel, jnp.float32) + low_rank * module.lora_scale
         merged[prefix + "kernel"] = np.asarray(total.astype(kernel.dtype))
     return merged
-
-
-# ----------------------------------------------------------------------------- rule inversion
-
-
-def _pattern_groups(pattern: str) -> dict[str, str]:
-    """{group name: its sub-pattern} of the named groups of a Rule pattern."""
-    groups = {}
-    for found in re.finditer(r"\(\?P<(\w+)>", pattern):
-        groups[found.group(1)] = pattern[found.end() : _group_end(pattern, found.start()) - 1]
-    return groups
-
-
-def _target_regex(rule: Rule) -> re.Pattern:
-    """A Rule target such as "layers.self_attn.{p}_proj.kernel" as a regex over parameter paths:
-    each `{name}` accepts what the pattern's group of that name accepts (`(?P<p>q|k|v)`)."""
-    groups = _pattern_groups(rule.pattern)
-
-    def group(found: re.Match) -> str:
-        name = found.group(1)
-        return f"(?P<{name}>(?:{groups.get(name, '[^.]+')}))"
-
-    return re.compile(re.sub(r"\\\{(\w+)\\\}", group, re.escape(rule.target)))
-
-
-def _group_end(pattern: str, start: int) -> int:
-    """Index just past the group opened at `pattern[start]` ("(")."""
-    depth, index = 0, start
-    while index < len(pattern):
-        char = pattern[index]
-        if char == "\\":
-            index += 2
-            continue
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        index += 1
-        if depth == 0:
-            return index
-    raise ValueError(f"unbalanced group in rule pattern {pattern!r}")
-
-
-def checkpoint_key(pattern: str, groups: Mapping[str, str]) -> str:
-    """The checkpoint key a Rule `pattern` matches when its named groups take `groups`' values.
-
-    Raises ValueError for a pattern that is not literal text plus named groups (then no single
-    key corresponds to it), or a group value the pattern's group does not accept.
-    """
-    out, index = [], 0
-    while index < len(pattern):
-        char = pattern[index]
-        if char == "\\" and index + 1 < len(pattern) and not pattern[index + 1].isalnum():
-            out.append(pattern[index + 1])
-            index += 2
-        elif pattern.startswith("(?P<", index):
-            name = pattern[index + 4 : pattern.index(">", index)]
-            if name not in groups:
-                raise ValueError(f"no value for group {name!r} of rule pattern {pattern!r}")
-            out.append(str(groups[name]))
-            index = _group_end(pattern, index)
-        elif char in ".^$*+?{}[]|()\\":
-            raise ValueError(
-                f"rule pattern {pattern!r} is not literal text plus named groups (at {char!r}): "
-                "it cannot be inverted to one checkpoint key"
-            )
-        else:
-            out.append(char)
-            index += 1
-    key = "".join(out)
-    if re.fullmatch(pattern, key) is None:
-        raise ValueError(f"group values {dict(groups)} do not fit rule pattern {pattern!r}")
-    return key
-
-
-def _find_rule(name: str, inverse: list[tuple[re.Pattern, Rule]]):
-    for regex, rule in inverse:
-        found = regex.fullmatch(name)
-        if found is not None:
-            return rule, found.groupdict()
-    return None, None
-
-
-def _has_layer_group(pattern: str) -> bool:
-    return "(?P<layer>" in pattern
-
-
-def rule_inverse(family: BackboneFamily, hf_config: Mapping[str, Any]):
-    """[(regex over parameter paths, Rule)] of the family's rules that load a parameter."""
-    rules = [rule for rule in family.rules(hf_config) if rule.target is not None]
-    return [(_target_regex(rule), rule) for rule in rules]
-
-
-def published_pieces(name: str, value, inverse) -> tuple[Rule | None, list[tuple[str, Any]]]:
-    """(the Rule that loads parameter `name`, [(published checkpoint key, piece of `value`)]):
-    one piece per index of the leading axis for a stacked parameter (rule with a `layer`
-    group), else `value` whole; (None, []) when no rule of `inverse` maps `name`."""
-    rule, groups = _find_rule(name, inverse)
-    if rule is None:
-        return None, []
-    if _has_layer_group(rule.pattern):
-        return rule, [
-            (checkpoint_key(rule.pattern, {**groups, "layer": i}), v) for i, v in enumerate(value)
-        ]
-    return rule, [(checkpoint_key(rule.pattern, groups), value)]
 
 
 def hf_tensors(
@@ -241,12 +139,12 @@ def transformers_model_on_meta(hf_config: Mapping[str, Any]):
 def checkpoint_shapes(hf_model, family: BackboneFamily) -> dict[str, tuple[int, ...]]:
     """{published key: shape} of a transformers model's state dict (`family.key_aliases`)."""
     return {
-        _normalise_key(key, family.key_aliases): tuple(tensor.shape)
+        normalise_key(key, family.key_aliases): tuple(tensor.shape)
         for key, tensor in hf_model.state_dict().items()
     }
 
 
-def _save_torch_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+def save_torch_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
     """safetensors with the "pt" format tag transformers expects; bfloat16 kept bfloat16."""
     import torch
     from safetensors.torch import save_file
@@ -292,13 +190,13 @@ def export_hf(model, processor, hf_config: Mapping[str, Any], out: Path, base_di
     out.mkdir(parents=True, exist_ok=True)
     hf_model.config.architectures = [type(hf_model).__name__]
     hf_model.config.save_pretrained(out)
-    _save_torch_safetensors(tensors, out / "model.safetensors")
+    save_torch_safetensors(tensors, out / "model.safetensors")
     processor.tokenizer.save_pretrained(out)
     own = {"meta_tokens": np.asarray(model.meta_tokens[...])}
     if model.projection is not None:
         own["projection.weight"] = np.asarray(model.projection.kernel[...]).T
         own["projection.bias"] = np.asarray(model.projection.bias[...])
-    _save_torch_safetensors(own, out / METAEMBED_WEIGHTS)
+    save_torch_safetensors(own, out / METAEMBED_WEIGHTS)
     (out / METAEMBED_CONFIG).write_text(json.dumps(metaembed_config(model, processor), indent=2))
     return out
 

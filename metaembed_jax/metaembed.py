@@ -14,14 +14,17 @@ cross-attention): MetaEmbed only calls `backbone.encode_with_suffix(meta_tokens,
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import from_config, layers, load_hf
+from metaembed_jax.models.hf_loading import read_retrieval_head
 
 Side = Literal["query", "candidate"]
 READOUTS = ("meta", "last_token")
@@ -86,67 +89,66 @@ class MetaEmbed(nnx.Module):
     def embedding_dim(self) -> int:
         return self.projection.kernel.shape[-1] if self.projection else self.backbone.hidden_size
 
+    def set_projection(self, weight, bias) -> None:
+        """Set the projection from a torch-layout linear layer: weight [D, H], bias [D] (a
+        base's or an adapter's `custom_text_proj`). Raises ValueError for other shapes."""
+        expected = (self.embedding_dim, self.backbone.hidden_size)
+        if self.projection is None or tuple(np.shape(weight)) != expected:
+            raise ValueError(
+                f"custom_text_proj weight {tuple(np.shape(weight))} does not fit the "
+                f"projection of this model (projection_dim="
+                f"{self.embedding_dim if self.projection else None}, hidden "
+                f"{self.backbone.hidden_size}): expected {expected}"
+            )
+        for variable, value in (
+            (self.projection.kernel, np.asarray(weight).T),
+            (self.projection.bias, bias),
+        ):
+            current = variable[...]
+            variable[...] = jax.device_put(
+                jnp.asarray(value, current.dtype), getattr(current, "sharding", None)
+            )
+
     @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        num_query_tokens: int | None = None,
-        num_candidate_tokens: int | None = None,
+        num_query_tokens: int = 16,
+        num_candidate_tokens: int = 64,
         *,
         rngs: nnx.Rngs,
         projection_dim: int | None = None,
         readout: str = "meta",
-        adapter: str | os.PathLike | None = None,
         **backbone_kwargs: Any,
     ) -> MetaEmbed:
-        """A MetaEmbed on a Hugging Face checkpoint dir; `backbone_kwargs` go to `load_hf`
-        (dtype, param_dtype, lora, remat, mesh, rules).
+        """A MetaEmbed on a Hugging Face checkpoint dir (or Hub id), in inference mode (LoRA
+        dropout off; `model.train()` turns it on); `backbone_kwargs` go to `load_hf` (dtype,
+        param_dtype, lora, remat, mesh, rules). The meta tokens start fresh.
 
-        Without `adapter` the meta tokens start fresh (R_q, R_c default 16 / 64). With `adapter`,
-        a PEFT adapter directory (the reference PyTorch code's, or `metaembed export --format
-        peft`), the backbone gets the adapter's LoRA (r, alpha, dropout, adapted layers) and
-        weights, and the meta tokens its `prompt_embed_tokens` table: R_q is `num_query_tokens`,
-        else the adapter's `metaembed_config.json`, else 16; R_c the table's remaining rows.
-        Raises AdapterError (a ValueError) for an adapter that does not fit the checkpoint.
+        A base with a retrieval head (`custom_text_proj`, ColQwen2.5 / ColPali checkpoints)
+        gives the projection its weights when `projection_dim` is the head's width; otherwise
+        the head is not used, and a warning says so. A model trained with the reference PyTorch
+        code (a PEFT adapter on a base) loads with `metaembed_jax.load_reference`.
         """
-        if adapter is None:
-            backbone = load_hf(path, **backbone_kwargs)
-            return cls(
-                backbone,
-                16 if num_query_tokens is None else num_query_tokens,
-                64 if num_candidate_tokens is None else num_candidate_tokens,
-                projection_dim,
-                readout,
-                rngs=rngs,
+        if "adapter" in backbone_kwargs:
+            raise TypeError(
+                "MetaEmbed.from_pretrained(..., adapter=...) moved: load a PEFT adapter with "
+                "metaembed_jax.load_reference(base, adapter, num_query_tokens=...)"
             )
-        return cls._from_adapter(
-            path, adapter, num_query_tokens, num_candidate_tokens, rngs, **backbone_kwargs
+        backbone = load_hf(path, **backbone_kwargs)
+        model = cls(
+            backbone, num_query_tokens, num_candidate_tokens, projection_dim, readout, rngs=rngs
         )
-
-    @classmethod
-    def _from_adapter(cls, path, adapter, r_q, r_c, rngs, **backbone_kwargs) -> MetaEmbed:
-        from metaembed_jax import peft_adapter
-        from metaembed_jax.hub import resolve_checkpoint
-        from metaembed_jax.models.hf_loading import read_config
-
-        if "lora" in backbone_kwargs:
-            raise ValueError("with adapter=..., LoRA comes from the adapter: do not pass lora")
-        config, reader = peft_adapter.read_adapter(adapter)
-        rows = peft_adapter.meta_table(reader).shape[0]
-        if r_q is None:
-            r_q = peft_adapter.saved_query_tokens(adapter) or 16
-        if r_c is not None and r_q + r_c != rows:
-            raise peft_adapter.AdapterError(
-                f"R_q={r_q} + R_c={r_c} != the adapter's {rows} meta-table rows"
-            )
-        if rows <= r_q:
-            raise peft_adapter.AdapterError(
-                f"the adapter's meta table has {rows} rows; need more than R_q={r_q}"
-            )
-        lora = peft_adapter.adapter_lora_spec(config, reader)
-        backbone = load_hf(path, lora=lora, **backbone_kwargs)
-        model = cls(backbone, r_q, rows - r_q, rngs=rngs)
-        peft_adapter.load_adapter(model, reader, read_config(resolve_checkpoint(path)))
+        head = read_retrieval_head(path)
+        if head is not None and projection_dim == head[0].shape[0]:
+            model.set_projection(*head)
+        elif head is not None:
+            logging.warning(
+                "%s: its retrieval head custom_text_proj (%d x %d) is not used (projection_dim="
+                "%s); pass projection_dim=%d to apply it",
+                path, *head[0].shape, projection_dim, head[0].shape[0],
+            )  # fmt: skip
+        model.eval()
         return model
 
     @classmethod
@@ -161,11 +163,14 @@ class MetaEmbed(nnx.Module):
         readout: str = "meta",
         **backbone_kwargs: Any,
     ) -> MetaEmbed:
-        """A randomly initialised MetaEmbed from a transformers config (object or dict)."""
+        """A randomly initialised MetaEmbed from a transformers config (object or dict), in
+        inference mode (`model.train()` turns LoRA dropout on)."""
         backbone = from_config(hf_config, rngs=rngs, **backbone_kwargs)
-        return cls(
+        model = cls(
             backbone, num_query_tokens, num_candidate_tokens, projection_dim, readout, rngs=rngs
         )
+        model.eval()
+        return model
 
     def num_vectors(self, side: Side) -> int:
         if self.readout == "last_token":

@@ -103,7 +103,9 @@ def restore_trained_model(
         params = checkpointer.restore_params(params, step)
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()  # inference: LoRA dropout off, identical vectors call after call
+    return model
 
 
 def _dtype_name(dtype: Any) -> str:

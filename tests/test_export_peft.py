@@ -1,4 +1,4 @@
-"""metaembed export --format peft and MetaEmbed.from_pretrained(base, adapter=...): a tiny LoRA run
+"""metaembed export --format peft and load_reference(base, adapter): a tiny LoRA run
 trained from a transformers checkpoint, exported as a PEFT adapter directory (keys and shapes as
 PEFT writes them, on transformers' in-memory module names), imported back onto the same base,
 gives the trained model's embeddings."""
@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
-from metaembed_jax import load_trained
+from metaembed_jax import load_reference, load_trained
 from metaembed_jax.commands import main
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_KEY, AdapterError
@@ -59,7 +59,8 @@ def test_adapter_layout_is_peft_s(exported):
     )
 
     # PEFT adapts the modules whose in-memory name full-matches target_modules: exactly ours,
-    # every adapted layer of the language model (none of the vision tower's MLPs).
+    # every adapted layer of the language model and the vision tower's MLPs (the default
+    # targets name gate / up / down_proj, which Qwen2.5-VL's vision blocks have too).
     names = {
         name for name, module in hf_model.named_modules() if isinstance(module, torch.nn.Linear)
     }
@@ -72,6 +73,10 @@ def test_adapter_layout_is_peft_s(exported):
             ("mlp", ("gate_proj", "up_proj", "down_proj")),
         )
         for name in names_
+    } | {
+        f"model.visual.blocks.{i}.mlp.{name}_proj"
+        for i in range(hf_model.config.vision_config.depth)
+        for name in ("gate", "up", "down")
     }
     assert targeted == expected
     assert set(tensors) == {META_KEY} | {
@@ -97,7 +102,7 @@ def test_adapter_layout_is_peft_s(exported):
 def test_import_gives_the_trained_embeddings(exported):
     base, run, out, _ = exported
     trained, processor = load_trained(run)
-    imported = MetaEmbed.from_pretrained(base, adapter=out, rngs=nnx.Rngs(7))
+    imported = load_reference(base, out, rngs=nnx.Rngs(7))
     assert (imported.num_query_tokens, imported.num_candidate_tokens) == (4, 8)
     features = processor(TEXTS, [None, None], side="query")
     for side in ("query", "candidate"):
@@ -119,7 +124,7 @@ def test_import_gives_the_trained_embeddings(exported):
 def test_import_refuses_an_adapter_that_does_not_fit(exported, tmp_path):
     base, _, out, _ = exported
     with pytest.raises(AdapterError, match="R_q=4 \\+ R_c=64 != the adapter's 12"):
-        MetaEmbed.from_pretrained(base, 4, 64, adapter=out, rngs=nnx.Rngs(0))
+        load_reference(base, out, 4, 64)
 
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -129,8 +134,10 @@ def test_import_refuses_an_adapter_that_does_not_fit(exported, tmp_path):
     tensors[dropped.replace("layers.1", "layers.5")] = torch.zeros(4, 32)
     save_file(tensors, str(broken / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with pytest.raises(AdapterError) as error:
-        MetaEmbed.from_pretrained(base, adapter=broken, rngs=nnx.Rngs(0))
-    assert "no adapter weights for model.layers.1.mlp.up_proj.weight" in str(error.value)
+        load_reference(base, broken)
+    assert "LoRA layer model.language_model.layers.1.mlp.up_proj: the adapter has no" in str(
+        error.value
+    )
     assert "layers.5.mlp.up_proj: the model has no such LoRA layer" in str(error.value)
 
 
@@ -147,7 +154,9 @@ def test_peft_loads_the_adapter_onto_transformers_and_gives_our_embeddings(expor
     wrapped = peft.PeftModel.from_pretrained(hf, out).eval()
     inner = wrapped.base_model.model
     adapted = [name for name, m in inner.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
-    assert len(adapted) == 7 * hf.config.text_config.num_hidden_layers
+    assert len(adapted) == 7 * hf.config.text_config.num_hidden_layers + 3 * (
+        hf.config.vision_config.depth
+    )
 
     features = processor(TEXTS, [None, None], side="query")
     with torch.no_grad():

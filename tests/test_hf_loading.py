@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from metaembed_jax import sharding
-from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models import hf_loading, layers, rules
 from tests.helpers import register_loader_family
 
 
@@ -37,13 +37,11 @@ class ToyBackbone(nnx.Module):
 
 def toy_rules(config):
     return [
-        hf_loading.Rule(r"model\.embed_tokens\.weight", "embed"),
-        hf_loading.Rule(
-            r"model\.layers\.(?P<layer>\d+)\.proj\.weight", "layers.proj.kernel", "linear"
-        ),
-        hf_loading.Rule(r"model\.layers\.(?P<layer>\d+)\.proj\.bias", "layers.proj.bias"),
-        hf_loading.Rule(r"model\.layers\.(?P<layer>\d+)\.norm\.weight", "layers.norm.scale"),
-        hf_loading.Rule(r"lm_head\.weight", None),
+        rules.Rule(r"model\.embed_tokens\.weight", "embed"),
+        rules.Rule(r"model\.layers\.(?P<layer>\d+)\.proj\.weight", "layers.proj.kernel", "linear"),
+        rules.Rule(r"model\.layers\.(?P<layer>\d+)\.proj\.bias", "layers.proj.bias"),
+        rules.Rule(r"model\.layers\.(?P<layer>\d+)\.norm\.weight", "layers.norm.scale"),
+        rules.Rule(r"lm_head\.weight", None),
     ]
 
 
@@ -130,7 +128,7 @@ def test_every_mismatch_reported_at_once(tmp_path):
 def test_lora_adapters_start_fresh_and_base_loads(tmp_path):
     tensors = toy_tensors()
     write_checkpoint(tmp_path, tensors)
-    model = hf_loading.load_hf(tmp_path, lora=layers.LoRASpec(rank=2, alpha=4.0))
+    model = hf_loading.load_hf(tmp_path, lora=layers.LoRASpec(rank=2, alpha=4.0, targets=("proj",)))
     check_values(model, tensors)
     assert model.layers.proj.lora_a[...].shape == (2, 4, 2)
     assert float(jnp.abs(model.layers.proj.lora_a[...]).sum()) > 0

@@ -337,7 +337,8 @@ def test_lora_and_remat_train_the_decoder_only(checkpoint):
     from metaembed_jax.models import layers
 
     _, _, path, model = checkpoint
-    lora = layers.LoRASpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "gate_proj"))
+    decoder_only = r".*language_model.*\.(q_proj|v_proj|gate_proj)"  # PEFT's regex form
+    lora = layers.LoRASpec(rank=2, alpha=4.0, targets=decoder_only)
     adapted = load_hf(path, lora=lora, remat="full")
     batch = make_batch()
     batch.pop("token_type_ids")

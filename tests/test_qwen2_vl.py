@@ -292,7 +292,8 @@ def test_both_config_spellings_parse_alike(checkpoint):
 
 
 def test_lora_targets_and_logical_axes(checkpoint):
-    """LoRA adapters only on the targeted projections, starting as a no-op; every parameter
+    """LoRA adapters only on the targeted projections (PEFT's list semantics: every module of
+    that name, so Qwen2.5-VL's vision MLP down_proj too), starting as a no-op; every parameter
     carries one logical axis name per dimension."""
     _, hf_model, path, model = checkpoint
     config = json.loads((path / "config.json").read_text())
@@ -301,10 +302,12 @@ def test_lora_targets_and_logical_axes(checkpoint):
     adapter_paths = {
         ".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))
     }
+    vision_mlp = {"visual.blocks.mlp.down_proj"} if config["model_type"] == "qwen2_5_vl" else set()
     assert adapter_paths == {
         "layers.self_attn.q_proj",
         "layers.self_attn.v_proj",
         "layers.mlp.down_proj",
+        *vision_mlp,
     }
     for path_, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = variable.get_metadata().get("out_sharding")

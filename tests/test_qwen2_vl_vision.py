@@ -93,7 +93,7 @@ class VisionOnly(nnx.Module):
 def vision_only_rules(config):
     # Language-model tensors are deliberately unused here.
     rules = vision_rules(config["vision_config"], config["source_model_type"])
-    return rules + [hf_loading.Rule(r"(?!visual\.).*", None)]
+    return rules + [rules.Rule(r"(?!visual\.).*", None)]
 
 
 for _model_type in HF_CLASSES:

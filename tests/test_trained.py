@@ -14,11 +14,14 @@ from transformers import AutoTokenizer
 
 from metaembed_jax import load_trained
 from metaembed_jax.evaluation import runner
+from metaembed_jax.retriever import Retriever
+from metaembed_jax.training import loop
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.run_identity import RunMismatchError, read_saved_config
 from metaembed_jax.training.state import create_train_state, make_optimizer
-from tests.trained_run import copy_run, trained_lora_run
+from tests.helpers import RandomBatches
+from tests.trained_run import copy_run, tiny_lora_config, trained_lora_run
 
 TEXTS = ["a red cube left of a blue sphere", "two green cones"]
 
@@ -122,3 +125,21 @@ def test_load_trained_of_a_full_fine_tuning_run_without_a_mesh(tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_every_inference_path_turns_lora_dropout_off(tmp_path_factory, tmp_path):
+    """A LoRA run trained with dropout 0.5: load_trained and Retriever.load give identical
+    vectors call after call; the same model in training mode does not (the dropout is there)."""
+    config = tiny_lora_config(tmp_path / "data")
+    config.lora.dropout = 0.5
+    config.train.steps = 1
+    loop.train(config, tmp_path / "run", train_iterator=RandomBatches(0))
+    model, processor = load_trained(tmp_path / "run")
+    features = processor(TEXTS, [None, None], side="query")
+    first = np.asarray(model.embed("query", **features))
+    np.testing.assert_array_equal(first, np.asarray(model.embed("query", **features)))
+    retriever = Retriever.load(tmp_path / "run")
+    vectors = [np.asarray(retriever.encode_queries(TEXTS)) for _ in range(2)]
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    model.train()
+    assert np.abs(np.asarray(model.embed("query", **features)) - first).max() > 1e-4

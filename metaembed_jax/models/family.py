@@ -80,7 +80,7 @@ class BackboneFamily:
       build: `build(config_dict, *, dtype, param_dtype, lora, remat, rngs) -> Backbone`, from the
         raw `config.json` dict (every spelling the family's published checkpoints use).
       rules: `rules(config_dict) -> [Rule]`, the declarative checkpoint-key table
-        (`hf_loading.Rule`).
+        (`rules.Rule`).
       feature_keys: the keyword names of one side's features the backbone takes; batches carry
         only these (and the train step passes only these).
       make_processor: `make_processor(data_config, path=None) -> Processor` with the data
@@ -98,6 +98,9 @@ class BackboneFamily:
         transformers 5's `save_pretrained` one) reaches the same `rules`.
       axis_rules: logical-axis rules (`sharding.LOGICAL_AXIS_RULES` format) the family adds for
         logical names of its own.
+      in_memory_aliases: prefix rewrites from the keys the rules spell to transformers'
+        in-memory module names (`model.language_model.layers.0.self_attn.q_proj`), the names
+        PEFT adapters use (`rules.in_memory_name`); empty when the rules spell those already.
     """
 
     name: str
@@ -111,6 +114,7 @@ class BackboneFamily:
     special_tokens: tuple[str, ...] = ()
     key_aliases: tuple[tuple[str, str], ...] = ()
     axis_rules: tuple[tuple[str, Any], ...] = ()
+    in_memory_aliases: tuple[tuple[str, str], ...] = ()
 
 
 # family name -> module that registers it on import (lazy: loading one family imports no other).

@@ -55,23 +55,37 @@ def make_param(
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
-    """Low-rank adapter on a dense layer (PEFT's LoRA): `y += dropout(x) @ A @ B * alpha / rank`.
+    """Low-rank adapter on a dense layer (PEFT's LoRA): `y += dropout(x) @ A @ B * scale`, with
+    `scale = alpha / rank` (`alpha / sqrt(rank)` with `use_rslora`). B starts at zero, so an
+    adapted model starts equal to its base.
 
-    `targets` names the dense layers that get one (HF names: q_proj, k_proj, v_proj, o_proj,
-    gate_proj, up_proj, down_proj). B starts at zero, so an adapted model starts equal to its base.
+    `targets` / `exclude` choose the adapted layers as PEFT's `target_modules` /
+    `exclude_modules` do, over transformers' in-memory module names (`models/lora.py`): a string
+    is a regex that must match the whole name; a tuple holds names, each matching a module of
+    that name or ending with "." + it (`("q_proj", "v_proj")`). Modules (and their submodules)
+    named in `modules_to_save` are saved whole by PEFT and never adapted.
     """
 
     rank: int
     alpha: float
     dropout: float = 0.0
-    targets: tuple[str, ...] = ()
+    targets: tuple[str, ...] | str = ()
+    use_rslora: bool = False
+    exclude: tuple[str, ...] | str = ()
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
 
 class Dense(nnx.Module):
     """`y = x @ kernel + bias`, kernel `[in, out]`, computed in `dtype`; optional LoRA adapter.
 
     LoRA weights are `nnx.LoRAParam` (not `nnx.Param`), so a LoRA run filters them as the only
-    trainable backbone weights and the base kernel stays bit-identical.
+    trainable backbone weights and the base kernel stays bit-identical. In a stacked layer whose
+    adapter PEFT put on some layers only, `lora_layers` lists those (None = every layer); the
+    others keep zero A / B.
     """
 
     def __init__(
@@ -94,13 +108,20 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
-        self.lora_scale = None if lora is None else lora.alpha / lora.rank
+        self.lora_scale = None if lora is None else lora.scale
+        self.lora_layers: tuple[int, ...] | None = None
         if lora is not None:
             a = nnx.initializers.he_uniform()(rngs.params(), (in_features, lora.rank), param_dtype)
             b = jnp.zeros((lora.rank, out_features), param_dtype)
             self.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
             self.lora_b = nnx.LoRAParam(b, out_sharding=(None, axes[1]), eager_sharding=False)
             self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs)
+
+    def remove_lora(self) -> None:
+        """Drop the adapter (a layer that no LoRA target selects)."""
+        if self.lora_scale is not None:
+            del self.lora_a, self.lora_b, self.lora_dropout
+            self.lora_scale = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)

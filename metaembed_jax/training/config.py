@@ -46,13 +46,21 @@ def base_config() -> ConfigDict:
     config.model.attention_impl = "reference"
 
     config.lora = ConfigDict()
-    # LoRA on the language model's dense layers; False = full fine-tuning of every weight.
+    # LoRA adapters on dense layers (frozen base); False = full fine-tuning of every weight.
     config.lora.enabled = False
     config.lora.rank = 32
     config.lora.alpha = 32.0
     config.lora.dropout = 0.1
-    # HF names of the adapted dense layers.
+    # The adapted layers, chosen as PEFT's `target_modules` list chooses them over transformers'
+    # module names: each name adapts every dense layer of that name, in the text decoder, the
+    # vision tower and the projector alike (q_proj ... down_proj: also Qwen2.5-VL's vision MLP,
+    # as the reference recipe's regex does).
     config.lora.targets = LORA_TARGETS
+    # A regex PEFT full-matches against transformers' module names (its `target_modules`
+    # string form, e.g. r".*language_model.*(q|v)_proj"); when set it replaces `targets`.
+    config.lora.target_regex = ""
+    # rsLoRA scaling, alpha / sqrt(rank) instead of alpha / rank (PEFT's use_rslora).
+    config.lora.rslora = False
 
     config.loss = ConfigDict()
     # "mmr" (all groups), "nommr" (only the last, full-budget group), "single" (one vector;

@@ -28,6 +28,7 @@ from metaembed_jax.data.pipeline import (
     make_train_iterator,
     model_family,
 )
+from metaembed_jax.models.lora import partially_adapted
 from metaembed_jax.training import checkpointing, metrics, run_identity
 from metaembed_jax.training.config import loss_groups, loss_temperatures, validate_config
 from metaembed_jax.training.model import (
@@ -127,7 +128,7 @@ def start_distributed(config) -> bool:
     return sharding.initialize_distributed(True if mode == "on" else None, **kwargs)
 
 
-def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
+def write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
     """config.json (the full config), and for a from-scratch run model_config.json (the backbone
     actually built) and tokenizer/ (the built-in tokenizer, which lives in the data directory,
     so that the run directory alone loads: make_processor(config, workdir=...) reads it)."""
@@ -143,14 +144,29 @@ def _write_run_files(config, workdir: Path, vocab_size: int | None) -> None:
             shutil.copytree(built_in, workdir / RUN_TOKENIZER_DIR)
 
 
+def check_full_stacks(model) -> None:
+    """Raise ValueError when LoRA targets select some layers of a stacked module only: stacked
+    layers train one adapter array, so PEFT's per-layer selections load (the other layers keep
+    zero adapters) but cannot train."""
+    partial = partially_adapted(model.backbone)
+    if partial:
+        listed = "; ".join(f"{path}: layers {list(ids)}" for path, ids in partial.items())
+        raise ValueError(
+            f"config.lora targets select only some layers of a stacked module ({listed}): "
+            "training adapts every layer of a stack or none; widen config.lora.target_regex"
+        )
+
+
 def _has_checkpoint(workdir: Path) -> bool:
     directory = workdir / "checkpoints"
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def _record_or_check_base(config, workdir: Path, state, vocab_size, *, check: bool) -> None:
+def record_base_fingerprint(
+    config, workdir: Path, state, vocab_size, *, check: bool = False
+) -> None:
     """A LoRA run's checkpoints hold only the adapters: write the fingerprint of the base they
-    need (a fresh run) or check the base built now against it (a resume)."""
+    need (a fresh run) or, with `check`, check the base built now against it (a resume)."""
     fingerprint = run_identity.base_fingerprint(
         state.frozen, base_hf_config(config, vocab_size), base_source(config)
     )
@@ -199,14 +215,16 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     resuming = _has_checkpoint(workdir)
     if resuming:  # before config.json is overwritten with the config given
         run_identity.check_run_identity(workdir, config, action="resume")
-    _write_run_files(config, workdir, vocab_size)
+    write_run_files(config, workdir, vocab_size)
 
     model = build_model(config, mesh=mesh, vocab_size=vocab_size)
+    check_full_stacks(model)
+    model.train()  # LoRA dropout on (the model is built in inference mode)
     tx, schedule = make_optimizer(config.optimizer, steps)
     state = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
     del model
     if config.lora.enabled:
-        _record_or_check_base(config, workdir, state, vocab_size, check=resuming)
+        record_base_fingerprint(config, workdir, state, vocab_size, check=resuming)
     checkpointer = checkpointing.Checkpointer(
         workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
     )

@@ -33,12 +33,19 @@ def lora_spec(config) -> LoRASpec | None:
     lora = config.lora
     if not lora.enabled:
         return None
-    if lora.rank < 1 or not lora.targets:
+    targets = lora.get("target_regex") or tuple(lora.targets)
+    if lora.rank < 1 or not targets:
         raise ValueError(
-            f"config.lora: rank={lora.rank}, targets={tuple(lora.targets)}; expected rank >= 1 "
+            f"config.lora: rank={lora.rank}, targets={targets}; expected rank >= 1 "
             "and at least one target module"
         )
-    return LoRASpec(int(lora.rank), float(lora.alpha), float(lora.dropout), tuple(lora.targets))
+    return LoRASpec(
+        int(lora.rank),
+        float(lora.alpha),
+        float(lora.dropout),
+        targets,
+        use_rslora=bool(lora.get("rslora", False)),
+    )
 
 
 def hf_config_dict(config, vocab_size: int | None = None) -> dict[str, Any]:

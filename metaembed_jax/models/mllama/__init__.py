@@ -12,7 +12,7 @@ from metaembed_jax.models.mllama.processing import (
     static_shapes,
     tiny_config,
 )
-from metaembed_jax.models.mllama.rules import KEY_ALIASES, mllama_rules
+from metaembed_jax.models.mllama.rules import IN_MEMORY_ALIASES, KEY_ALIASES, mllama_rules
 
 # logical names of the vision model's weights (the decoder uses the shared ones)
 AXIS_RULES = (("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_patch", None))
@@ -30,6 +30,7 @@ FAMILY = family.register_family(
         special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
         axis_rules=AXIS_RULES,
+        in_memory_aliases=IN_MEMORY_ALIASES,
     )
 )
 

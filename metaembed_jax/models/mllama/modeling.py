@@ -135,21 +135,6 @@ def cross_attention_masks(
     return allowed[:, None], sees_any[..., None]
 
 
-def _dense(name, in_features, out_features, axes, *, dtype, param_dtype, lora, rngs):
-    """A bias-free `layers.Dense`, with the LoRA adapter when `name` is one of `lora.targets`."""
-    adapter = lora if lora is not None and name in lora.targets else None
-    return layers.Dense(
-        in_features,
-        out_features,
-        axes,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        lora=adapter,
-        rngs=rngs,
-    )
-
-
 def _gate(rngs: nnx.Rngs, param_dtype) -> nnx.Param:
     return layers.make_param(rngs, nnx.initializers.zeros, (1,), (None,), param_dtype)
 
@@ -158,11 +143,11 @@ class MLP(nnx.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`."""
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, lora, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         hidden, inner = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _dense("gate_proj", hidden, inner, ("embed", "mlp"), **kw)
-        self.up_proj = _dense("up_proj", hidden, inner, ("embed", "mlp"), **kw)
-        self.down_proj = _dense("down_proj", inner, hidden, ("mlp", "embed"), **kw)
+        self.gate_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **kw)
+        self.up_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **kw)
+        self.down_proj = layers.Dense(inner, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -177,13 +162,13 @@ class _Projections(nnx.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         hidden = cfg.hidden_size
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = _dense("q_proj", hidden, q_size, ("embed", "heads"), **kw)
-        self.k_proj = _dense("k_proj", hidden, kv_size, ("embed", "kv_heads"), **kw)
-        self.v_proj = _dense("v_proj", hidden, kv_size, ("embed", "kv_heads"), **kw)
-        self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), **kw)
+        self.q_proj = layers.Dense(hidden, q_size, ("embed", "heads"), **kw)
+        self.k_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), **kw)
+        self.v_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), **kw)
+        self.o_proj = layers.Dense(q_size, hidden, ("heads", "embed"), **kw)
 
     def heads(self, projection, x: jax.Array, count: int) -> jax.Array:
         return projection(x).reshape(*x.shape[:2], count, self.head_dim)
@@ -341,7 +326,7 @@ class MllamaBackbone(nnx.Module):
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
         )
         self.vision_model = VisionModel(
-            vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+            vision, dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat, rngs=rngs
         )
         self.multi_modal_projector = layers.Dense(
             self.vision_model.config.output_dim,
@@ -350,6 +335,7 @@ class MllamaBackbone(nnx.Module):
             use_bias=True,
             dtype=dtype,
             param_dtype=param_dtype,
+            lora=lora,
             rngs=rngs,
         )
 

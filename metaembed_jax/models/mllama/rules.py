@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from metaembed_jax.models.hf_loading import Rule
 from metaembed_jax.models.mllama.modeling import layer_plan, text_config
+from metaembed_jax.models.rules import Rule
 
 # transformers' in-memory names -> the published ones (the rules below are written for those).
 KEY_ALIASES = (
@@ -23,6 +23,8 @@ KEY_ALIASES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
+# ... and back: the rules' keys -> transformers' in-memory module names (PEFT's names).
+IN_MEMORY_ALIASES = tuple((new, old) for old, new in KEY_ALIASES)
 
 _TEXT = r"language_model\.model\."
 _MLP = r"mlp\.(?P<p>gate|up|down)_proj\.weight"

@@ -121,10 +121,10 @@ def _gate(rngs: nnx.Rngs, param_dtype, init=nnx.initializers.zeros) -> nnx.Param
 class VisionAttention(nnx.Module):
     """Multi-head self-attention without biases."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         width = cfg.hidden_size
         self.q_proj = layers.Dense(width, width, ("vision_embed", "heads"), **kw)
         self.k_proj = layers.Dense(width, width, ("vision_embed", "heads"), **kw)
@@ -144,8 +144,8 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     """`fc2(gelu(fc1(x)))`, exact (erf) GELU as transformers' "gelu"."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         width, inner = cfg.hidden_size, cfg.intermediate_size
         self.fc1 = layers.Dense(width, inner, ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = layers.Dense(inner, width, ("vision_mlp", "vision_embed"), **kw)
@@ -157,8 +157,10 @@ class VisionMLP(nnx.Module):
 class VisionLayer(nnx.Module):
     """Pre-norm encoder layer; a gated (global) layer scales both branches by `tanh(gate)`."""
 
-    def __init__(self, cfg: VisionConfig, *, gated: bool, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self, cfg: VisionConfig, *, gated: bool, dtype, param_dtype, lora=None, rngs: nnx.Rngs
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         norm = dict(param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = layers.LayerNorm(cfg.hidden_size, cfg.norm_eps, **norm)
         self.self_attn = VisionAttention(cfg, **kw)
@@ -233,12 +235,14 @@ def tile_attention_mask(aspect_ratio_mask: jax.Array, cfg: VisionConfig) -> jax.
 class VisionModel(nnx.Module):
     """`MllamaVisionModel`: tiles -> `[B, images, tiles, num_patches, vision_output_dim]`."""
 
-    def __init__(self, config: Mapping[str, Any], *, dtype, param_dtype, remat, rngs: nnx.Rngs):
+    def __init__(
+        self, config: Mapping[str, Any], *, dtype, param_dtype, remat, lora=None, rngs: nnx.Rngs
+    ):
         cfg = vision_config(config)
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
         self.patch_embedding = layers.Dense(
             cfg.patch_dim,
             cfg.hidden_size,

@@ -36,7 +36,6 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
-from metaembed_jax.models.hf_loading import Rule
 from metaembed_jax.models.paligemma.config import (
     MODEL_TYPES,
     SLIDING,
@@ -46,6 +45,7 @@ from metaembed_jax.models.paligemma.config import (
     vision_config,
 )
 from metaembed_jax.models.paligemma.vision import VISION_RULES, VisionTower
+from metaembed_jax.models.rules import Rule
 
 
 class GemmaRMSNorm(nnx.Module):
@@ -60,21 +60,6 @@ class GemmaRMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-
-
-def _dense(name, in_features, out_features, axes, *, use_bias, dtype, param_dtype, lora, rngs):
-    """A `layers.Dense`, with the LoRA adapter only when `name` is one of `lora.targets`."""
-    adapter = lora if lora is not None and name in lora.targets else None
-    return layers.Dense(
-        in_features,
-        out_features,
-        axes,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        lora=adapter,
-        rngs=rngs,
-    )
 
 
 def rope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float):
@@ -95,10 +80,10 @@ class Attention(nnx.Module):
             use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs
         )
         hidden = cfg.hidden_size
-        self.q_proj = _dense("q_proj", hidden, q_size, ("embed", "heads"), **common)
-        self.k_proj = _dense("k_proj", hidden, kv_size, ("embed", "kv_heads"), **common)
-        self.v_proj = _dense("v_proj", hidden, kv_size, ("embed", "kv_heads"), **common)
-        self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), **common)
+        self.q_proj = layers.Dense(hidden, q_size, ("embed", "heads"), **common)
+        self.k_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), **common)
+        self.v_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), **common)
+        self.o_proj = layers.Dense(q_size, hidden, ("heads", "embed"), **common)
 
     def __call__(self, x, cos, sin, mask):
         cfg = self.cfg
@@ -126,9 +111,9 @@ class MLP(nnx.Module):
         common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         hidden, inner = cfg.hidden_size, cfg.intermediate_size
         self.approximate = cfg.gelu_approximate
-        self.gate_proj = _dense("gate_proj", hidden, inner, ("embed", "mlp"), **common)
-        self.up_proj = _dense("up_proj", hidden, inner, ("embed", "mlp"), **common)
-        self.down_proj = _dense("down_proj", inner, hidden, ("mlp", "embed"), **common)
+        self.gate_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **common)
+        self.up_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **common)
+        self.down_proj = layers.Dense(inner, hidden, ("mlp", "embed"), **common)
 
     def __call__(self, x):
         gate = jax.nn.gelu(self.gate_proj(x), approximate=self.approximate)
@@ -248,7 +233,7 @@ class PaliGemmaBackbone(nnx.Module):
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
         )
         self.visual = VisionTower(
-            vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+            vision, dtype=dtype, param_dtype=param_dtype, remat=remat, lora=lora, rngs=rngs
         )
 
     @property

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from metaembed_jax.models import layers
-from metaembed_jax.models.hf_loading import Rule
 from metaembed_jax.models.paligemma.config import VisionConfig
+from metaembed_jax.models.rules import Rule
 
 
 def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
@@ -33,10 +33,10 @@ def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
 class VisionAttention(nnx.Module):
     """Full multi-head self-attention over one image's patches, q/k/v/out with bias."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
         width = config.hidden_size
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.q_proj = layers.Dense(width, width, ("vision_embed", "heads"), **kw)
         self.k_proj = layers.Dense(width, width, ("vision_embed", "heads"), **kw)
         self.v_proj = layers.Dense(width, width, ("vision_embed", "heads"), **kw)
@@ -53,13 +53,15 @@ class VisionAttention(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-norm SigLIP encoder layer: LayerNorm -> attention, LayerNorm -> fc1 / gelu / fc2."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         norm = dict(axis_name="norm", param_dtype=param_dtype, rngs=rngs)
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         width, inner = config.hidden_size, config.intermediate_size
         self.gelu_approximate = config.gelu_approximate
         self.layer_norm1 = layers.LayerNorm(width, config.layer_norm_eps, **norm)
-        self.self_attn = VisionAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = VisionAttention(
+            config, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs
+        )
         self.layer_norm2 = layers.LayerNorm(width, config.layer_norm_eps, **norm)
         self.fc1 = layers.Dense(width, inner, ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = layers.Dense(inner, width, ("vision_mlp", "vision_embed"), **kw)
@@ -77,13 +79,20 @@ class VisionTower(nnx.Module):
     table has one row per patch and is not interpolated, as transformers' default)."""
 
     def __init__(
-        self, config: VisionConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs
+        self,
+        config: VisionConfig,
+        *,
+        dtype,
+        param_dtype,
+        remat: str = "none",
+        lora=None,
+        rngs: nnx.Rngs,
     ):
         layers.check_remat(remat)
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
         width = config.hidden_size
         self.patch_embed = layers.Dense(
             config.patch_dim, width, ("vision_patch", "vision_embed"), use_bias=True,

@@ -5,7 +5,7 @@ index (`rope`), checkpoint rules (`params`), processor (`processing`), static im
 
 from metaembed_jax.models.family import BackboneFamily, register_family
 from metaembed_jax.models.qwen2_vl.modeling import Qwen2VLBackbone
-from metaembed_jax.models.qwen2_vl.params import KEY_ALIASES, qwen2_vl_rules
+from metaembed_jax.models.qwen2_vl.params import IN_MEMORY_ALIASES, KEY_ALIASES, qwen2_vl_rules
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor, make_processor
 from metaembed_jax.models.qwen2_vl.shapes import static_shapes
 from metaembed_jax.models.qwen2_vl.tiny import tiny_config
@@ -29,6 +29,7 @@ FAMILY = register_family(
         special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
         axis_rules=AXIS_RULES,
+        in_memory_aliases=IN_MEMORY_ALIASES,
     )
 )
 

@@ -125,21 +125,6 @@ def model_type_of(config: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dense(name, in_features, out_features, axes, *, use_bias, dtype, param_dtype, lora, rngs):
-    """A `layers.Dense`, with the LoRA adapter only when `name` is one of `lora.targets`."""
-    adapter = lora if lora is not None and name in lora.targets else None
-    return layers.Dense(
-        in_features,
-        out_features,
-        axes,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        lora=adapter,
-        rngs=rngs,
-    )
-
-
 class Attention(nnx.Module):
     """GQA self-attention with q/k/v bias and M-RoPE. Kernels `[embed, heads*head_dim]`."""
 
@@ -152,14 +137,10 @@ class Attention(nnx.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         hidden = cfg.hidden_size
-        self.q_proj = _dense("q_proj", hidden, q_size, ("embed", "heads"), use_bias=True, **common)
-        self.k_proj = _dense(
-            "k_proj", hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common
-        )
-        self.v_proj = _dense(
-            "v_proj", hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common
-        )
-        self.o_proj = _dense("o_proj", q_size, hidden, ("heads", "embed"), use_bias=False, **common)
+        self.q_proj = layers.Dense(hidden, q_size, ("embed", "heads"), use_bias=True, **common)
+        self.k_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common)
+        self.v_proj = layers.Dense(hidden, kv_size, ("embed", "kv_heads"), use_bias=True, **common)
+        self.o_proj = layers.Dense(q_size, hidden, ("heads", "embed"), use_bias=False, **common)
 
     def __call__(self, x, cos, sin, segments):
         """x [B, L, H]; segments [B, L]: 0 for real tokens, -1 for padding (causal within)."""
@@ -179,9 +160,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, lora, rngs: nnx.Rngs):
         common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         hidden, inner = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _dense("gate_proj", hidden, inner, ("embed", "mlp"), **common)
-        self.up_proj = _dense("up_proj", hidden, inner, ("embed", "mlp"), **common)
-        self.down_proj = _dense("down_proj", inner, hidden, ("mlp", "embed"), **common)
+        self.gate_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **common)
+        self.up_proj = layers.Dense(hidden, inner, ("embed", "mlp"), **common)
+        self.down_proj = layers.Dense(inner, hidden, ("mlp", "embed"), **common)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -301,7 +282,13 @@ class Qwen2VLBackbone(nnx.Module):
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
         )
         self.visual = VisionTower(
-            vision_config, model_type, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+            vision_config,
+            model_type,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            lora=lora,
+            rngs=rngs,
         )
 
     @property

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from metaembed_jax.models.hf_loading import Rule
 from metaembed_jax.models.qwen2_vl.modeling import model_type_of
 from metaembed_jax.models.qwen2_vl.vision import vision_rules
+from metaembed_jax.models.rules import Rule
 
 _LAYER = r"model\.layers\.(?P<layer>\d+)\."
 
@@ -34,6 +34,8 @@ LANGUAGE_RULES = (
 
 # transformers' in-memory layout (`model.language_model.*`, `model.visual.*`) -> the published one.
 KEY_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+# ... and back: the rules' keys -> transformers' in-memory module names (PEFT's names).
+IN_MEMORY_ALIASES = (("model.", "model.language_model."), ("visual.", "model.visual."))
 
 
 def qwen2_vl_rules(config: Mapping[str, Any]) -> list[Rule]:

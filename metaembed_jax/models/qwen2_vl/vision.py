@@ -39,7 +39,6 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
-from metaembed_jax.models.hf_loading import Rule
 from metaembed_jax.models.qwen2_vl.rope import locate_in_runs
 from metaembed_jax.models.qwen2_vl.segment_attention import (
     SegmentBlocks,
@@ -48,6 +47,7 @@ from metaembed_jax.models.qwen2_vl.segment_attention import (
     segment_blocks,
     within_segments,
 )
+from metaembed_jax.models.rules import Rule
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -263,12 +263,12 @@ class Segments(NamedTuple):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
         units = config.window_units
         self.window_span = None if units is None else (units * config.merge_size) ** 2
         width = config.width
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         # Fused q/k/v as in the checkpoint: output features are (3, heads, head_dim).
         self.qkv = layers.Dense(width, 3 * width, ("vision_embed", "heads"), **kw)
         self.proj = layers.Dense(width, width, ("heads", "vision_embed"), **kw)
@@ -304,10 +304,10 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     """Qwen2-VL: fc1 -> act -> fc2. Qwen2.5-VL: SwiGLU gate/up/down, all with bias."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         self.act = ACTIVATIONS[config.hidden_act]
         self.gated = config.model_type == "qwen2_5_vl"
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         up_axes, down_axes = ("vision_embed", "vision_mlp"), ("vision_mlp", "vision_embed")
         if self.gated:
             self.gate_proj = layers.Dense(config.width, config.mlp_dim, up_axes, **kw)
@@ -324,10 +324,10 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         self.norm1 = _norm(config, config.width, param_dtype, rngs)
         self.norm2 = _norm(config, config.width, param_dtype, rngs)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.attn = VisionAttention(config, **kw)
         self.mlp = VisionMLP(config, **kw)
 
@@ -339,9 +339,9 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
     """Norm, then each `merge x merge` block of patches (consecutive rows) -> one LM token."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, lora=None, rngs: nnx.Rngs):
         merged = config.width * config.merge_size**2
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.ln_q = _norm(config, config.width, param_dtype, rngs)
         self.fc1 = layers.Dense(merged, merged, ("vision_mlp", "vision_mlp"), **kw)
         self.fc2 = layers.Dense(merged, config.out_dim, ("vision_mlp", "embed"), **kw)
@@ -368,6 +368,7 @@ class VisionTower(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: str = "none",
+        lora: layers.LoRASpec | None = None,
         rngs: nnx.Rngs,
     ):
         config = parse_vision_config(vision_config, model_type)
@@ -375,7 +376,7 @@ class VisionTower(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
         self.patch_embed = layers.Dense(
             config.patch_dim, config.width, ("vision_patch", "vision_embed"), use_bias=False,
             rngs=rngs, **kw,
