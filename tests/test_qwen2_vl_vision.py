@@ -23,7 +23,7 @@ from transformers import vision_utils as hf_vision
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
-from metaembed_jax.models import hf_loading, layers
+from metaembed_jax.models import hf_loading, layers, rules
 from metaembed_jax.models.qwen2_vl import segment_attention
 from metaembed_jax.models.qwen2_vl.segment_attention import (
     blocked_attention,
@@ -92,8 +92,8 @@ class VisionOnly(nnx.Module):
 
 def vision_only_rules(config):
     # Language-model tensors are deliberately unused here.
-    rules = vision_rules(config["vision_config"], config["source_model_type"])
-    return rules + [rules.Rule(r"(?!visual\.).*", None)]
+    tower_rules = vision_rules(config["vision_config"], config["source_model_type"])
+    return tower_rules + [rules.Rule(r"(?!visual\.).*", None)]
 
 
 for _model_type in HF_CLASSES:

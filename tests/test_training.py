@@ -69,13 +69,14 @@ def test_step_on_a_mesh_equals_one_device(one_device, shape):
 
 def test_lora_trains_adapters_and_meta_tokens_only():
     """The reference recipe's setting (LoRA with dropout, bf16 compute over f32 master weights,
-    full remat): base weights stay bit-identical; adapters and meta tokens move; loss finite."""
+    full remat): base weights stay bit-identical; adapters (the vision MLP's too: the
+    candidates carry images) and meta tokens move; loss finite."""
     config = small_config()
     config.lora.enabled = True
     config.lora.dropout = 0.1
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
-    batches = [helpers.random_batch(i) for i in range(2)]
+    batches = [helpers.random_batch(i, image_every=2) for i in range(2)]
     history, params, frozen_before, frozen_after = run_steps(config, None, batches, lora=True)
     assert all(np.isfinite(h["loss"]) for h in history)
     for before, after in zip(

@@ -219,7 +219,6 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 
     model = build_model(config, mesh=mesh, vocab_size=vocab_size)
     check_full_stacks(model)
-    model.train()  # LoRA dropout on (the model is built in inference mode)
     tx, schedule = make_optimizer(config.optimizer, steps)
     state = create_train_state(model, tx, lora=bool(config.lora.enabled), mesh=mesh)
     del model

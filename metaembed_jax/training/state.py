@@ -102,7 +102,9 @@ def create_train_state(
     model: nnx.Module, tx: optax.GradientTransformation, *, lora: bool, mesh: Mesh | None = None
 ) -> TrainState:
     """A fresh TrainState for `model`, whose variables `build_model` already placed on `mesh`:
-    only the new arrays (optimizer state, step counter) are placed here."""
+    only the new arrays (optimizer state, step counter) are placed here. The model is put in
+    training mode (LoRA dropout on; models are built in inference mode)."""
+    model.train()
     graphdef, params, frozen, other = nnx.split(model, trainable_filter(lora), nnx.Param, ...)
     if mesh is not None:
         # Adam moments take their parameter's sharding (zeros_like keeps it); counters replicated.
