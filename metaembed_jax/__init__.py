@@ -2,7 +2,7 @@
 
 from metaembed_jax.metaembed import MetaEmbed
 
-__all__ = ["MetaEmbed", "load_trained"]
+__all__ = ["MetaEmbed", "QdrantIndex", "load_trained"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,9 @@ def __getattr__(name: str):
         from metaembed_jax.trained import load_trained
 
         return load_trained
+    # QdrantIndex: its optional Qdrant packages load only once it opens or pushes a collection.
+    if name == "QdrantIndex":
+        from metaembed_jax.qdrant_index import QdrantIndex
+
+        return QdrantIndex
     raise AttributeError(f"module 'metaembed_jax' has no attribute {name!r}")
