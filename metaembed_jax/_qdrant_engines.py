@@ -225,6 +225,7 @@ class ClientEngine:
         from qdrant_client import models
 
         self.models, self.collection = models, collection
+        self._owns_client = client is None  # a given client is the caller's to close
         self.client = client if client is not None else qdrant_client.QdrantClient(url=url)
         self.where = f"collection {collection!r} at {url or 'the given client'}"
 
@@ -235,7 +236,8 @@ class ClientEngine:
         self.client.delete_collection(self.collection)
 
     def close(self) -> None:
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
 
     def create(self, spec: CollectionSpec) -> None:
         models = self.models

@@ -18,8 +18,10 @@ threshold or with ``exact=True``, approximate through the graph above it). Each 
 stored again: prefixes 1, 4, 16, 64 of R_c = 64 take (1+4+16+64)/64 ~ 1.33x the full vectors.
 A budget whose r_c is not stored raises ValueError naming the stored prefixes.
 
-Dtypes: float32 as is; bfloat16 stored as float16 (bfloat16 values of |x| < 2^-14 lose
-precision in float16, and |x| > 65504 cannot be stored: the push refuses them); int8 as Qdrant's
+Dtypes: float32 as is; bfloat16 stored as float16 (exact for bfloat16 values within
+float16's range: those of |x| < 2^-14 lose precision, and |x| > 65504 cannot be stored, so the
+push refuses them), and Qdrant then rounds the query vectors it is sent to float16 (a bfloat16
+`MultiVectorIndex` rounds them to bfloat16); int8 as Qdrant's
 scalar int8 quantisation (in RAM) with the float32 originals on disk (the index's float32 copy
 when it was built with ``full_precision=True``, else its dequantised int8 vectors), and
 ``rescore=S`` as Qdrant's rescoring with oversampling S / k. Qdrant's int8 scores differ from
@@ -153,12 +155,17 @@ class QdrantIndex:
             raise FileNotFoundError(f"no Qdrant {engine.where}")
         payload = engine.payloads([_MANIFEST_ID]).get(_MANIFEST_ID) or {}
         manifest = payload.get(_MANIFEST_KEY)
-        if manifest is None or not manifest.get("complete"):
-            what = "has no metaembed manifest" if manifest is None else "has an add() stopped"
+        if manifest is None:
             raise ValueError(
-                f"the Qdrant {engine.where} {what}: a push that was stopped before it "
-                "finished (or a collection not written by QdrantIndex.from_index); push the "
+                f"the Qdrant {engine.where} has no metaembed manifest: a push stopped before "
+                "it finished, or a collection not written by QdrantIndex.from_index; push the "
                 "index again (QdrantIndex.from_index, or metaembed index push)"
+            )
+        if not manifest.get("complete"):
+            raise ValueError(
+                f"the Qdrant {engine.where} is incomplete: a push or add() was stopped before "
+                "it finished; push the index again (QdrantIndex.from_index, or metaembed index "
+                "push)"
             )
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(
