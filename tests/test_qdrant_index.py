@@ -51,9 +51,7 @@ def assert_same_results(got, want, exact, ids, atol=1e-4):
     np.testing.assert_allclose(got[0], want[0], atol=atol)
     position = {candidate_id: p for p, candidate_id in enumerate(ids)}
     got_positions = np.array([[position[i] for i in row] for row in got[1]])
-    np.testing.assert_allclose(
-        np.take_along_axis(exact, got_positions, axis=1), want[0], atol=atol
-    )
+    np.testing.assert_allclose(np.take_along_axis(exact, got_positions, axis=1), want[0], atol=atol)
     differing = got[1] != want[1]
     if differing.any():  # only where neighbours tie
         assert np.allclose(np.diff(want[0], axis=1), 0, atol=atol).any()
@@ -80,8 +78,9 @@ def test_search_equals_multivectorindex_float32(data, float32_pair, budget):
     queries, candidates = data
     ours, theirs, _ = float32_pair
     exact = exact_scores(queries, candidates, budget)
-    assert_same_results(theirs.search(queries, budget, k=12), ours.search(queries, budget, k=12),
-                        exact, IDS)
+    assert_same_results(
+        theirs.search(queries, budget, k=12), ours.search(queries, budget, k=12), exact, IDS
+    )
 
 
 def test_masked_query_vectors_are_not_sent(data, float32_pair):
@@ -167,7 +166,9 @@ def test_ids_round_trip_and_a_reopened_collection_answers_the_same(data, float32
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[0], before[0])
     int_ids = MultiVectorIndex.build(data[1][:20], ids=list(range(100, 120)), dtype="float32")
-    pushed = QdrantIndex.from_index(int_ids, path, collection="ints", prefixes=(64,), progress=False)
+    pushed = QdrantIndex.from_index(
+        int_ids, path, collection="ints", prefixes=(64,), progress=False
+    )
     assert pushed.search(queries, (2, 64), k=3)[1].dtype == np.int64
     pushed.close()
 
@@ -179,10 +180,14 @@ def test_errors_match_multivectorindex(data, float32_pair, tmp_path):
         (lambda i: i.search(queries, (1, 1), k=204), r"k must be an int in \[1, 203\]"),
         (lambda i: i.search(queries[..., :8], (1, 1)), r"D=32.*\(5, 16, 8\)"),
         (lambda i: i.search(queries, (16, 65)), r"budget \(16, 65\) is out of range"),
-        (lambda i: i.search(queries, (1, 1), k=10, coarse_budget=(1, 1), shortlist=5),
-         "shortlist must be >= k"),
-        (lambda i: i.search(np.where(queries > 0.3, np.nan, queries), (1, 1)),
-         "query 0 contains NaN"),
+        (
+            lambda i: i.search(queries, (1, 1), k=10, coarse_budget=(1, 1), shortlist=5),
+            "shortlist must be >= k",
+        ),
+        (
+            lambda i: i.search(np.where(queries > 0.3, np.nan, queries), (1, 1)),
+            "query 0 contains NaN",
+        ),
         (lambda i: i.search(queries, (1, 1), query_mask=np.ones((5, 3))), "query_mask must"),
         (lambda i: i.search(queries, (1, 1), rescore=20), "rescore needs the float32 copy"),
         (lambda i: i.add(data[1][:2, :8]), r"expected embeddings \[n, 64, 32\]"),
@@ -209,13 +214,18 @@ def test_add_equals_one_push(data, tmp_path):
     queries, candidates = data
     whole = MultiVectorIndex.build(candidates, ids=IDS, dtype="float32")
     part = MultiVectorIndex.build(candidates[:120], ids=IDS[:120], dtype="float32")
-    theirs = QdrantIndex.from_index(part, tmp_path, collection="c", prefixes=(1, 16, 64),
-                                    progress=False)
+    theirs = QdrantIndex.from_index(
+        part, tmp_path, collection="c", prefixes=(1, 16, 64), progress=False
+    )
     theirs.add(candidates[120:], ids=IDS[120:])
     assert len(theirs) == 203
     for budget in [(16, 64), (3, 1)]:
-        assert_same_results(theirs.search(queries, budget, k=9), whole.search(queries, budget, k=9),
-                            exact_scores(queries, candidates, budget), IDS)
+        assert_same_results(
+            theirs.search(queries, budget, k=9),
+            whole.search(queries, budget, k=9),
+            exact_scores(queries, candidates, budget),
+            IDS,
+        )
     theirs.close()
 
 
@@ -245,7 +255,9 @@ def test_a_push_killed_with_sigkill_never_opens_and_a_new_push_completes(data, t
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
         [sys.executable, "-c", _STOPPED_PUSH, str(tmp_path / "index"), str(tmp_path / "q")],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert process.stdout.readline().strip() == "mid-push"
@@ -256,8 +268,12 @@ def test_a_push_killed_with_sigkill_never_opens_and_a_new_push_completes(data, t
         QdrantIndex(path=tmp_path / "q", collection="c")
     again = QdrantIndex.from_index(ours, tmp_path / "q", collection="c", progress=False)
     assert len(again) == 203
-    assert_same_results(again.search(queries, (16, 64), k=10), ours.search(queries, (16, 64), k=10),
-                        exact_scores(queries, candidates, (16, 64)), IDS)
+    assert_same_results(
+        again.search(queries, (16, 64), k=10),
+        ours.search(queries, (16, 64), k=10),
+        exact_scores(queries, candidates, (16, 64)),
+        IDS,
+    )
     again.close()
 
 
@@ -267,14 +283,28 @@ def test_qdrant_client_local_mode_equals_ours(data):
     queries, candidates = data
     ours = MultiVectorIndex.build(candidates[:60], ids=IDS[:60], dtype="float32")
     client = QdrantClient(location=":memory:")
-    theirs = QdrantIndex.from_index(ours, client=client, collection="c", prefixes=(1, 4, 64),
-                                    shard_number=2, replication_factor=1, progress=False)
+    theirs = QdrantIndex.from_index(
+        ours,
+        client=client,
+        collection="c",
+        prefixes=(1, 4, 64),
+        shard_number=2,
+        replication_factor=1,
+        progress=False,
+    )
     reopened = QdrantIndex(client=client, collection="c")
-    for budget, options in [((16, 64), {}), ((4, 1), {}),
-                            ((16, 64), {"coarse_budget": (1, 1), "shortlist": 20})]:
+    for budget, options in [
+        ((16, 64), {}),
+        ((4, 1), {}),
+        ((16, 64), {"coarse_budget": (1, 1), "shortlist": 20}),
+    ]:
         exact = exact_scores(queries, candidates[:60], budget)
-        assert_same_results(reopened.search(queries, budget, k=8, **options),
-                            ours.search(queries, budget, k=8, **options), exact, IDS)
+        assert_same_results(
+            reopened.search(queries, budget, k=8, **options),
+            ours.search(queries, budget, k=8, **options),
+            exact,
+            IDS,
+        )
     theirs.add(candidates[60:70], ids=IDS[60:70])
     assert len(QdrantIndex(client=client, collection="c")) == 70
     client.close()
@@ -312,7 +342,9 @@ class HashEncoder:
 @pytest.fixture
 def stub_run(monkeypatch):
     """`Retriever.load(anything)` returns a retriever of `HashEncoder`."""
-    monkeypatch.setattr(Retriever, "load", classmethod(lambda cls, *a, **k: cls(HashEncoder(), None)))
+    monkeypatch.setattr(
+        Retriever, "load", classmethod(lambda cls, *a, **k: cls(HashEncoder(), None))
+    )
 
 
 @pytest.fixture
@@ -342,21 +374,52 @@ def _cli_json(capsys, argv):
 def test_cli_push_then_search_equals_index_search(data, tmp_path, capsys, stub_run):
     _, candidates = data
     MultiVectorIndex.build(candidates, ids=IDS, dtype="float32").save(tmp_path / "index")
-    assert commands.main(["index", "push", "--index", str(tmp_path / "index"), "--qdrant",
-                          str(tmp_path / "q"), "--collection", "docs", "--prefixes", "1,16,64",
-                          "--no-progress"]) == 0
+    assert (
+        commands.main(
+            [
+                "index",
+                "push",
+                "--index",
+                str(tmp_path / "index"),
+                "--qdrant",
+                str(tmp_path / "q"),
+                "--collection",
+                "docs",
+                "--prefixes",
+                "1,16,64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "203 items, prefixes 1,16,64" in capsys.readouterr().out
     query = ["--run", "any", "--query", "a red cube", "--query", "two spheres", "--json"]
-    for budget in (["--budget", "16x64"], ["--budget", "4x1"],
-                   ["--budget", "16x64", "--coarse", "1x1", "--shortlist", "40"]):
-        want = _cli_json(capsys, ["index", "search", "--index", str(tmp_path / "index"),
-                                  *query, *budget])
-        got = _cli_json(capsys, ["index", "search", "--qdrant", str(tmp_path / "q"),
-                                 "--collection", "docs", *query, *budget])
+    for budget in (
+        ["--budget", "16x64"],
+        ["--budget", "4x1"],
+        ["--budget", "16x64", "--coarse", "1x1", "--shortlist", "40"],
+    ):
+        want = _cli_json(
+            capsys, ["index", "search", "--index", str(tmp_path / "index"), *query, *budget]
+        )
+        got = _cli_json(
+            capsys,
+            [
+                "index",
+                "search",
+                "--qdrant",
+                str(tmp_path / "q"),
+                "--collection",
+                "docs",
+                *query,
+                *budget,
+            ],
+        )
         for g, w in zip(got, want, strict=True):
             assert [r["id"] for r in g["results"]] == [r["id"] for r in w["results"]]
-            np.testing.assert_allclose([r["score"] for r in g["results"]],
-                                       [r["score"] for r in w["results"]], atol=1e-4)
+            np.testing.assert_allclose(
+                [r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-4
+            )
     with pytest.raises(SystemExit):  # --index and --qdrant exclude each other
         commands.main(["index", "search", "--index", "i", "--qdrant", "q", *query])
     with pytest.raises(SystemExit, match="--collection"):
@@ -367,8 +430,9 @@ def _fenced_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
 
 
-def test_docs_serving_snippets_run_as_written(data, tmp_path, monkeypatch, capsys, stub_run,
-                                              local_server):
+def test_docs_serving_snippets_run_as_written(
+    data, tmp_path, monkeypatch, capsys, stub_run, local_server
+):
     """docs/serving.md: every ```python block is executed in order in one namespace, every
     ```bash block's commands run through `metaembed`'s main, in a directory holding the index
     `my.index` that the page assumes (and with `Retriever.load` stubbed, `url=` on local mode).
@@ -389,13 +453,26 @@ def test_docs_serving_snippets_run_as_written(data, tmp_path, monkeypatch, capsy
     for block in python:
         exec(compile(block, "docs/serving.md", "exec"), namespace)  # noqa: S102
     capsys.readouterr()
+    assert len(namespace["hits"]) == 1 and len(namespace["hits"][0]) == 10
+    ours = MultiVectorIndex.load(tmp_path / "my.index")
+    want = ours.search(namespace["queries"], (16, 64), k=10)
+    np.testing.assert_array_equal(namespace["ids"], want[1])  # the server snippet's search
+    np.testing.assert_allclose(namespace["scores"], want[0], atol=1e-4)
 
 
 def test_benchmark_smoke_run(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_qdrant.py"), "--smoke",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_qdrant.py"),
+            "--smoke",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "load average" in result.stdout and "recall@10" in result.stdout
