@@ -240,7 +240,8 @@ class QdrantIndex:
             "prefixes": list(prefixes),
             "count": 0,
             "int_ids": True,
-            "max_abs": 0.0,
+            # per prefix: the [min, max] of its stored values, the range Qdrant quantises into
+            "ranges": {str(p): [0.0, 0.0] for p in prefixes},
             "complete": False,
         }
         step = batch_size or pushed._rows_per_request()
@@ -286,7 +287,12 @@ class QdrantIndex:
                 points.append((point_id(candidate_id), vectors, payload))
             self._engine.upsert(points)
             manifest["count"] += len(points)
-            manifest["max_abs"] = max(manifest["max_abs"], largest)
+            for prefix, (low, high) in manifest["ranges"].items():
+                stored = rows[:, : int(prefix)]
+                manifest["ranges"][prefix] = [
+                    min(low, float(stored.min())),
+                    max(high, float(stored.max())),
+                ]
             manifest["int_ids"] = manifest["int_ids"] and all(isinstance(i, int) for i in ids)
             bar.update(len(points))
         bar.close()
@@ -457,19 +463,21 @@ class QdrantIndex:
             hits.extend(self._engine.query_batch(requests[start : start + _QUERIES_PER_BATCH]))
         return self._results(hits, scales, k)
 
-    def _request(self, query, mask, *, budget, coarse, shortlist, k, oversampling, exact):
-        """The request of one query [R_q, D], and the power-of-two scale of its vectors."""
-        final = _query_vectors(query, mask, *budget)
-        first = None if coarse is None else _query_vectors(query, mask, *coarse)
-        scale = 1.0
+    def _stage(self, query, mask, budget, limit) -> tuple[engines.Stage, float]:
+        """One query's pass at ``budget``, and the power-of-two scale of its vectors (int8:
+        within the range of the stored prefix, which Qdrant quantises the query into)."""
+        vectors, scale = _query_vectors(query, mask, *budget), 1.0
         if self.dtype == "int8":
-            largest = max(float(np.abs(v).max()) for v in (final, first) if v is not None)
-            scale = _power_of_two_scale(largest, float(self._manifest["max_abs"]))
-        prefetch = None
-        if first is not None:
-            prefetch = engines.Stage(engines.vector_name(coarse[1]), first * scale, shortlist)
+            low, high = self._manifest["ranges"][str(budget[1])]
+            scale = _power_of_two_scale(float(np.abs(vectors).max()), min(-low, high))
+        return engines.Stage(engines.vector_name(budget[1]), vectors * scale, limit), scale
+
+    def _request(self, query, mask, *, budget, coarse, shortlist, k, oversampling, exact):
+        """The request of one query [R_q, D], and the scale of its final scores."""
+        final, scale = self._stage(query, mask, budget, k)
+        prefetch = None if coarse is None else self._stage(query, mask, coarse, shortlist)[0]
         request = engines.Request(
-            final=engines.Stage(engines.vector_name(budget[1]), final * scale, k),
+            final=final,
             prefetch=prefetch,
             quantized=self.dtype == "int8",
             oversampling=oversampling,
