@@ -2,12 +2,14 @@
 
 from metaembed_jax.metaembed import MetaEmbed
 
-__all__ = ["MetaEmbed", "load_reference", "load_trained"]
+__all__ = ["MetaEmbed", "QdrantIndex", "load_reference", "load_trained"]
 
-# Names loaded on first use: they pull in the training stack (optax, orbax).
+# Names loaded on first use: they pull in the training stack (optax, orbax) or, for QdrantIndex,
+# the optional Qdrant packages (loaded once it opens or pushes a collection).
 _LAZY = {
     "load_trained": "metaembed_jax.trained",
     "load_reference": "metaembed_jax.reference",
+    "QdrantIndex": "metaembed_jax.qdrant_index",
 }
 
 

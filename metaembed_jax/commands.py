@@ -2,8 +2,11 @@
 
     metaembed index build --run DIR --corpus PATH --out INDEX [--dtype int8] [--batch-size N]
         [--add] [--dpi 96]
-    metaembed index search --index INDEX --run DIR --query "text" [--query-image img.png]
-        [--queries-file FILE] --budget 16x64 --k 10 [--coarse 1x1 --shortlist 300] [--json]
+    metaembed index search (--index INDEX | --qdrant PATH_OR_URL --collection NAME) --run DIR
+        --query "text" [--query-image img.png] [--queries-file FILE] --budget 16x64 --k 10
+        [--coarse 1x1 --shortlist 300] [--json]
+    metaembed index push --index INDEX --qdrant PATH_OR_URL --collection NAME
+        [--prefixes 1,4,16,64] [--overwrite] [--shard-number N] [--replication-factor N]
     metaembed export --run DIR --out OUT [--format hf|peft] [--step N]
     metaembed import-reference --base DIR --adapter DIR --out RUN [--r_q N]
     metaembed configs [NAME]                 the bundled recipes (or the file of one)
@@ -32,6 +35,17 @@ def parse_budget(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def parse_prefixes(text: str) -> tuple[int, ...]:
+    """ "1,4,16,64" -> (1, 4, 16, 64). Raises argparse.ArgumentTypeError for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"prefixes {text!r}: expected R_C values, e.g. 1,4,16,64")
+    return tuple(int(p) for p in parts)
+
+
+QDRANT_HELP = "a directory (Qdrant's embedded engine) or a server URL (http://host:6333)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metaembed", description="Index and search with a trained MetaEmbed run."
@@ -54,8 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--add", action="store_true", help="append new ids to an existing index")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    push = actions.add_parser("push", help="push an index to a Qdrant collection")
+    push.add_argument("--index", required=True, help="index directory (index build --out)")
+    push.add_argument("--qdrant", required=True, help=QDRANT_HELP)
+    push.add_argument("--collection", required=True, help="the Qdrant collection to write")
+    push.add_argument(
+        "--prefixes",
+        type=parse_prefixes,
+        default=(1, 4, 16, 64),
+        help="candidate prefixes r_c to store, each stored again (default 1,4,16,64)",
+    )
+    push.add_argument("--overwrite", action="store_true", help="replace an existing collection")
+    push.add_argument("--shard-number", type=int, default=None, help="server: shards")
+    push.add_argument("--replication-factor", type=int, default=None, help="server: replicas")
+    push.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     search = actions.add_parser("search", help="answer queries from an index")
-    search.add_argument("--index", required=True, help="index directory (index build --out)")
+    where = search.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", help="index directory (index build --out)")
+    where.add_argument("--qdrant", help=f"a Qdrant collection's home: {QDRANT_HELP}")
+    search.add_argument("--collection", default=None, help="the Qdrant collection (--qdrant)")
     search.add_argument("--run", required=True, help="the training run that built the index")
     search.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     search.add_argument("--query", action="append", default=[], help="a text query (repeatable)")
@@ -175,12 +207,47 @@ def _index_build(args) -> None:
     print(f"{args.out}: {len(index)} items, {index.nbytes / 2**20:.1f} MiB ({index.dtype})")
 
 
-def _index_search(args) -> None:
+def _index_push(args) -> None:
     from metaembed_jax.index import MultiVectorIndex
+    from metaembed_jax.qdrant_index import QdrantIndex, location
+
+    index = MultiVectorIndex.load(args.index)
+    pushed = QdrantIndex.from_index(
+        index,
+        **location(args.qdrant),
+        collection=args.collection,
+        prefixes=args.prefixes,
+        overwrite=args.overwrite,
+        shard_number=args.shard_number,
+        replication_factor=args.replication_factor,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{args.qdrant} {args.collection}: {len(pushed)} items, prefixes "
+        f"{','.join(map(str, pushed.prefixes))} ({pushed.dtype})"
+    )
+    pushed.close()
+
+
+def _open_index(args):
+    if args.qdrant is None:
+        from metaembed_jax.index import MultiVectorIndex
+
+        if args.collection is not None:
+            raise SystemExit("--collection goes with --qdrant, not --index")
+        return MultiVectorIndex.load(args.index)
+    from metaembed_jax.qdrant_index import QdrantIndex, location
+
+    if args.collection is None:
+        raise SystemExit("--qdrant needs --collection NAME")
+    return QdrantIndex(**location(args.qdrant), collection=args.collection)
+
+
+def _index_search(args) -> None:
     from metaembed_jax.retriever import Retriever
 
     queries = _queries(args)
-    index = MultiVectorIndex.load(args.index)
+    index = _open_index(args)
     retriever = Retriever.load(args.run, args.step, batch_size=args.batch_size)
     results = retriever.search(
         queries,
@@ -213,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "index":
-        {"build": _index_build, "search": _index_search}[args.action](args)
+        {"build": _index_build, "push": _index_push, "search": _index_search}[args.action](args)
     elif args.command == "configs":
         _configs(args)
     elif args.command == "import-reference":

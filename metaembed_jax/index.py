@@ -238,6 +238,24 @@ class MultiVectorIndex:
             scales = placement.host_rows([s for _, s in self._blocks], 0, count)
         return dequantize(vectors, scales, self.dtype).transpose(1, 0, 2)
 
+    def embedding_rows(self, start: int, stop: int, *, full_precision: bool = False):
+        """Candidates [start, stop) as float32 [n, R_c, D] (for copying the index elsewhere,
+        a range at a time): the stored vectors dequantised, or with ``full_precision`` the
+        float32 copy of a ``full_precision`` index. Raises ValueError for a bad range."""
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"rows [{start}, {stop}) are not within [0, {len(self)}]")
+        if full_precision and not self.full_precision:
+            raise ValueError("this index keeps no float32 copy (built without full_precision)")
+        if start == stop:
+            return np.zeros((0, self.num_vectors, self.dim), np.float32)
+        if full_precision:
+            return placement.host_rows(self._full, start, stop).transpose(1, 0, 2)
+        vectors = placement.host_rows([v for v, _ in self._blocks], start, stop)
+        scales = None
+        if self.dtype == "int8":
+            scales = placement.host_rows([s for _, s in self._blocks], start, stop)
+        return dequantize(vectors, scales, self.dtype).transpose(1, 0, 2)
+
     # ----------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, shard_rows: int = DEFAULT_SHARD_ROWS) -> None:
         """Atomically write the index to directory ``path`` (see `_index_io`): safe against a

@@ -18,12 +18,15 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from metaembed_jax.corpus import Entry, read_corpus
 from metaembed_jax.index import MultiVectorIndex
+
+if TYPE_CHECKING:  # the Qdrant packages are optional
+    from metaembed_jax.qdrant_index import QdrantIndex
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -110,7 +113,7 @@ class Retriever:
     def search(
         self,
         queries: Sequence[Any],
-        index: MultiVectorIndex,
+        index: MultiVectorIndex | QdrantIndex,
         budget: tuple[int, int] | None = None,
         k: int = 10,
         *,
@@ -118,7 +121,8 @@ class Retriever:
         shortlist: int = 1000,
     ) -> list[list[tuple[Any, float]]]:
         """Per query, its `k` best (id, score) pairs, best first, at `budget` (default the
-        trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist."""
+        trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist.
+        `index` is a `MultiVectorIndex` or a `QdrantIndex` (the same search contract)."""
         from metaembed_jax.scoring import resolve_budgets
 
         checks = [budget or self.trained_sizes] + ([coarse_budget] if coarse_budget else [])
