@@ -26,7 +26,7 @@ $(VENV)/.bench: requirements-bench.txt $(VENV)/.test
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
+	$(BIN)/python -m metaembed_jax data --config configs/demo.py
 	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
 	$(BIN)/python eval.py --config configs/demo.py --workdir $(WORKDIR)
 
@@ -34,7 +34,7 @@ demo: $(VENV)/.runtime
 # trained with SEEDS seeds (config.seed = 0 .. SEEDS-1; the data stay the same), mean +- std.
 SEEDS ?= 3
 ablation: $(VENV)/.runtime
-	$(BIN)/python -m metaembed_jax.data.build --config configs/demo.py
+	$(BIN)/python -m metaembed_jax data --config configs/demo.py
 	for variant in mmr nommr single; do \
 	  for seed in $$(seq 0 $$(($(SEEDS) - 1))); do \
 	    run=$(ABLATION_DIR)/$$variant/seed$$seed; \

@@ -12,7 +12,7 @@ per budget and writes DIR/eval/results.json and DIR/eval/scaling.png. The logic 
 `metaembed_jax.evaluation.runner`; an installed package runs it as `metaembed eval`.
 """
 
-from metaembed_jax.apps import run_eval
+from metaembed_jax.cli.apps import run_eval
 
 if __name__ == "__main__":
     run_eval()

@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import machine_load  # noqa: E402
-from metaembed_jax.commands import parse_budget  # noqa: E402
-from metaembed_jax.index import MultiVectorIndex  # noqa: E402
-from metaembed_jax.qdrant_index import QdrantIndex  # noqa: E402
+from metaembed_jax.cli.main import parse_budget  # noqa: E402
+from metaembed_jax.retrieval.index import MultiVectorIndex  # noqa: E402
+from metaembed_jax.retrieval.qdrant import QdrantIndex  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -38,7 +38,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import machine_load  # noqa: E402
-from metaembed_jax.index import MultiVectorIndex  # noqa: E402
+from metaembed_jax.retrieval.index import MultiVectorIndex  # noqa: E402
 from metaembed_jax.scoring import maxsim, top_k  # noqa: E402
 
 BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]

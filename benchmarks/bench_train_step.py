@@ -35,14 +35,10 @@ from benchmarks import machine_load
 from metaembed_jax.losses import MMR_GROUPS
 from metaembed_jax.models.qwen2_vl import tiny_config
 from metaembed_jax.training.config import base_config
+from metaembed_jax.training.gradients import compute_loss, embed_batch
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
-from metaembed_jax.training.step import (
-    TrainStep,
-    _grads_one,
-    compute_loss,
-    embed_batch,
-)
+from metaembed_jax.training.step import TrainStep, _grads_one
 
 
 def matmul_peak(size: int = 1024, repeats: int = 10) -> float:

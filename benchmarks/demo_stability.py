@@ -10,7 +10,7 @@ compressed the schedule into those steps.)
     python benchmarks/demo_stability.py --steps 40 -- --config.loss.temperature=0.1
 
 Arguments after `--` are passed to both train.py runs (config overrides). The dataset must have
-been built (`python -m metaembed_jax.data.build --config configs/demo.py`, or `--data DIR`).
+been built (`python -m metaembed_jax data --config configs/demo.py`, or `--data DIR`).
 Runs go to `--workdir` (default runs/stability/{one,eight}); a finished run is reused.
 """
 

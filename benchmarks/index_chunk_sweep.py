@@ -20,9 +20,9 @@ import numpy as np
 
 from benchmarks import machine_load
 from benchmarks.bench_scoring import best_time
-from metaembed_jax import _index_search as kernels
-from metaembed_jax._index_placement import replicate
-from metaembed_jax.index import MultiVectorIndex, _default_mesh, _search_chunk_size
+from metaembed_jax.retrieval import _search as kernels
+from metaembed_jax.retrieval._placement import replicate
+from metaembed_jax.retrieval.index import MultiVectorIndex, _default_mesh, _search_chunk_size
 
 NUM_QUERIES, R_Q, K = 32, 16, 10
 MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped

@@ -2,7 +2,7 @@
 Llama 3 decoder with gated cross-attention) trained from scratch on the built-in synthetic
 dataset, on CPU, with the recipe of configs/demo.py.
 
-    python -m metaembed_jax.data.build --config configs/demo_mllama.py
+    python -m metaembed_jax data --config configs/demo_mllama.py
     python train.py --config configs/demo_mllama.py --workdir runs/demo_mllama
     python eval.py --config configs/demo_mllama.py --workdir runs/demo_mllama
 

@@ -1,7 +1,7 @@
 """Demo on PaliGemma: a tiny PaliGemma-shaped MetaEmbed (SigLIP + Gemma) trained from scratch on
 the built-in synthetic dataset, on CPU, with the recipe of configs/demo.py.
 
-    python -m metaembed_jax.data.build --config configs/demo_paligemma.py
+    python -m metaembed_jax data --config configs/demo_paligemma.py
     python train.py --config configs/demo_paligemma.py --workdir runs/demo_paligemma
     python eval.py --config configs/demo_paligemma.py --workdir runs/demo_paligemma
 

@@ -7,9 +7,9 @@ __all__ = ["MetaEmbed", "QdrantIndex", "load_reference", "load_trained"]
 # Names loaded on first use: they pull in the training stack (optax, orbax) or, for QdrantIndex,
 # the optional Qdrant packages (loaded once it opens or pushes a collection).
 _LAZY = {
-    "load_trained": "metaembed_jax.trained",
-    "load_reference": "metaembed_jax.reference",
-    "QdrantIndex": "metaembed_jax.qdrant_index",
+    "load_trained": "metaembed_jax.formats.trained",
+    "load_reference": "metaembed_jax.formats.reference",
+    "QdrantIndex": "metaembed_jax.retrieval.qdrant",
 }
 
 

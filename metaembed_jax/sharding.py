@@ -21,8 +21,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metaembed_jax.models.family import family_axis_rules
-
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # GSPMD ("auto") axes: shardings are placed by the rules and propagated by XLA; the one explicit
@@ -30,8 +28,8 @@ BATCH_AXES = ("data", "fsdp")
 AUTO_AXES = (AxisType.Auto,) * len(MESH_AXES)
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated), for the names every
-# backbone shares; a family adds rules for names of its own (`BackboneFamily.axis_rules`, e.g.
-# Qwen2-VL's vision tower), and `axis_rules()` is the table in force.
+# backbone shares; a family may add rules for names of its own (`BackboneFamily.axis_rules`,
+# registered with `register_axis_rules`), and `axis_rules()` is the table in force.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),  # hidden size: FSDP splits weights along it
     ("mlp", "tensor"),  # MLP intermediate
@@ -42,12 +40,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),  # norm scales are tiny
     ("meta", None),  # meta-token table rows
     ("batch", BATCH_AXES),  # the leading axis of batches
+    ("vision_embed", "fsdp"),  # a vision tower's width, split like `embed`
+    ("vision_mlp", "tensor"),  # a vision tower's MLP intermediate, like `mlp`
+    ("vision_patch", None),  # flattened patch pixels (the patch embedding's input)
 )
+_REGISTERED: list[tuple[str, Any]] = []
+
+
+def register_axis_rules(rules: Sequence[tuple[str, Any]]) -> None:
+    """Add logical-axis rules (a backbone family's names of its own) to `axis_rules()`."""
+    _REGISTERED.extend(rule for rule in rules if rule not in _REGISTERED)
 
 
 def axis_rules() -> tuple[tuple[str, Any], ...]:
-    """`LOGICAL_AXIS_RULES` plus the rules of every registered backbone family."""
-    return LOGICAL_AXIS_RULES + family_axis_rules()
+    """`LOGICAL_AXIS_RULES` plus the registered rules."""
+    return LOGICAL_AXIS_RULES + tuple(_REGISTERED)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:

@@ -33,7 +33,7 @@ def shell_commands(block: str) -> list[list[str]]:
 def run_metaembed_commands(block: str) -> None:
     """Run every `metaembed ...` command of a shell block in-process; any other command fails
     (a docs block a test runs must hold only commands it can run)."""
-    from metaembed_jax.commands import main
+    from metaembed_jax.cli.main import main
 
     for command in shell_commands(block):
         assert command[0] == "metaembed", f"not a metaembed command: {command}"

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from metaembed_jax.data.sources import BadRowError, decode_image, is_empty_image
 from metaembed_jax.data.tokenizer import train_tokenizer
 from metaembed_jax.models import qwen2_vl
 from metaembed_jax.models.family import BackboneFamily, register_family
+from metaembed_jax.models.processing import BadRowError, decode_image, is_empty_image
 from metaembed_jax.models.qwen2_vl import tokens
 from metaembed_jax.models.qwen2_vl.tiny import MERGE, PATCH_SIZE, TEMPORAL_PATCH
 from metaembed_jax.models.qwen2_vl.tokens import (

@@ -199,7 +199,7 @@ def test_parquet_missing_column_and_unknown_qrel(tmp_path):
 
 def test_open_unbuilt_dataset_names_directory(tmp_path):
     """Reading a dataset that was never built says where and what to run."""
-    with pytest.raises(FileNotFoundError, match="metaembed_jax.data.build"):
+    with pytest.raises(FileNotFoundError, match="metaembed data --config"):
         len(builders.open_pairs(tmp_path / "nothing"))
 
 

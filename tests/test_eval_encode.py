@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from metaembed_jax import sharding
-from metaembed_jax.evaluation.encode import ModelEncoder
 from metaembed_jax.models import qwen2_vl
+from metaembed_jax.retrieval.encode import ModelEncoder
 from metaembed_jax.training.model import build_model
 from tests.helpers import build_test_tokenizer, tiny_run_config
 

@@ -11,8 +11,8 @@ import transformers
 from safetensors.torch import load_file
 
 from metaembed_jax import load_trained
-from metaembed_jax.commands import main
-from metaembed_jax.export import METAEMBED_CONFIG, METAEMBED_WEIGHTS
+from metaembed_jax.cli.main import main
+from metaembed_jax.formats.files import METAEMBED_CONFIG, METAEMBED_WEIGHTS
 from metaembed_jax.models.rules import checkpoint_key
 from tests.trained_run import trained_lora_run
 
@@ -74,7 +74,7 @@ def test_lora_merge_changes_the_adapted_kernels(tmp_path_factory):
     """The exported weights carry the trained adapters: merged != base kernel where LoRA is."""
     from flax import nnx
 
-    from metaembed_jax.export import merged_backbone_params
+    from metaembed_jax.formats.hf import merged_backbone_params
     from metaembed_jax.models.rules import path_string
 
     model, _ = load_trained(trained_lora_run(tmp_path_factory))

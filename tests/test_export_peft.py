@@ -15,9 +15,9 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from metaembed_jax import load_reference, load_trained
-from metaembed_jax.commands import main
+from metaembed_jax.cli.main import main
+from metaembed_jax.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_KEY, AdapterError
 from metaembed_jax.metaembed import MetaEmbed
-from metaembed_jax.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_KEY, AdapterError
 from metaembed_jax.training import loop
 from tests.helpers import RandomBatches
 from tests.trained_run import tiny_lora_config

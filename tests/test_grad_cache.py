@@ -27,10 +27,11 @@ from metaembed_jax.losses import mmr_loss
 from metaembed_jax.training import loop
 from metaembed_jax.training.config import loss_groups, validate_config
 from metaembed_jax.training.grad_cache import cached_gradients, deinterleave, interleave
+from metaembed_jax.training.gradients import embed_batch
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
-from metaembed_jax.training.step import TrainStep, embed_batch
+from metaembed_jax.training.step import TrainStep
 from tests import helpers
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
@@ -387,7 +388,8 @@ def test_train_py_demo_with_grad_cache_logs_the_losses_without_accumulation(tmp_
     demo = str(REPO / "configs" / "demo.py")
     _run_module(
         "-m",
-        "metaembed_jax.data.build",
+        "metaembed_jax",
+        "data",
         f"--config={demo}",
         f"--config.data.dir={data}",
         *sizes,

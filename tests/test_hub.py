@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metaembed_jax.hub import is_hub_id, resolve_checkpoint
 from metaembed_jax.models import load_hf, qwen2_vl
+from metaembed_jax.models.hub import is_hub_id, resolve_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from metaembed_jax import _index_io, _index_search
-from metaembed_jax.index import MultiVectorIndex
+from metaembed_jax.retrieval import _search as _index_search
+from metaembed_jax.retrieval import _storage as _index_io
+from metaembed_jax.retrieval.index import MultiVectorIndex
 
 
 def unit(rng, shape):
@@ -310,8 +311,8 @@ port, process_id, index_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 import numpy as np
 from jax.sharding import Mesh
-from metaembed_jax import _index_placement as placement
-from metaembed_jax.index import MultiVectorIndex
+from metaembed_jax.retrieval import _placement as placement
+from metaembed_jax.retrieval.index import MultiVectorIndex
 
 read = []  # every host row range this process reads to place the index on its devices
 host_rows = placement.host_rows

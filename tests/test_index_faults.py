@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from metaembed_jax.index import MultiVectorIndex, quantize
+from metaembed_jax.retrieval.index import MultiVectorIndex, quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ _WRITER = """
 import os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[4])
-from metaembed_jax.index import MultiVectorIndex
+from metaembed_jax.retrieval.index import MultiVectorIndex
 path, writer, saves = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 index = MultiVectorIndex.build(
     np.random.default_rng(writer).standard_normal((40 + 25 * writer, 4, 8)).astype(np.float32),

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from metaembed_jax import _index_io
-from metaembed_jax import _index_placement as placement
-from metaembed_jax import index as index_module
-from metaembed_jax.index import MultiVectorIndex, quantize
+from metaembed_jax.retrieval import _placement as placement
+from metaembed_jax.retrieval import _storage as _index_io
+from metaembed_jax.retrieval import index as index_module
+from metaembed_jax.retrieval.index import MultiVectorIndex, quantize
 from metaembed_jax.scoring import chunked_scores, default_chunk_size, maxsim, top_k
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index_v1"
@@ -138,7 +138,7 @@ def test_version_1_index_loads_and_searches_the_same(dtype, mmap, tmp_path):
     assert _index_io.read_manifest(str(FIXTURE / dtype))["version"] == 1
     assert len(index) == 9 and index.ids[:3] == [0, "c1", "c2"]
     want_vectors, want_scales = quantize(expected["candidates"], dtype)
-    from metaembed_jax.index import dequantize
+    from metaembed_jax.retrieval.index import dequantize
 
     np.testing.assert_array_equal(index.embeddings(), dequantize(want_vectors, want_scales, dtype))
     index.save(tmp_path / "v2", shard_rows=4)

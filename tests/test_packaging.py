@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from metaembed_jax.config_files import config_names, resolve_config_argv
+from metaembed_jax.training.recipes import config_names, resolve_config_argv
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -201,7 +201,7 @@ def test_published_key_layout_loads(checkpoint, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(name))
     renamed["vision_tower.vision_model.bogus.weight"] = np.zeros(2, np.float32)
     save_file(renamed, tmp_path / "model.safetensors")
-    from metaembed_jax.models.hf_loading import CheckpointMismatchError
+    from metaembed_jax.models.rules import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError, match="bogus"):
         load_hf(tmp_path)

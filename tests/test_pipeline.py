@@ -15,10 +15,11 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from metaembed_jax.data import builders, pipeline, sources
+from metaembed_jax.data import builders, pipeline
 from metaembed_jax.data.config import get_data_config
 from metaembed_jax.data.tokenizer import train_tokenizer
 from metaembed_jax.models import qwen2_vl
+from metaembed_jax.models.processing import BadRowError, decode_image
 from tests.helpers import iterate_features
 
 tfds.disable_progress_bar()
@@ -154,10 +155,7 @@ def test_batch_equals_processor_on_records(data_config, layout):
     per_image = 56 * 56 // 14**2  # patches of a max_pixels image (max_images = 1)
     for name, side in (("query", "query"), ("positive", "candidate"), ("negative", "candidate")):
         texts = [r[f"{name}_text"] for r in records]
-        images = [
-            [sources.decode_image(r[f"{name}_image"])] if r[f"{name}_image"] else []
-            for r in records
-        ]
+        images = [[decode_image(r[f"{name}_image"])] if r[f"{name}_image"] else [] for r in records]
         expected = processor(texts, images if any(images) else None, side=side)
         got = batch[name]
         np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
@@ -262,7 +260,7 @@ def test_undecodable_image_names_record(data_config, processor, tmp_path):
         data_config, processor, mesh=None, global_batch_size=1, seed=0, source=source
     )
     with pytest.raises(
-        sources.BadRowError, match=r"split='train'\): record 0: cannot decode positive_image"
+        BadRowError, match=r"split='train'\): record 0: cannot decode positive_image"
     ):
         next(iterator)
 
@@ -274,9 +272,7 @@ def test_missing_negative_is_an_error_unless_disabled(data_config, processor, tm
     builders.write_pairs(tmp_path, {"train": [("0", row)]})
     source = builders.open_pairs(tmp_path)
     kwargs = dict(mesh=None, global_batch_size=1, seed=0, source=source)
-    with pytest.raises(
-        sources.BadRowError, match="record 0: negative has an empty text and no image"
-    ):
+    with pytest.raises(BadRowError, match="record 0: negative has an empty text and no image"):
         next(train_iterator(data_config, processor, **kwargs))
     config = data_config.copy_and_resolve_references()
     config.hard_negatives = False
@@ -310,7 +306,7 @@ def test_iterate_features_for_evaluation(data_config, processor):
     for start, (features, _) in zip(range(0, 5, 2), out, strict=True):
         chunk = items[start : start + 2]
         chunk += [chunk[-1]] * (2 - len(chunk))
-        images = [[sources.decode_image(i["image"])] if i["image"] else [] for i in chunk]
+        images = [[decode_image(i["image"])] if i["image"] else [] for i in chunk]
         expected = processor([i["text"] for i in chunk], images, side="candidate")
         np.testing.assert_array_equal(features["input_ids"], expected["input_ids"])
         assert features["image_grid_thw"].shape == (2, 1, 3)  # per example: [B, max_images, 3]

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
-from metaembed_jax.data.sources import BadRowError, decode_image
+from metaembed_jax.models.processing import BadRowError, decode_image
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
 from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
 from tests.helpers import (

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaembed_jax import commands
-from metaembed_jax.index import MultiVectorIndex
-from metaembed_jax.qdrant_index import QdrantIndex
-from metaembed_jax.retriever import Retriever
+from metaembed_jax.cli import main as commands
+from metaembed_jax.retrieval.index import MultiVectorIndex
+from metaembed_jax.retrieval.qdrant import QdrantIndex
+from metaembed_jax.retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = [(1, 1), (8, 1), (4, 4), (16, 16), (16, 64)]
@@ -232,9 +232,9 @@ def test_add_equals_one_push(data, tmp_path):
 _STOPPED_PUSH = """
 import sys, time
 import numpy as np
-from metaembed_jax import _qdrant_engines
-from metaembed_jax.index import MultiVectorIndex
-from metaembed_jax.qdrant_index import QdrantIndex
+from metaembed_jax.retrieval import _qdrant_engines
+from metaembed_jax.retrieval.index import MultiVectorIndex
+from metaembed_jax.retrieval.qdrant import QdrantIndex
 real, calls = _qdrant_engines.EdgeEngine.upsert, []
 def upsert_then_stall(self, points):  # hold still after the 4th batch, to be killed there
     real(self, points)

@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from metaembed_jax import MetaEmbed, load_reference, load_trained
-from metaembed_jax.commands import main
+from metaembed_jax.cli.main import main
+from metaembed_jax.formats.peft import ADAPTER_WEIGHTS, META_KEY, AdapterError, export_peft
 from metaembed_jax.models import from_config, layers
 from metaembed_jax.models.family import family_for
 from metaembed_jax.models.lora import adapted_module_names
 from metaembed_jax.models.rules import CheckpointMismatchError, read_config
-from metaembed_jax.peft_adapter import ADAPTER_WEIGHTS, META_KEY, AdapterError, export_peft
 from metaembed_jax.training.loop import check_full_stacks
 from tests.reference_adapters import (
     REFERENCE_REGEX,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metaembed_jax import commands
-from metaembed_jax.index import MultiVectorIndex
-from metaembed_jax.retriever import Retriever, build_index
+from metaembed_jax.cli import main as commands
+from metaembed_jax.retrieval.index import MultiVectorIndex
+from metaembed_jax.retrieval.retriever import Retriever, build_index
 from tests.trained_run import trained_lora_run
 
 COLOURS = {"a.png": (220, 30, 30), "b.png": (30, 200, 40), "sub/c.png": (20, 40, 230)}
@@ -178,7 +178,7 @@ def test_a_build_killed_with_sigkill_resumes_to_the_uninterrupted_index(retrieve
     for i in range(40):
         (folder / f"{i:02d}.png").write_bytes(_png((6 * i, 250 - 6 * i, 100)))
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "metaembed_jax.commands", "index", "build"]
+    command = [sys.executable, "-m", "metaembed_jax.cli.main", "index", "build"]
     command += ["--run", str(retriever.run_dir), "--corpus", str(folder), "--out", str(out)]
     command += ["--chunk-size", "1", "--batch-size", "1", "--dtype", "float32", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

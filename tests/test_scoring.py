@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from metaembed_jax.index import quantize
+from metaembed_jax.retrieval.index import quantize
 from metaembed_jax.scoring import maxsim, top_k
 
 BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]

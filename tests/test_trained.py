@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from metaembed_jax import load_trained
 from metaembed_jax.evaluation import runner
-from metaembed_jax.retriever import Retriever
+from metaembed_jax.retrieval.retriever import Retriever
 from metaembed_jax.training import loop
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.model import build_model

@@ -1,6 +1,6 @@
 """Builds the datasets a config names, under `config.data.dir` (idempotent: finished parts skip).
 
-    python -m metaembed_jax.data.build --config configs/demo.py [--config.data.dir=...]
+    metaembed data --config configs/demo.py [--config.data.dir=...] [--convert_eval]
 
 - `config.data.name == "synthetic"`: the built-in dataset (`<dir>/synthetic`: training pairs for
   splits train / validation / test, evaluation tables for validation / test) and its tokenizer
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from metaembed_jax.data import builders, sources, synthetic
-from metaembed_jax.data.pipeline import model_family
 
 # tfds split name -> the generator's split name.
 SYNTHETIC_SPLITS = {"train": "train", "validation": "val", "test": "test"}
@@ -144,29 +142,3 @@ def build(
     if convert_eval:
         written += convert_eval_sets(data_config)
     return written
-
-
-def main(argv) -> None:
-    del argv
-    config = _CONFIG.value
-    special_tokens = model_family(config).special_tokens
-    for directory in build(config.data, special_tokens, convert_eval=_CONVERT_EVAL.value):
-        print(f"built {os.fspath(directory)}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from metaembed_jax.config_files import resolve_config_argv
-
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Recipe: a file (configs/*.py[:variant]) or a bundled name (demo)."
-    )
-    _CONVERT_EVAL = flags.DEFINE_bool(
-        "convert_eval", False, "Also convert the MMEB eval / BEIR sets the config lists."
-    )
-    flags.mark_flag_as_required("config")
-    app.run(main, argv=resolve_config_argv(sys.argv))

@@ -290,7 +290,7 @@ class RecordSource:
             if not is_built(self.builder_dir):
                 raise FileNotFoundError(
                     f"no built dataset at {self.builder_dir}: run "
-                    "`python -m metaembed_jax.data.build --config <config>` first"
+                    "`metaembed data --config <config>` first"
                 )
             builder = tfds.builder_from_directory(self.builder_dir)
             if self.split not in builder.info.splits:

@@ -49,10 +49,11 @@ from absl import flags
 from jax.sharding import Mesh
 
 from metaembed_jax import sharding
-from metaembed_jax.data import builders, sources
-from metaembed_jax.hub import resolve_checkpoint
+from metaembed_jax.data import builders
 from metaembed_jax.models.family import BackboneFamily, Processor, family_for
-from metaembed_jax.models.hf_loading import read_config
+from metaembed_jax.models.hub import resolve_checkpoint
+from metaembed_jax.models.processing import BadRowError, decode_image
+from metaembed_jax.models.rules import read_config
 
 _SIDES = (("query", "query"), ("positive", "candidate"), ("negative", "candidate"))
 
@@ -92,18 +93,18 @@ class DecodeRecord:
         for name in self.names:
             try:
                 example[name] = self._item(record, name)
-            except (sources.BadRowError, KeyError) as error:
-                raise sources.BadRowError(f"{self.source_name}: record {index}: {error}") from error
+            except (BadRowError, KeyError) as error:
+                raise BadRowError(f"{self.source_name}: record {index}: {error}") from error
         return example
 
     def _item(self, record: dict[str, Any], name: str) -> tuple[str, list]:
         text, data = record[f"{name}_text"], record[f"{name}_image"]
         if not text and not data:
             hint = " (set config.data.hard_negatives=False)" if name == "negative" else ""
-            raise sources.BadRowError(f"{name} has an empty text and no image{hint}")
+            raise BadRowError(f"{name} has an empty text and no image{hint}")
         if not data:
             return text, []
-        return text, [sources.decode_image(data, f"{name}_image")]
+        return text, [decode_image(data, f"{name}_image")]
 
 
 class Collate:
@@ -195,7 +196,7 @@ def make_processor(config, family: BackboneFamily | None = None, workdir=None) -
     path = path or os.path.join(config.data.dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"no tokenizer at {path!r}: build the dataset first (python -m metaembed_jax.data.build"
+            f"no tokenizer at {path!r}: build the dataset first (metaembed data"
             " --config <config>) or set config.init_from"
         )
     return family.make_processor(config.data, path)

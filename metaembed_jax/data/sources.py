@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
+
+from metaembed_jax.models.processing import BadRowError, open_image
 
 # VLM2Vec / MMEB texts carry an image placeholder; our prompts place image tokens themselves.
 _IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
@@ -48,12 +48,6 @@ _ID_COLUMNS = {
     "queries": ("query-id", "_id", "id", "qid"),
 }
 _TEXT_COLUMNS = ("text", "query", "content")
-
-
-class BadRowError(ValueError):
-    """A row (of an input file, a built split or a batch) cannot be turned into a record or into
-    model inputs: an undecodable image, a missing column, an item with neither text nor image.
-    The message names the file / split and the row."""
 
 
 @dataclasses.dataclass
@@ -83,55 +77,12 @@ class BadRows:
 # ----------------------------------------------------------------------------- images
 
 
-def _open_image(data: Any, what: str) -> Image.Image:
-    """The fully decoded PIL image (its own mode and format) of encoded bytes, a file path, a
-    numpy HWC array or a PIL image.
-
-    Raises:
-      FileNotFoundError: a path that does not exist.
-      BadRowError: bytes that do not decode as an image, or an unsupported type (naming `what`).
-    """
-    if isinstance(data, Image.Image):
-        return data
-    if isinstance(data, np.ndarray):
-        return Image.fromarray(data)
-    if isinstance(data, (str, os.PathLike)):
-        if not os.path.exists(data):
-            raise FileNotFoundError(f"{what}: image file {os.fspath(data)!r} does not exist")
-        data = Path(data).read_bytes()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BadRowError(f"{what}: expected image bytes, a path or a PIL image, got {type(data)}")
-    try:
-        image = Image.open(io.BytesIO(bytes(data)))
-        image.load()  # decode now: a corrupt or truncated file fails here, with `what` named
-    except Exception as error:  # PIL raises several types for corrupt data
-        raise BadRowError(f"cannot decode {what} ({len(data)} bytes): {error}") from error
-    return image
-
-
-def decode_image(data: Any, what: str = "image") -> Image.Image:
-    """An RGB PIL image from PNG/JPEG bytes, a file path, a numpy HWC array or a PIL image: the
-    one image decoder of the data side (builders, input pipeline, processors, evaluation).
-
-    Raises FileNotFoundError for a missing file and BadRowError naming `what` for bytes that do
-    not decode.
-    """
-    image = _open_image(data, what)
-    # convert() copies even RGB -> RGB; the decoded image is already independent of the file.
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def is_empty_image(data: Any) -> bool:
-    """None and empty bytes / strings (what the builders store for a text-only item): no image."""
-    return data is None or (isinstance(data, (bytes, bytearray, str)) and len(data) == 0)
-
-
 def to_png_bytes(data: bytes, what: str) -> bytes:
     """Decodes encoded image bytes (any PIL format) and returns them as PNG bytes.
 
     Raises BadRowError naming `what` when the bytes do not decode.
     """
-    image = _open_image(data, f"image {what}")
+    image = open_image(data, f"image {what}")
     if image.format == "PNG":
         return bytes(data)  # fully decoded above: a truncated PNG has failed already
     buffer = io.BytesIO()

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 # Qwen2's pre-tokenizer split (single digits, letters runs, punctuation runs, whitespace), so that
 # the small tokenizer segments text the way the real one does.
@@ -89,32 +89,3 @@ def train_tokenizer(
 def _with_templates(texts: Iterable[str]) -> Iterable[str]:
     yield from TEMPLATE_TEXTS
     yield from texts
-
-
-def load_tokenizer(
-    path: str | os.PathLike, special_tokens: Sequence[str] = ()
-) -> PreTrainedTokenizerFast:
-    """Loads a tokenizer directory offline (`AutoTokenizer`), checking that each of
-    `special_tokens` (the family's) is one known token.
-
-    Raises:
-      FileNotFoundError: if `path` holds no tokenizer files.
-      ValueError: if one of `special_tokens` is not a single known token.
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path) or not any(
-        os.path.exists(os.path.join(path, name))
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
-        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, ...) in {path!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    for token in special_tokens:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if len(encoded) != 1 or token_id is None or encoded[0] != token_id:
-            raise ValueError(
-                f"tokenizer in {path!r} has no single special token {token!r} (encodes to "
-                f"{encoded}); expected a tokenizer of the configured backbone family (a built-in "
-                "tokenizer built for another family lacks its tokens: use another data.dir)"
-            )
-    return tokenizer

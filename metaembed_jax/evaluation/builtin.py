@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from metaembed_jax.data.builders import read_eval_set
-from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
 from metaembed_jax.evaluation.vidore import evaluate_vidore
+from metaembed_jax.retrieval.encode import EmbeddingCache, Encode
 
 
 def split_by_task(tables: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

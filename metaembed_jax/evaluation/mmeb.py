@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from metaembed_jax.evaluation.encode import (
+from metaembed_jax.evaluation.retrieval import index_bytes_at, search_timed
+from metaembed_jax.retrieval.encode import (
     EmbeddingCache,
     Encode,
     budget_key,
     encode_items,
     unique_items,
 )
-from metaembed_jax.evaluation.retrieval import index_bytes_at, search_timed
 
 # The 36 MMEB datasets by meta-task (VLM2Vec, Table 1).
 META_TASKS: dict[str, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from metaembed_jax.evaluation import metrics
-from metaembed_jax.evaluation.encode import (
+from metaembed_jax.retrieval.encode import (
     EmbeddingCache,
     Encode,
     budget_key,

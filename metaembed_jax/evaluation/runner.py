@@ -20,10 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metaembed_jax import sharding
+from metaembed_jax.data import builders, sources
+from metaembed_jax.data.pipeline import dataset_dir, make_processor, model_family
 from metaembed_jax.evaluation import builtin, mmeb, report, vidore
-from metaembed_jax.evaluation.encode import EmbeddingCache, Encode, budget_key
+from metaembed_jax.formats.trained import find_step, restore_trained_model
 from metaembed_jax.losses import MMR_GROUPS
+from metaembed_jax.retrieval.encode import EmbeddingCache, Encode, ModelEncoder, budget_key
 from metaembed_jax.scoring import resolve_budgets
+from metaembed_jax.training import run_identity
 
 # The budgets the paper reports: those MMR trains.
 DEFAULT_BUDGETS = tuple((r_q, r_c) for r_q, r_c, _ in MMR_GROUPS)
@@ -49,8 +54,6 @@ def trained_sizes(config) -> tuple[int, int]:
 def mmeb_datasets(data_config) -> dict[str, Any]:
     """MMEB datasets named in `data_config.mmeb_eval.datasets`: the converted tables under
     `<data.dir>/mmeb_eval/<name>` when built, else the raw parquet rows under `mmeb_eval.root`."""
-    from metaembed_jax.data import builders, sources
-
     section = data_config.get("mmeb_eval")
     if section is None or not section.get("datasets"):
         return {}
@@ -93,8 +96,6 @@ def run_suites(
     """Every evaluation set the config names, as report suites."""
     suites = []
     if config.eval.builtin:
-        from metaembed_jax.data.pipeline import dataset_dir
-
         split = config.eval.split
         if config.data.name != "synthetic":
             logging.info("config.data.name=%r: no built-in split to evaluate", config.data.name)
@@ -192,32 +193,6 @@ def model_fingerprint(config, run_dir: Path, step: int) -> str:
     return f"{run_dir.resolve()}@{step}:{mtime}:{digest}"
 
 
-def find_step(run_dir: Path, step: int | None) -> int:
-    """The checkpoint step to evaluate (latest when None), found without building anything.
-
-    Raises FileNotFoundError when the run has no (such) checkpoint.
-    """
-    from metaembed_jax.training.checkpointing import Checkpointer
-
-    if not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(
-            f"no checkpoints in {run_dir}: train first (python train.py --config ... "
-            f"--workdir {run_dir}) or pass --checkpoint"
-        )
-    checkpointer = Checkpointer(run_dir, read_only=True)
-    try:
-        steps = checkpointer.all_steps()
-    finally:
-        checkpointer.close()
-    found = max(steps, default=None) if step is None else step
-    if found is None or found not in steps:
-        where = "" if step is None else f"of step {step} "
-        raise FileNotFoundError(
-            f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
-        )
-    return int(found)
-
-
 class LazyEncoder:
     """Restores the model and builds its `ModelEncoder` on the first call only: a run whose
     embeddings are all cached never loads the model."""
@@ -227,11 +202,6 @@ class LazyEncoder:
         self.encoder = None
 
     def _build(self):
-        from metaembed_jax import sharding
-        from metaembed_jax.data.pipeline import make_processor, model_family
-        from metaembed_jax.evaluation.encode import ModelEncoder
-        from metaembed_jax.trained import restore_trained_model
-
         config = self.config
         mesh = sharding.make_mesh(config.mesh)
         family = model_family(config)
@@ -264,8 +234,6 @@ def run_config(config, run_dir: Path):
 
     Raises RunMismatchError naming every differing field.
     """
-    from metaembed_jax.training import run_identity
-
     if config is None:
         return run_identity.read_saved_config(run_dir)
     run_identity.check_run_identity(run_dir, config, action="evaluate")

@@ -15,8 +15,8 @@ from typing import Any
 
 from metaembed_jax.data import sources
 from metaembed_jax.data.builders import eval_set_built, read_eval_set
-from metaembed_jax.evaluation.encode import EmbeddingCache, Encode
 from metaembed_jax.evaluation.retrieval import evaluate_corpus, mean_averages, qrels_from_rows
+from metaembed_jax.retrieval.encode import EmbeddingCache, Encode
 
 
 def read_beir_dir(root: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from metaembed_jax import sharding
+
 
 @runtime_checkable
 class Backbone(Protocol):
@@ -135,6 +137,7 @@ def register_family(family: BackboneFamily) -> BackboneFamily:
         if owner is not None and owner != family.name:
             raise ValueError(f"model_type {model_type!r} is already registered by {owner!r}")
     _FAMILIES[family.name] = family
+    sharding.register_axis_rules(family.axis_rules)
     for model_type in family.model_types:
         _BY_MODEL_TYPE[model_type] = family.name
     return family
@@ -161,11 +164,6 @@ def family_for(config_or_model_type: Mapping[str, Any] | str) -> BackboneFamily:
     if key in _BY_MODEL_TYPE:
         return _FAMILIES[_BY_MODEL_TYPE[key]]
     raise ValueError(f"model_type {key!r} is not supported; supported: {sorted(_BY_MODEL_TYPE)}")
-
-
-def family_axis_rules() -> tuple[tuple[str, Any], ...]:
-    """The logical-axis rules every registered (imported) family adds, in registration order."""
-    return tuple(rule for family in _FAMILIES.values() for rule in family.axis_rules)
 
 
 def registered_families() -> dict[str, BackboneFamily]:

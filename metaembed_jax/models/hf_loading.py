@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax import sharding
-from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.models.family import BackboneFamily, family_for
+from metaembed_jax.models.hub import resolve_checkpoint
 from metaembed_jax.models.lora import select_lora
 from metaembed_jax.models.rules import (
     RETRIEVAL_HEAD,

@@ -9,7 +9,7 @@ takes only what it needs (evaluation and `load_trained` read `params` alone):
 The input iterator position of each process is `DIR/checkpoints/data/<step>/process_<i>.json`,
 written before the orbax save so a committed step always has it. Frozen weights (LoRA base) are
 not saved: they are re-derived from `init_from` / the seed, and checked against the base
-fingerprint the training run wrote (`metaembed_jax.trained`).
+fingerprint the training run wrote (`metaembed_jax.formats.trained`).
 """
 
 from __future__ import annotations

@@ -33,14 +33,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from metaembed_jax.training.state import TrainState
-from metaembed_jax.training.step import (
-    _same_shapes,
+from metaembed_jax.training.gradients import (
     embed_batch,
     embeddings_loss,
     merged_model,
+    same_shapes,
     stack_micro_batches,
 )
+from metaembed_jax.training.state import TrainState
 
 
 def _embed_micro(state: TrainState, params, other, micro):
@@ -144,7 +144,7 @@ def _micro_grads(state, stream, micro, cotangent):
 
 def _stack(micro_batches: Sequence[dict]):
     """The micro-batches stacked on a new leading axis, or None if their shapes differ."""
-    if not _same_shapes(micro_batches):
+    if not same_shapes(micro_batches):
         return None
     return stack_micro_batches(micro_batches)
 

@@ -13,11 +13,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metaembed_jax import sharding
-from metaembed_jax.hub import resolve_checkpoint
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.models import layers
-from metaembed_jax.models.hf_loading import read_config
+from metaembed_jax.models.hub import resolve_checkpoint
 from metaembed_jax.models.layers import LoRASpec
+from metaembed_jax.models.rules import read_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

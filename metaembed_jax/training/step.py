@@ -21,53 +21,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaembed_jax import sharding
-from metaembed_jax.losses import group_temperatures, mmr_loss
+from metaembed_jax.losses import group_temperatures
+from metaembed_jax.training.grad_cache import cached_gradients
+from metaembed_jax.training.gradients import (
+    compute_loss,
+    merged_model,
+    same_shapes,
+    stack_micro_batches,
+)
 from metaembed_jax.training.state import TrainState, state_shardings
-
-
-def _features(features: dict[str, Any]) -> dict[str, Any]:
-    # A side holds its backbone family's features (the pipeline keeps only `feature_keys`);
-    # absent optional ones may be None.
-    return {k: v for k, v in features.items() if v is not None}
-
-
-def embed_batch(model: nnx.Module, batch: dict[str, Any]):
-    """(queries `[B, R_q, D]`, positives `[B, R_c, D]`, negatives `[B, 1, R_c, D]` or None)."""
-    queries = model.embed(side="query", **_features(batch["query"]))
-    positives = model.embed(side="candidate", **_features(batch["positive"]))
-    negatives = None
-    if batch.get("negative") is not None:
-        negatives = model.embed(side="candidate", **_features(batch["negative"]))[:, None]
-    return queries, positives, negatives
-
-
-def embeddings_loss(embeddings, groups, temperature: float | Sequence[float], mesh: Mesh | None):
-    """MMR loss of `embed_batch`'s output: queries vs the global positives and own negatives."""
-    queries, positives, negatives = embeddings
-    return mmr_loss(
-        queries, positives, negatives, groups=groups, temperature=temperature, mesh=mesh
-    )
-
-
-def compute_loss(
-    model: nnx.Module,
-    batch: dict[str, Any],
-    groups,
-    temperature: float | Sequence[float],
-    mesh: Mesh | None,
-):
-    """MMR loss of one (micro-)batch: queries vs the global positives and own hard negatives."""
-    return embeddings_loss(embed_batch(model, batch), groups, temperature, mesh)
-
-
-def merged_model(state: TrainState, params, other) -> nnx.Module:
-    """The model of `state` with `params` and `other` (RNG streams) in place of its own.
-
-    Fresh Variable objects for the non-differentiated parts too: nnx transforms inside the model
-    (scan over layers) refuse Variables created at an outer trace level.
-    """
-    frozen, rest = jax.tree.map(lambda x: x, (state.frozen, other))
-    return nnx.merge(state.graphdef, params, frozen, rest)
 
 
 def _grads_one(state: TrainState, params, other, batch, groups, temperature, mesh):
@@ -80,18 +42,6 @@ def _grads_one(state: TrainState, params, other, batch, groups, temperature, mes
 
     (loss, (group_losses, other)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, group_losses, grads, other
-
-
-def _same_shapes(micro_batches) -> bool:
-    first = micro_batches[0]
-    shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), b) for b in micro_batches]
-    same_structure = all(jax.tree.structure(b) == jax.tree.structure(first) for b in micro_batches)
-    return same_structure and all(s == shapes[0] for s in shapes)
-
-
-def stack_micro_batches(micro_batches):
-    """Micro-batches of one shape (`_same_shapes`) stacked on a new leading axis, for a scan."""
-    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *micro_batches)
 
 
 def _unrolled_grads(state, micro_batches, groups, temperature, mesh):
@@ -146,13 +96,12 @@ def train_step(
     micro_batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     if grad_cache:
         # Imported here: grad_cache builds on this module's helpers.
-        from metaembed_jax.training.grad_cache import cached_gradients
 
         loss, group_losses, grads, other = cached_gradients(
             state, micro_batches, groups=groups, temperature=temperature, mesh=mesh
         )
         return _apply_gradients(state, loss, group_losses, grads, other, schedule)
-    if len(micro_batches) > 1 and _same_shapes(micro_batches):
+    if len(micro_batches) > 1 and same_shapes(micro_batches):
         loss, group_losses, grads, other = _scanned_grads(
             state, micro_batches, groups, temperature, mesh
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from metaembed_jax.models import family
 from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
+from metaembed_jax.models.mllama.params import IN_MEMORY_ALIASES, KEY_ALIASES, mllama_rules
 from metaembed_jax.models.mllama.processing import (
     FEATURE_KEYS,
     SPECIAL_TOKENS,
@@ -12,10 +13,6 @@ from metaembed_jax.models.mllama.processing import (
     static_shapes,
     tiny_config,
 )
-from metaembed_jax.models.mllama.rules import IN_MEMORY_ALIASES, KEY_ALIASES, mllama_rules
-
-# logical names of the vision model's weights (the decoder uses the shared ones)
-AXIS_RULES = (("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_patch", None))
 
 FAMILY = family.register_family(
     family.BackboneFamily(
@@ -29,7 +26,6 @@ FAMILY = family.register_family(
         tiny_config=tiny_config,
         special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
-        axis_rules=AXIS_RULES,
         in_memory_aliases=IN_MEMORY_ALIASES,
     )
 )

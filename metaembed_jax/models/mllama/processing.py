@@ -38,7 +38,13 @@ from transformers.models.mllama.processing_mllama import (
 
 # One row's image entry (an image, encoded bytes, a list of them, or empty) as a list of PIL
 # images, and the length-bucket choice: shared with the Qwen2-VL processor.
-from metaembed_jax.models.qwen2_vl.processing import _as_image_list, _smallest_fitting
+from metaembed_jax.models.processing import (
+    CANDIDATE_PREFIX,
+    IMAGE_INSTRUCTION,
+    QUERY_PREFIX,
+    as_image_list,
+    smallest_fitting,
+)
 
 FEATURE_KEYS = (
     "input_ids",
@@ -55,8 +61,6 @@ HEADER_START, HEADER_END, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|
 PAD_TOKEN = "<|finetune_right_pad_id|>"  # Llama 3.2's pad token (pad_token_id 128004)
 # The order a built-in tokenizer gives them ids 0, 1, ... (the pad token first).
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, HEADER_START, HEADER_END, END_OF_TURN, IMAGE_TOKEN)
-QUERY_PREFIX, CANDIDATE_PREFIX = "Query: ", ""
-IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 # Llama-3.2-11B-Vision's image settings (transformers' `MllamaImageProcessorPil` defaults)
@@ -159,7 +163,7 @@ class MllamaEmbedProcessor:
             raise ValueError(f"got {len(texts)} texts but {len(images)} image entries")
         row_ids = list(range(len(texts))) if row_ids is None else list(row_ids)
         per_row = [
-            _as_image_list(None if images is None else images[i], row_ids[i])
+            as_image_list(None if images is None else images[i], row_ids[i])
             for i in range(len(texts))
         ]
         prompts = []
@@ -182,7 +186,7 @@ class MllamaEmbedProcessor:
         longest = max(len(row) for row in rows)
         length = longest
         if self.length_buckets:
-            length = _smallest_fitting(self.length_buckets, longest)
+            length = smallest_fitting(self.length_buckets, longest)
             if length is None:
                 row = row_ids[int(np.argmax([len(r) for r in rows]))]
                 raise ValueError(

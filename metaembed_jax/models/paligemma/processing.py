@@ -25,20 +25,20 @@ from typing import Any
 import numpy as np
 from transformers import SiglipImageProcessorPil
 
-from metaembed_jax.data.tokenizer import load_tokenizer
 from metaembed_jax.models.paligemma.config import (
     BOS_TOKEN,
     IMAGE_TOKEN,
     PAD_TOKEN,
     SPECIAL_TOKENS,
 )
-from metaembed_jax.models.qwen2_vl.processing import (
+from metaembed_jax.models.processing import (
     CANDIDATE_PREFIX,
     DEFAULT_LENGTH_BUCKETS,
     IMAGE_INSTRUCTION,
     QUERY_PREFIX,
-    _as_image_list,
-    _smallest_fitting,
+    as_image_list,
+    load_tokenizer,
+    smallest_fitting,
 )
 
 FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values")
@@ -147,7 +147,7 @@ class PaliGemmaInputProcessor:
             raise ValueError(f"got {len(texts)} texts but {len(images)} image entries")
         row_ids = list(range(len(texts))) if row_ids is None else list(row_ids)
         per_row = [
-            _as_image_list(None if images is None else images[i], row_ids[i])
+            as_image_list(None if images is None else images[i], row_ids[i])
             for i in range(len(texts))
         ]
         rows = []
@@ -182,7 +182,7 @@ class PaliGemmaInputProcessor:
 
     def _pad_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         longest = max(len(r) for r in rows)
-        length = _smallest_fitting(self.length_buckets, longest) or longest
+        length = smallest_fitting(self.length_buckets, longest) or longest
         input_ids = np.full((len(rows), length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((len(rows), length), np.int32)
         for i, row in enumerate(rows):

@@ -13,8 +13,6 @@ from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
 from metaembed_jax.models.qwen2_vl.vision import MODEL_TYPES
 
 FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-# The vision tower's logical axes (vision.py): width split like `embed`, MLP like `mlp`.
-AXIS_RULES = (("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_patch", None))
 
 FAMILY = register_family(
     BackboneFamily(
@@ -28,7 +26,6 @@ FAMILY = register_family(
         tiny_config=tiny_config,
         special_tokens=SPECIAL_TOKENS,
         key_aliases=KEY_ALIASES,
-        axis_rules=AXIS_RULES,
         in_memory_aliases=IN_MEMORY_ALIASES,
     )
 )

@@ -37,8 +37,15 @@ import numpy as np
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from metaembed_jax.data.sources import decode_image, is_empty_image
-from metaembed_jax.data.tokenizer import load_tokenizer
+from metaembed_jax.models.processing import (
+    CANDIDATE_PREFIX,
+    DEFAULT_LENGTH_BUCKETS,
+    IMAGE_INSTRUCTION,
+    QUERY_PREFIX,
+    as_image_list,
+    load_tokenizer,
+    smallest_fitting,
+)
 from metaembed_jax.models.qwen2_vl.tokens import (
     IM_END,
     IM_START,
@@ -49,31 +56,9 @@ from metaembed_jax.models.qwen2_vl.tokens import (
     VISION_START,
 )
 
-DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
-QUERY_PREFIX = "Query: "
-CANDIDATE_PREFIX = ""
-IMAGE_INSTRUCTION = "Describe the image."
 SIDES = ("query", "candidate")
 IMAGE_LAYOUTS = ("packed", "per_example")
 _IMAGE_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-
-
-def _as_image_list(entry, row) -> list[Image.Image]:
-    if is_empty_image(entry):
-        return []
-    if isinstance(entry, (list, tuple)):
-        return [
-            decode_image(item, f"row {row!r}: image") for item in entry if not is_empty_image(item)
-        ]
-    return [decode_image(entry, f"row {row!r}: image")]
-
-
-def _smallest_fitting(buckets: Sequence[int] | None, size: int) -> int | None:
-    """Smallest bucket >= size; None when no bucket fits (or there are no buckets)."""
-    for bucket in sorted(buckets or ()):
-        if bucket >= size:
-            return bucket
-    return None
 
 
 class QwenVLProcessor:
@@ -248,7 +233,7 @@ class QwenVLProcessor:
         if not texts:
             raise ValueError("empty batch: expected at least one text")
         per_row = [
-            _as_image_list(None if images is None else images[i], row_ids[i])
+            as_image_list(None if images is None else images[i], row_ids[i])
             for i in range(len(texts))
         ]
         prompts, spans = [], []
@@ -351,7 +336,7 @@ class QwenVLProcessor:
         longest = max(len(r) for r in rows)
         length = longest
         if self.length_buckets:
-            length = _smallest_fitting(self.length_buckets, longest)
+            length = smallest_fitting(self.length_buckets, longest)
             if length is None:  # max_length above the largest bucket: pad to max_length
                 length = longest
         input_ids = np.full((len(rows), length), self.pad_token_id, np.int32)
@@ -373,7 +358,7 @@ class QwenVLProcessor:
             grid = np.concatenate([grid, np.zeros((self.max_images - len(grid), 3), np.int32)])
         num_patches = pixel_values.shape[0]
         if self.patch_buckets:
-            target = _smallest_fitting(self.patch_buckets, num_patches)
+            target = smallest_fitting(self.patch_buckets, num_patches)
             if target is None:
                 raise ValueError(
                     f"batch has {num_patches} image patches, more than the largest patch bucket "
@@ -396,7 +381,7 @@ class QwenVLProcessor:
         num_images = max(counts) if self.max_images is None else self.max_images
         rows = most
         if self.patch_buckets:
-            rows = _smallest_fitting(self.patch_buckets, most)
+            rows = smallest_fitting(self.patch_buckets, most)
             if rows is None:
                 row = row_ids[int(np.argmax(per_example))]
                 raise ValueError(

@@ -34,9 +34,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metaembed_jax import _index_io
-from metaembed_jax import _index_placement as placement
-from metaembed_jax import _index_search as kernels
+from metaembed_jax.retrieval import _placement as placement
+from metaembed_jax.retrieval import _search as kernels
+from metaembed_jax.retrieval import _storage as _index_io
 from metaembed_jax.scoring import default_chunk_size, resolve_budget, top_k
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -118,7 +118,7 @@ def _default_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()[:1]), ("index",))
 
 
-def _check_ids(ids, count: int, existing: list) -> list:
+def check_ids(ids, count: int, existing: list) -> list:
     """The ids of ``count`` new candidates (default: their positions), checked to be ints or
     strs, unique, and not already in ``existing``."""
     if ids is None:
@@ -137,7 +137,7 @@ def _check_ids(ids, count: int, existing: list) -> list:
     return ids
 
 
-def _check_finite_queries(queries) -> None:
+def check_finite_queries(queries) -> None:
     queries = np.asarray(queries, np.float32)
     if np.isfinite(queries).all():  # one pass; which query is bad is looked up only on failure
         return
@@ -204,7 +204,7 @@ class MultiVectorIndex:
                 f"expected embeddings [n, {self.num_vectors}, {self.dim}] for this index, got "
                 f"shape {shape}"
             )
-        ids = _check_ids(ids, shape[0], self._ids)
+        ids = check_ids(ids, shape[0], self._ids)
         vectors, scales, full = _to_store(np.asarray(embeddings), self.dtype, self.full_precision)
         self._blocks.append((vectors, scales))
         if full is not None:
@@ -421,7 +421,7 @@ class MultiVectorIndex:
             )
         if query_mask is not None and np.shape(query_mask) != shape[:2]:
             raise ValueError(f"query_mask must have shape {shape[:2]}, got {np.shape(query_mask)}")
-        _check_finite_queries(queries)
+        check_finite_queries(queries)
 
     def search(
         self,

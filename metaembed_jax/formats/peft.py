@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from metaembed_jax.export import METAEMBED_CONFIG, metaembed_config, save_torch_safetensors
+from metaembed_jax.formats.files import METAEMBED_CONFIG, metaembed_config, save_torch_safetensors
 from metaembed_jax.models import layers
 from metaembed_jax.models.family import family_for
 from metaembed_jax.models.lora import adapted_module_names, dense_layers

@@ -43,11 +43,11 @@ import uuid
 
 import numpy as np
 
-from metaembed_jax import _qdrant_engines as engines
-from metaembed_jax.index import (
+from metaembed_jax.retrieval import _qdrant_engines as engines
+from metaembed_jax.retrieval.index import (
     MultiVectorIndex,
-    _check_finite_queries,
-    _check_ids,
+    check_finite_queries,
+    check_ids,
     dequantize,
     quantize,
 )
@@ -316,7 +316,7 @@ class QdrantIndex:
             )
         if ids is None:
             ids = list(range(len(self), len(self) + shape[0]))
-        ids = _check_ids(ids, shape[0], [])
+        ids = check_ids(ids, shape[0], [])
         step = self._rows_per_request()
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]
@@ -387,7 +387,7 @@ class QdrantIndex:
             )
         if query_mask is not None and np.shape(query_mask) != shape[:2]:
             raise ValueError(f"query_mask must have shape {shape[:2]}, got {np.shape(query_mask)}")
-        _check_finite_queries(queries)
+        check_finite_queries(queries)
 
     def _check_rescore(self, rescore, k) -> int:
         if not self.full_precision:

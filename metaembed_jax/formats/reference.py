@@ -20,15 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metaembed_jax import config_files
-from metaembed_jax.hub import resolve_checkpoint
-from metaembed_jax.metaembed import MetaEmbed
-from metaembed_jax.models import load_hf
-from metaembed_jax.models.family import family_for
-from metaembed_jax.models.hf_loading import read_retrieval_head
-from metaembed_jax.models.lora import adapted_module_names, dense_layers
-from metaembed_jax.models.rules import read_config, rule_for_key
-from metaembed_jax.peft_adapter import (
+from metaembed_jax.formats.peft import (
     META_KEY,
     PEFT_PREFIX,
     PROJECTION_KEYS,
@@ -41,6 +33,14 @@ from metaembed_jax.peft_adapter import (
     resolve_split,
     saved_split,
 )
+from metaembed_jax.metaembed import MetaEmbed
+from metaembed_jax.models import load_hf
+from metaembed_jax.models.family import family_for
+from metaembed_jax.models.hf_loading import read_retrieval_head
+from metaembed_jax.models.hub import resolve_checkpoint
+from metaembed_jax.models.lora import adapted_module_names, dense_layers
+from metaembed_jax.models.rules import read_config, rule_for_key
+from metaembed_jax.training import recipes as config_files
 from metaembed_jax.training.checkpointing import Checkpointer
 from metaembed_jax.training.loop import record_base_fingerprint, write_run_files
 from metaembed_jax.training.recipes import load_recipe

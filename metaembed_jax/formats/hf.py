@@ -1,6 +1,4 @@
-"""Export a trained run for PyTorch / transformers users: `metaembed export --run DIR --out OUT`.
-
-(`--format peft`, a PEFT adapter directory, is `peft_adapter.py`.)
+"""The hf export: a MetaEmbed as a transformers checkpoint (`metaembed export --format hf`).
 
 `--format hf` writes OUT as a transformers checkpoint of the backbone with the LoRA adapters
 merged into their base weights (`config.json`, `model.safetensors` in the published key layout,
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metaembed_jax.formats.files import (
+    METAEMBED_CONFIG,
+    METAEMBED_WEIGHTS,
+    metaembed_config,
+    save_torch_safetensors,
+)
 from metaembed_jax.models import layers
 from metaembed_jax.models.family import BackboneFamily, family_for
 from metaembed_jax.models.rules import (
@@ -40,10 +43,6 @@ from metaembed_jax.models.rules import (
     rule_inverse,
 )
 from metaembed_jax.models.safetensors_io import SafetensorsReader
-
-FORMATS = ("hf", "peft")
-METAEMBED_WEIGHTS = "metaembed.safetensors"
-METAEMBED_CONFIG = "metaembed_config.json"
 
 
 class ExportError(ValueError):
@@ -144,19 +143,6 @@ def checkpoint_shapes(hf_model, family: BackboneFamily) -> dict[str, tuple[int, 
     }
 
 
-def save_torch_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    """safetensors with the "pt" format tag transformers expects; bfloat16 kept bfloat16."""
-    import torch
-    from safetensors.torch import save_file
-
-    def as_torch(array: np.ndarray):
-        if array.dtype == jnp.bfloat16:
-            return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-        return torch.from_numpy(np.array(array))
-
-    save_file({k: as_torch(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
 def _unmapped_from_base(shapes, tensors, base_dir: str | None) -> dict[str, np.ndarray]:
     """Checkpoint tensors MetaEmbed never reads (rule target None, e.g. the LM head): copied
     from the base checkpoint when there is one; else left to transformers' initialisation."""
@@ -199,44 +185,3 @@ def export_hf(model, processor, hf_config: Mapping[str, Any], out: Path, base_di
     save_torch_safetensors(own, out / METAEMBED_WEIGHTS)
     (out / METAEMBED_CONFIG).write_text(json.dumps(metaembed_config(model, processor), indent=2))
     return out
-
-
-def metaembed_config(model, processor) -> dict[str, Any]:
-    """What a PyTorch user needs besides the weights: R_q, R_c, readout, prompt pieces."""
-    prefixes = getattr(processor, "prefixes", {})
-    return {
-        "num_query_tokens": int(model.num_query_tokens),
-        "num_candidate_tokens": int(model.num_candidate_tokens),
-        "readout": model.readout,
-        "projection_dim": None if model.projection is None else int(model.embedding_dim),
-        "meta_tokens": "appended after the content of every left-padded input, query tokens "
-        "first; a query reads the first num_query_tokens of their last hidden states, a "
-        "candidate the last num_candidate_tokens; then L2 normalisation",
-        "query_prefix": prefixes.get("query"),
-        "candidate_prefix": prefixes.get("candidate"),
-        "image_instruction": getattr(processor, "image_instruction", None),
-    }
-
-
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", step=None):
-    """`metaembed export`: the run's checkpoint `step` (default latest) written to `out` in
-    format `fmt`; returns `out`. Raises ValueError for an unknown format, and as
-    `load_trained` / `export_hf` do."""
-    from metaembed_jax.hub import resolve_checkpoint
-    from metaembed_jax.trained import load_trained
-    from metaembed_jax.training.model import base_hf_config
-    from metaembed_jax.training.run_identity import read_saved_config
-
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}; expected one of {FORMATS}")
-    config = read_saved_config(run_dir)
-    model, processor = load_trained(run_dir, step)
-    hf_config = base_hf_config(config, len(processor.tokenizer))
-    if fmt == "peft":
-        from metaembed_jax.peft_adapter import export_peft
-        from metaembed_jax.training.model import lora_spec
-
-        lora = lora_spec(config)
-        return export_peft(model, processor, hf_config, Path(out), lora, config.init_from or None)
-    base = resolve_checkpoint(config.init_from) if config.init_from else None
-    return export_hf(model, processor, hf_config, Path(out), base)

@@ -108,7 +108,31 @@ def restore_trained_model(
     return model
 
 
-def _dtype_name(dtype: Any) -> str:
+def find_step(run_dir: Path, step: int | None) -> int:
+    """The checkpoint step of a run to use (latest when None), found without building anything.
+
+    Raises FileNotFoundError when the run has no (such) checkpoint.
+    """
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"no checkpoints in {run_dir}: train first (python train.py --config ... "
+            f"--workdir {run_dir}) or pass --checkpoint"
+        )
+    checkpointer = Checkpointer(run_dir, read_only=True)
+    try:
+        steps = checkpointer.all_steps()
+    finally:
+        checkpointer.close()
+    found = max(steps, default=None) if step is None else step
+    if found is None or found not in steps:
+        where = "" if step is None else f"of step {step} "
+        raise FileNotFoundError(
+            f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
+        )
+    return int(found)
+
+
+def dtype_name(dtype: Any) -> str:
     for name, value in DTYPES.items():
         if dtype in (name, value):
             return name
@@ -140,7 +164,7 @@ def load_trained(
         check_run_identity(workdir, config, action="load")
         config = config.copy_and_resolve_references()
     if dtype is not None:
-        config.model.dtype = _dtype_name(dtype)
+        config.model.dtype = dtype_name(dtype)
     processor = make_processor(
         config, workdir=workdir
     )  # the run's tokenizer and image preprocessing

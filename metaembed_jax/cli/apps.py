@@ -1,5 +1,5 @@
-"""The training and evaluation programs (absl apps), shared by train.py / eval.py in a checkout
-and by `metaembed train` / `metaembed eval` in an installed package.
+"""The dataset, training and evaluation programs (absl apps), shared by train.py / eval.py in a
+checkout and by `metaembed data` / `metaembed train` / `metaembed eval` in an installed package.
 
 `--config` takes a recipe file (`configs/demo.py[:variant]`) or, where no such file exists, the
 name of a bundled recipe (`demo[:variant]`, see `metaembed configs`). Flags are defined when a
@@ -8,13 +8,47 @@ program starts, not at import, so both programs can live in one module.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metaembed_jax.config_files import resolve_config_argv
+from metaembed_jax.data.build import build
+from metaembed_jax.data.pipeline import model_family
+from metaembed_jax.evaluation import runner
+from metaembed_jax.training.loop import train
+from metaembed_jax.training.recipes import resolve_config_argv
+
+
+def warnings_only_unless_verbosity_given() -> None:
+    """absl logging at WARNING unless ``--verbosity`` was passed: orbax logs several INFO lines
+    per checkpoint save or restore, which would bury the progress bars (``--verbosity=0`` shows
+    them)."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def _data_main(argv):
+    _check_no_positional(argv)
+    config = flags.FLAGS.config
+    special_tokens = model_family(config).special_tokens
+    for directory in build(config.data, special_tokens, convert_eval=flags.FLAGS.convert_eval):
+        print(f"built {os.fspath(directory)}")
+
+
+def run_data(argv: Sequence[str] | None = None) -> None:
+    """`metaembed data --config configs/demo.py [--convert_eval]`: the datasets a recipe names
+    (metaembed_jax.data.build)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Recipe: a file (configs/*.py[:variant]) or a bundled name (demo)."
+    )
+    flags.DEFINE_bool(
+        "convert_eval", False, "Also convert the MMEB eval / BEIR sets the config lists."
+    )
+    flags.mark_flag_as_required("config")
+    app.run(_data_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
 
 
 def _check_no_positional(argv: Sequence[str]) -> None:
@@ -23,9 +57,6 @@ def _check_no_positional(argv: Sequence[str]) -> None:
 
 
 def _train_main(argv):
-    from metaembed_jax.cli import warnings_only_unless_verbosity_given
-    from metaembed_jax.training.loop import train
-
     _check_no_positional(argv)
     warnings_only_unless_verbosity_given()
     rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -44,9 +75,6 @@ def run_train(argv: Sequence[str] | None = None) -> None:
 
 
 def _eval_main(argv):
-    from metaembed_jax.cli import warnings_only_unless_verbosity_given
-    from metaembed_jax.evaluation import runner
-
     _check_no_positional(argv)
     warnings_only_unless_verbosity_given()
     values = flags.FLAGS

@@ -12,10 +12,12 @@
     metaembed configs [NAME]                 the bundled recipes (or the file of one)
     metaembed train --config demo --workdir DIR [--config.train.steps=100 ...]   = train.py
     metaembed eval --workdir DIR [--config demo]                                 = eval.py
+    metaembed data --config demo [--convert_eval]      the datasets a recipe names
 
-`train` and `eval` are the absl programs of train.py / eval.py (metaembed_jax/apps.py), so an
-installed package trains and evaluates without a checkout; index / search / export read the
-run's own saved config.
+`train`, `eval` and `data` are absl programs (metaembed_jax/cli/apps.py; train.py / eval.py run
+the first two), so an installed package builds data, trains and evaluates without a checkout;
+index / search / export read the run's own saved config. `python -m metaembed_jax ...` is the
+same command.
 """
 
 from __future__ import annotations
@@ -142,14 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = commands.add_parser("configs", help="list the bundled recipes, or print one's path")
     configs.add_argument("name", nargs="?", default=None, help="a recipe name, e.g. demo")
-    for name, what in (("train", "train.py"), ("eval", "eval.py")):
+    for name, what in (("train", "train.py"), ("eval", "eval.py"), ("data", "the dataset build")):
         program = commands.add_parser(name, help=f"the {what} program (absl flags, see --help)")
         program.add_argument("flags", nargs=argparse.REMAINDER, help=f"{what}'s flags")
     return parser
 
 
 def _configs(args) -> None:
-    from metaembed_jax.config_files import config_dir, config_names, config_path
+    from metaembed_jax.training.recipes import config_dir, config_names, config_path
 
     if args.name:
         print(config_path(args.name))
@@ -191,7 +193,7 @@ def _queries(args) -> list[dict]:
 
 
 def _index_build(args) -> None:
-    from metaembed_jax.retriever import Retriever, build_index
+    from metaembed_jax.retrieval.retriever import Retriever, build_index
 
     retriever = Retriever.load(args.run, args.step, batch_size=args.batch_size)
     index = build_index(
@@ -208,8 +210,8 @@ def _index_build(args) -> None:
 
 
 def _index_push(args) -> None:
-    from metaembed_jax.index import MultiVectorIndex
-    from metaembed_jax.qdrant_index import QdrantIndex, location
+    from metaembed_jax.retrieval.index import MultiVectorIndex
+    from metaembed_jax.retrieval.qdrant import QdrantIndex, location
 
     index = MultiVectorIndex.load(args.index)
     pushed = QdrantIndex.from_index(
@@ -231,12 +233,12 @@ def _index_push(args) -> None:
 
 def _open_index(args):
     if args.qdrant is None:
-        from metaembed_jax.index import MultiVectorIndex
+        from metaembed_jax.retrieval.index import MultiVectorIndex
 
         if args.collection is not None:
             raise SystemExit("--collection goes with --qdrant, not --index")
         return MultiVectorIndex.load(args.index)
-    from metaembed_jax.qdrant_index import QdrantIndex, location
+    from metaembed_jax.retrieval.qdrant import QdrantIndex, location
 
     if args.collection is None:
         raise SystemExit("--qdrant needs --collection NAME")
@@ -244,7 +246,7 @@ def _open_index(args):
 
 
 def _index_search(args) -> None:
-    from metaembed_jax.retriever import Retriever
+    from metaembed_jax.retrieval.retriever import Retriever
 
     queries = _queries(args)
     index = _open_index(args)
@@ -271,11 +273,12 @@ def _index_search(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metaembed` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):
+    if argv and argv[0] in ("train", "eval", "data"):
         # absl parses these flags itself (argparse would reject `--config.train.steps=5`).
-        from metaembed_jax import apps
+        from metaembed_jax.cli import apps
 
-        program = apps.run_train if argv[0] == "train" else apps.run_eval
+        programs = {"train": apps.run_train, "eval": apps.run_eval, "data": apps.run_data}
+        program = programs[argv[0]]
         program([f"metaembed {argv[0]}", *argv[1:]])
         return 0
     args = build_parser().parse_args(argv)
@@ -284,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "configs":
         _configs(args)
     elif args.command == "import-reference":
-        from metaembed_jax.reference import import_reference
+        from metaembed_jax.formats.reference import import_reference
 
         out = import_reference(
             args.base,
@@ -296,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"{out}: a run directory (step 0); use it with eval.py --workdir, metaembed index")
     elif args.command == "export":
-        from metaembed_jax.export import export_run
+        from metaembed_jax.formats.export import export_run
 
         print(export_run(args.run, args.out, args.format, step=args.step))
     return 0

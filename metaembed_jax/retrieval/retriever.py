@@ -18,15 +18,19 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from metaembed_jax.corpus import Entry, read_corpus
-from metaembed_jax.index import MultiVectorIndex
-
-if TYPE_CHECKING:  # the Qdrant packages are optional
-    from metaembed_jax.qdrant_index import QdrantIndex
+from metaembed_jax import sharding
+from metaembed_jax.data.pipeline import make_processor, model_family
+from metaembed_jax.formats.trained import dtype_name, find_step, restore_trained_model
+from metaembed_jax.retrieval.corpus import Entry, read_corpus
+from metaembed_jax.retrieval.encode import ModelEncoder
+from metaembed_jax.retrieval.index import MultiVectorIndex
+from metaembed_jax.retrieval.qdrant import QdrantIndex
+from metaembed_jax.scoring import resolve_budgets
+from metaembed_jax.training.run_identity import read_saved_config
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -63,17 +67,10 @@ class Retriever:
         rounded up to a multiple of the local devices). Raises as `load_trained` does."""
         import jax
 
-        from metaembed_jax import sharding
-        from metaembed_jax.data.pipeline import make_processor, model_family
-        from metaembed_jax.evaluation.encode import ModelEncoder
-        from metaembed_jax.evaluation.runner import find_step
-        from metaembed_jax.trained import _dtype_name, restore_trained_model
-        from metaembed_jax.training.run_identity import read_saved_config
-
         run_dir = Path(run_dir)
         config = read_saved_config(run_dir)
         if dtype is not None:
-            config.model.dtype = _dtype_name(dtype)
+            config.model.dtype = dtype_name(dtype)
         step = find_step(run_dir, step)
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
         family = model_family(config)
@@ -123,8 +120,6 @@ class Retriever:
         """Per query, its `k` best (id, score) pairs, best first, at `budget` (default the
         trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist.
         `index` is a `MultiVectorIndex` or a `QdrantIndex` (the same search contract)."""
-        from metaembed_jax.scoring import resolve_budgets
-
         checks = [budget or self.trained_sizes] + ([coarse_budget] if coarse_budget else [])
         checked = resolve_budgets(checks, *self.trained_sizes)
         embeddings = self.encode_queries(queries)

@@ -25,8 +25,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from metaembed_jax import sharding
-from metaembed_jax.data.sources import is_empty_image
-from metaembed_jax.index import MultiVectorIndex
+from metaembed_jax.models.processing import is_empty_image
+from metaembed_jax.retrieval.index import MultiVectorIndex
 
 Item = dict[str, Any]
 Encode = Callable[[list[Item], str], np.ndarray]

@@ -1,0 +1,2 @@
+"""The command line: `metaembed ...` (`main`) and the absl programs that train.py / eval.py /
+`metaembed train|eval|data` run (`apps`)."""

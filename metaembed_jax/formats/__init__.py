@@ -1,0 +1,2 @@
+"""Run directories and foreign formats: load_trained, Hugging Face / PEFT export, and models
+trained with the reference PyTorch code."""
