@@ -24,15 +24,15 @@ from flax import nnx
 
 from benchmarks import machine_load
 from metaembed_jax.models import layers
+from metaembed_jax.models.layers import rope_cos_sin
 from metaembed_jax.models.mllama import tiny_config
+from metaembed_jax.models.mllama.config import text_config
 from metaembed_jax.models.mllama.modeling import (
     CrossAttentionLayer,
     MllamaBackbone,
     SelfAttentionLayer,
     cross_attention_masks,
-    rope_cos_sin,
     rope_inverse_frequencies,
-    text_config,
 )
 
 BATCH, LENGTH, TILES, PATCHES = 2, 32, 4, 5

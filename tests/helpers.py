@@ -18,12 +18,14 @@ from metaembed_jax.data.tokenizer import train_tokenizer
 from metaembed_jax.models import qwen2_vl
 from metaembed_jax.models.family import BackboneFamily, register_family
 from metaembed_jax.models.processing import BadRowError, decode_image, is_empty_image
-from metaembed_jax.models.qwen2_vl import tokens
-from metaembed_jax.models.qwen2_vl.tiny import MERGE, PATCH_SIZE, TEMPORAL_PATCH
-from metaembed_jax.models.qwen2_vl.tokens import (
+from metaembed_jax.models.qwen2_vl import config as tokens
+from metaembed_jax.models.qwen2_vl.config import (
     IMAGE_PAD_ID,
+    MERGE,
     PAD_ID,
+    PATCH_SIZE,
     SPECIAL_TOKENS,
+    TEMPORAL_PATCH,
     VISION_END_ID,
     VISION_START_ID,
 )

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from metaembed_jax.data import builders, sources
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
+from metaembed_jax.models.qwen2_vl.config import SPECIAL_TOKENS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 tfds.disable_progress_bar()

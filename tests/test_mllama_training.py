@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 
 from metaembed_jax import sharding
 from metaembed_jax.models.mllama import tiny_config
-from metaembed_jax.models.mllama.processing import SPECIAL_TOKENS
+from metaembed_jax.models.mllama.config import SPECIAL_TOKENS
 from tests import helpers
 from tests.test_training import run_steps
 

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImagePro
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from metaembed_jax.models.processing import BadRowError, decode_image
+from metaembed_jax.models.qwen2_vl.config import SPECIAL_TOKENS
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
 from tests.helpers import (
     build_test_tokenizer,
     check_features,

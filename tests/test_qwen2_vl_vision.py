@@ -25,19 +25,19 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEm
 
 from metaembed_jax.models import hf_loading, layers, rules
 from metaembed_jax.models.qwen2_vl import segment_attention
+from metaembed_jax.models.qwen2_vl.config import tiny_config
+from metaembed_jax.models.qwen2_vl.params import vision_rules
 from metaembed_jax.models.qwen2_vl.segment_attention import (
     blocked_attention,
     dense_attention,
     local_attention,
     segment_blocks,
 )
-from metaembed_jax.models.qwen2_vl.tiny import tiny_config
 from metaembed_jax.models.qwen2_vl.vision import (
     VisionTower,
     parse_vision_config,
     patch_layout,
     rotary_cos_sin,
-    vision_rules,
 )
 from tests.helpers import register_loader_family
 

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 
 from metaembed_jax.data import synthetic as S
 from metaembed_jax.data.synthetic_render import COLORS, JITTER_FRACTION
+from metaembed_jax.models.qwen2_vl.config import SPECIAL_TOKENS
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
 from tests.helpers import RECORD_FIELDS, check_features, process_records, special_token_ids
 
 

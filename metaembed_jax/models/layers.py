@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -207,6 +208,24 @@ class LayerNorm(nnx.Module):
         normed = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(x.dtype)
+
+
+def is_concrete(*arrays) -> bool:
+    """True when no array is a tracer: values are known (outside jit), so they can be checked."""
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """The default rotary embedding's `1 / theta ** (2i / head_dim)`, float32 `[head_dim / 2]`."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
+    return (1.0 / (theta**exponents)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions `[B, L]` -> cos, sin `[B, L, 1, head_dim]` float32 (HF's cat(freqs, freqs))."""
+    freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -4,15 +4,10 @@ decoder, weight rules, processor and tiny config. Importing this module register
 from __future__ import annotations
 
 from metaembed_jax.models import family
-from metaembed_jax.models.mllama.modeling import MODEL_TYPES, MllamaBackbone
+from metaembed_jax.models.mllama.config import MODEL_TYPES, SPECIAL_TOKENS, tiny_config
+from metaembed_jax.models.mllama.modeling import MllamaBackbone
 from metaembed_jax.models.mllama.params import IN_MEMORY_ALIASES, KEY_ALIASES, mllama_rules
-from metaembed_jax.models.mllama.processing import (
-    FEATURE_KEYS,
-    SPECIAL_TOKENS,
-    make_processor,
-    static_shapes,
-    tiny_config,
-)
+from metaembed_jax.models.mllama.processing import FEATURE_KEYS, make_processor, static_shapes
 
 FAMILY = family.register_family(
     family.BackboneFamily(

@@ -17,7 +17,6 @@ number of self-attention layers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,63 +27,15 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
-from metaembed_jax.models.mllama.vision import VisionModel, vision_config
-
-MODEL_TYPES = ("mllama",)
-DEFAULT_ROPE_THETA = 500_000.0
-DEFAULT_IMAGE_TOKEN_ID = 128256
-EXTRA_EMBEDDING_ROWS = 8  # transformers' MllamaTextModel: nn.Embedding(vocab_size + 8, ...)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """The language-model hyper-parameters of a raw Mllama `config.json` dict."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    cross_attention_layers: tuple[int, ...]
-    rope: tuple[tuple[str, Any], ...]  # the rope parameters, as sorted (key, value) pairs
-
-
-def text_config(config: Mapping[str, Any]) -> TextConfig:
-    """The text config from `config["text_config"]` (published and transformers 5 spelling:
-    `rope_scaling` + `rope_theta`, or `rope_parameters`). Raises ValueError for unsupported
-    settings."""
-    text = dict(config.get("text_config") or {})
-    if text.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"text hidden_act {text['hidden_act']!r}; expected 'silu'")
-    hidden, heads = int(text.get("hidden_size", 4096)), int(text.get("num_attention_heads", 32))
-    num_layers = int(text.get("num_hidden_layers", 40))
-    cross = tuple(
-        sorted(int(i) for i in text.get("cross_attention_layers") or (3, 8, 13, 18, 23, 28, 33, 38))
-    )
-    if any(not 0 <= i < num_layers for i in cross):
-        raise ValueError(f"cross_attention_layers {cross} outside the {num_layers} layers")
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", text.get("rope_theta", DEFAULT_ROPE_THETA))
-    rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(
-            f"rope type {rope_type!r} is not supported; expected 'default' or 'llama3'"
-        )
-    return TextConfig(
-        vocab_size=int(text.get("vocab_size", 128256)),
-        hidden_size=hidden,
-        intermediate_size=int(text.get("intermediate_size", 14336)),
-        num_layers=num_layers,
-        num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads") or 8),
-        head_dim=hidden // heads,  # transformers' Mllama attention always uses this
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
-        cross_attention_layers=cross,
-        rope=tuple(sorted(rope.items())),
-    )
+from metaembed_jax.models.mllama.config import (
+    DEFAULT_IMAGE_TOKEN_ID,
+    EXTRA_EMBEDDING_ROWS,
+    MODEL_TYPES,
+    TextConfig,
+    text_config,
+    vision_config,
+)
+from metaembed_jax.models.mllama.vision import VisionModel
 
 
 def rope_inverse_frequencies(cfg: TextConfig) -> np.ndarray:
@@ -92,9 +43,7 @@ def rope_inverse_frequencies(cfg: TextConfig) -> np.ndarray:
     (transformers' `_compute_llama3_parameters`, computed in float32 as it does)."""
     rope = dict(cfg.rope)
     f32 = np.float32
-    dim = cfg.head_dim
-    exponents = np.arange(0, dim, 2).astype(f32) / f32(dim)
-    inv_freq = f32(1.0) / (f32(rope["rope_theta"]) ** exponents)
+    inv_freq = layers.inverse_frequencies(cfg.head_dim, f32(rope["rope_theta"]))
     if rope["rope_type"] != "llama3":
         return inv_freq
     factor, low, high = (f32(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
@@ -106,13 +55,6 @@ def rope_inverse_frequencies(cfg: TextConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(f32)
-
-
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions `[B, L]` -> cos, sin `[B, L, 1, head_dim]` float32 (HF's cat(freqs, freqs))."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
 
 
 def cross_attention_masks(
@@ -372,7 +314,7 @@ class MllamaBackbone(nnx.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None, None] & real[:, None, None, :]  # [B, 1, L, S]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(self.config))
+        cos, sin = layers.rope_cos_sin(positions, rope_inverse_frequencies(self.config))
         if vision is not None:
             allowed, text_row = cross_attention_masks(cross_mask, self.num_vision_patches)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from metaembed_jax.models.mllama.modeling import layer_plan, text_config
+from metaembed_jax.models.mllama.config import text_config
+from metaembed_jax.models.mllama.modeling import layer_plan
 from metaembed_jax.models.rules import Rule
 
 # transformers' in-memory names -> the published ones (the rules below are written for those).

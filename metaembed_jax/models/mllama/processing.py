@@ -36,8 +36,15 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-# One row's image entry (an image, encoded bytes, a list of them, or empty) as a list of PIL
-# images, and the length-bucket choice: shared with the Qwen2-VL processor.
+from metaembed_jax.models.mllama.config import (
+    BOS_TOKEN,
+    END_OF_TURN,
+    HEADER_END,
+    HEADER_START,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+)
 from metaembed_jax.models.processing import (
     CANDIDATE_PREFIX,
     IMAGE_INSTRUCTION,
@@ -55,12 +62,6 @@ FEATURE_KEYS = (
     "cross_attention_mask",
 )
 IMAGE_FEATURE_KEYS = FEATURE_KEYS[2:]
-IMAGE_TOKEN = "<|image|>"
-BOS_TOKEN = "<|begin_of_text|>"
-HEADER_START, HEADER_END, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
-PAD_TOKEN = "<|finetune_right_pad_id|>"  # Llama 3.2's pad token (pad_token_id 128004)
-# The order a built-in tokenizer gives them ids 0, 1, ... (the pad token first).
-SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, HEADER_START, HEADER_END, END_OF_TURN, IMAGE_TOKEN)
 SIDES = ("query", "candidate")
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 # Llama-3.2-11B-Vision's image settings (transformers' `MllamaImageProcessorPil` defaults)
@@ -310,56 +311,3 @@ def _pad_axis(array: np.ndarray, axis: int, size: int) -> np.ndarray:
 def static_shapes(data_config, batch_size: int, *, multiple: int = 1, same_shapes: bool = False):
     """The family's `static_shapes` (see `family.BackboneFamily`)."""
     return StaticShapes(data_config, batch_size, multiple, same_shapes)
-
-
-def tiny_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
-    """A tiny random-weight Mllama config dict (loadable by `transformers.MllamaConfig`): text
-    hidden 64, 4 layers with a cross-attention layer at 2, GQA 4 / 2 heads, llama3 rope; vision
-    hidden 32, 2 local + 1 global layers, 28 px tiles of 14 px patches, up to 4 tiles.
-    `overrides` replace top-level keys, or `text_config` / `vision_config` entries when given
-    as dicts (merged)."""
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        cross_attention_layers=[2],
-        rms_norm_eps=1e-5,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=64,
-        ),
-        max_position_embeddings=4096,
-        # ids of SPECIAL_TOKENS in a built-in tokenizer: pad 0, <|begin_of_text|> 1, <|eot_id|> 4
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=4,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_global_layers=1,
-        attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        max_num_tiles=4,
-        intermediate_layers_indices=[0, 1],
-        vision_output_dim=96,
-    )
-    text.update(overrides.pop("text_config", {}))
-    vision.update(overrides.pop("vision_config", {}))
-    config = dict(
-        model_type="mllama",
-        text_config=text,
-        vision_config=vision,
-        image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN),
-    )
-    config.update(overrides)
-    return config

@@ -21,7 +21,6 @@ global layers are stacked on a leading `layers` axis and scanned.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,86 +30,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
-
-DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
-PATCH_MULTIPLE = 8  # transformers pads each tile's patch axis to a multiple of this
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """The vision hyper-parameters of a `vision_config` dict (transformers' defaults)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_global_layers: int
-    num_heads: int
-    num_channels: int
-    image_size: int
-    patch_size: int
-    norm_eps: float
-    max_num_tiles: int
-    intermediate_layers: tuple[int, ...]
-    num_aspect_ratios: int
-    output_dim: int
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per tile, class token included."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @property
-    def padded_patches(self) -> int:
-        return -(-self.num_patches // PATCH_MULTIPLE) * PATCH_MULTIPLE
-
-    @property
-    def patch_dim(self) -> int:
-        return self.num_channels * self.patch_size**2
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"vision_config.{name}={value!r}: only square sizes are supported")
-        value = value[0]
-    return int(value)
-
-
-def vision_config(config: Mapping[str, Any]) -> VisionConfig:
-    """A `VisionConfig` from a raw `vision_config` dict. Raises ValueError for settings
-    transformers' Mllama does not support or that disagree with each other."""
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"vision hidden_act {config['hidden_act']!r}; expected 'gelu'")
-    hidden = int(config.get("hidden_size", 1280))
-    num_layers = int(config.get("num_hidden_layers", 32))
-    intermediate = tuple(
-        int(i) for i in config.get("intermediate_layers_indices") or (3, 7, 15, 23, 30)
-    )
-    bad = [i for i in intermediate if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"intermediate_layers_indices {bad} outside the {num_layers} local layers")
-    output_dim = int(config.get("vision_output_dim", 7680))
-    if output_dim != hidden * (len(intermediate) + 1):
-        raise ValueError(
-            f"vision_output_dim={output_dim}; expected hidden_size * (1 + "
-            f"len(intermediate_layers_indices)) = {hidden * (len(intermediate) + 1)}"
-        )
-    ratios = config.get("supported_aspect_ratios") or DEFAULT_ASPECT_RATIOS
-    return VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=int(config.get("intermediate_size", 5120)),
-        num_layers=num_layers,
-        num_global_layers=int(config.get("num_global_layers", 8)),
-        num_heads=int(config.get("attention_heads", config.get("num_attention_heads", 16))),
-        num_channels=int(config.get("num_channels", 3)),
-        image_size=_as_int(config.get("image_size", 448), "image_size"),
-        patch_size=_as_int(config.get("patch_size", 14), "patch_size"),
-        norm_eps=float(config.get("norm_eps", 1e-5)),
-        max_num_tiles=int(config.get("max_num_tiles", 4)),
-        intermediate_layers=intermediate,
-        num_aspect_ratios=len(ratios),
-        output_dim=output_dim,
-    )
+from metaembed_jax.models.mllama.config import VisionConfig, vision_config
 
 
 def _gate(rngs: nnx.Rngs, param_dtype, init=nnx.initializers.zeros) -> nnx.Param:

@@ -7,7 +7,8 @@ then load `model_type: paligemma` checkpoints, every published layout (`paligemm
 
 from metaembed_jax.models.family import BackboneFamily, register_family
 from metaembed_jax.models.paligemma.config import MODEL_TYPES, tiny_config
-from metaembed_jax.models.paligemma.modeling import KEY_ALIASES, PaliGemmaBackbone, paligemma_rules
+from metaembed_jax.models.paligemma.modeling import PaliGemmaBackbone
+from metaembed_jax.models.paligemma.params import KEY_ALIASES, paligemma_rules
 from metaembed_jax.models.paligemma.processing import (
     FEATURE_KEYS,
     SPECIAL_TOKENS,

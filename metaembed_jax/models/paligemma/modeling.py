@@ -44,8 +44,7 @@ from metaembed_jax.models.paligemma.config import (
     text_config,
     vision_config,
 )
-from metaembed_jax.models.paligemma.vision import VISION_RULES, VisionTower
-from metaembed_jax.models.rules import Rule
+from metaembed_jax.models.paligemma.vision import VisionTower
 
 
 class GemmaRMSNorm(nnx.Module):
@@ -60,14 +59,6 @@ class GemmaRMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-
-
-def rope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float):
-    """cos / sin `[B, L, 1, head_dim]` (float32) of Gemma's default rotary embedding."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
 
 
 class Attention(nnx.Module):
@@ -172,10 +163,6 @@ def _one_indexed_positions(batch: int, length: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
 
 
-def _is_concrete(*arrays) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 class PaliGemmaBackbone(nnx.Module):
     """PaliGemma / PaliGemma 2 without the LM head: inputs -> last-layer hidden states.
 
@@ -248,7 +235,7 @@ class PaliGemmaBackbone(nnx.Module):
                 f"pixel_values {np.shape(pixel_values)}: expected [N, C, H, W] or "
                 f"[{batch}, M, C, H, W] (the batch of input_ids {np.shape(input_ids)})"
             )
-        if not _is_concrete(input_ids, pixel_values):
+        if not layers.is_concrete(input_ids, pixel_values):
             return
         counts = (np.asarray(input_ids) == self.image_token_id).sum(axis=-1)
         if rank == 4:
@@ -304,7 +291,9 @@ class PaliGemmaBackbone(nnx.Module):
         cfg = self.config
         hidden = jnp.asarray(inputs_embeds).astype(self.dtype)
         full, sliding = attention_masks(attention_mask, token_type_ids, cfg.sliding_window)
-        cos, sin = rope_cos_sin(jnp.asarray(position_ids), cfg.head_dim, cfg.rope_theta)
+        cos, sin = layers.rope_cos_sin(
+            position_ids, layers.inverse_frequencies(cfg.head_dim, cfg.rope_theta)
+        )
         slides = jnp.asarray([t == SLIDING for t in cfg.layer_types])
 
         def apply_layer(layer, carry):
@@ -355,46 +344,3 @@ class PaliGemmaBackbone(nnx.Module):
             token_type_ids = jnp.concatenate([jnp.asarray(token_type_ids, jnp.int32), ones], 1)
         positions = _one_indexed_positions(batch, embeds.shape[1])
         return self.decode(embeds, mask, positions, token_type_ids)[:, -count:]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint rules (canonical names: transformers 5's in-memory layout; see KEY_ALIASES)
-# ---------------------------------------------------------------------------------------------
-
-_LAYER = r"model\.language_model\.layers\.(?P<layer>\d+)\."
-_NORMS = (
-    "input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm"
-)
-
-LANGUAGE_RULES = (
-    Rule(r"model\.language_model\.embed_tokens\.weight", "embed_tokens"),
-    Rule(r"model\.language_model\.norm\.weight", "norm.scale"),
-    Rule(
-        _LAYER + r"self_attn\.(?P<p>q|k|v|o)_proj\.weight",
-        "layers.self_attn.{p}_proj.kernel",
-        "linear",
-    ),
-    Rule(_LAYER + r"self_attn\.(?P<p>q|k|v|o)_proj\.bias", "layers.self_attn.{p}_proj.bias"),
-    Rule(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.weight", "layers.mlp.{p}_proj.kernel", "linear"),
-    Rule(_LAYER + rf"(?P<n>{_NORMS})\.weight", "layers.{n}.scale"),
-    # MetaEmbed reads hidden states, never logits: the LM head (tied to embed_tokens in every
-    # published PaliGemma) is deliberately not loaded.
-    Rule(r"lm_head\.weight", None),
-)
-
-# Every published / saved layout -> transformers 5's in-memory names (first matching prefix):
-# published and save_pretrained: `language_model.model.*`, `vision_tower.*` (published:
-# `vision_tower.vision_model.*`), `multi_modal_projector.*`, `language_model.lm_head.*`.
-KEY_ALIASES = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
-
-
-def paligemma_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """The decoder's rules + the vision tower's and projector's (config-independent)."""
-    del config
-    return [*LANGUAGE_RULES, *VISION_RULES]

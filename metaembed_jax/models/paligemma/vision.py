@@ -18,7 +18,6 @@ from flax import nnx
 
 from metaembed_jax.models import layers
 from metaembed_jax.models.paligemma.config import VisionConfig
-from metaembed_jax.models.rules import Rule
 
 
 def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
@@ -134,37 +133,3 @@ class VisionTower(nnx.Module):
         """`[N, C, H, W]` -> projected image features `[N, patches, projection_dim]` in `dtype`
         (transformers' `get_image_features(pixel_values).pooler_output`)."""
         return self.projector(self.encode(pixel_values))
-
-
-_BLOCK = r"model\.vision_tower\.encoder\.layers\.(?P<layer>\d+)\."
-
-VISION_RULES = (
-    Rule(
-        r"model\.vision_tower\.embeddings\.patch_embedding\.weight",
-        "visual.patch_embed.kernel",
-        "conv_to_linear",
-    ),
-    Rule(r"model\.vision_tower\.embeddings\.patch_embedding\.bias", "visual.patch_embed.bias"),
-    Rule(
-        r"model\.vision_tower\.embeddings\.position_embedding\.weight", "visual.position_embedding"
-    ),
-    Rule(
-        _BLOCK + r"self_attn\.(?P<p>q_proj|k_proj|v_proj|out_proj)\.weight",
-        "visual.blocks.self_attn.{p}.kernel",
-        "linear",
-    ),
-    Rule(
-        _BLOCK + r"self_attn\.(?P<p>q_proj|k_proj|v_proj|out_proj)\.bias",
-        "visual.blocks.self_attn.{p}.bias",
-    ),
-    Rule(_BLOCK + r"mlp\.(?P<p>fc1|fc2)\.weight", "visual.blocks.{p}.kernel", "linear"),
-    Rule(_BLOCK + r"mlp\.(?P<p>fc1|fc2)\.bias", "visual.blocks.{p}.bias"),
-    Rule(_BLOCK + r"(?P<n>layer_norm[12])\.weight", "visual.blocks.{n}.scale"),
-    Rule(_BLOCK + r"(?P<n>layer_norm[12])\.bias", "visual.blocks.{n}.bias"),
-    Rule(r"model\.vision_tower\.post_layernorm\.weight", "visual.post_layernorm.scale"),
-    Rule(r"model\.vision_tower\.post_layernorm\.bias", "visual.post_layernorm.bias"),
-    # SigLIP's attention-pooling head (saved when vision_use_head=True): PaliGemma never runs it.
-    Rule(r"model\.vision_tower\.head\..*", None),
-    Rule(r"model\.multi_modal_projector\.linear\.weight", "visual.projector.kernel", "linear"),
-    Rule(r"model\.multi_modal_projector\.linear\.bias", "visual.projector.bias"),
-)

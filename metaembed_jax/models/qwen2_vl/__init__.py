@@ -4,13 +4,11 @@ index (`rope`), checkpoint rules (`params`), processor (`processing`), static im
 `BackboneFamily` on import."""
 
 from metaembed_jax.models.family import BackboneFamily, register_family
+from metaembed_jax.models.qwen2_vl.config import MODEL_TYPES, SPECIAL_TOKENS, tiny_config
 from metaembed_jax.models.qwen2_vl.modeling import Qwen2VLBackbone
 from metaembed_jax.models.qwen2_vl.params import IN_MEMORY_ALIASES, KEY_ALIASES, qwen2_vl_rules
 from metaembed_jax.models.qwen2_vl.processing import QwenVLProcessor, make_processor
 from metaembed_jax.models.qwen2_vl.shapes import static_shapes
-from metaembed_jax.models.qwen2_vl.tiny import tiny_config
-from metaembed_jax.models.qwen2_vl.tokens import SPECIAL_TOKENS
-from metaembed_jax.models.qwen2_vl.vision import MODEL_TYPES
 
 FEATURE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 

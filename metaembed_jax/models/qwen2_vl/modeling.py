@@ -12,7 +12,6 @@ a leading `layers` axis and scanned), `norm`, `visual.*`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,102 +21,20 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
+from metaembed_jax.models.qwen2_vl.config import TextConfig, model_type_of, text_config
 from metaembed_jax.models.qwen2_vl.rope import (
     image_token_layout,
     locate_in_runs,
     mrope_cos_sin,
     rope_index,
 )
-from metaembed_jax.models.qwen2_vl.vision import MODEL_TYPES, VisionTower
+from metaembed_jax.models.qwen2_vl.vision import VisionTower
 
-DEFAULT_ROPE_THETA = 1_000_000.0
-DEFAULT_MROPE_SECTION = (16, 24, 24)
 DEFAULT_IMAGE_TOKEN_ID = 151655
 
 # ---------------------------------------------------------------------------------------------
 # Config normalisation: published flat spelling and transformers 5's nested `text_config`
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """The language-model hyper-parameters, whichever way the checkpoint spells them."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-
-
-def _text_dict(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Text keys: the top level (published flat spelling), overridden by a nested `text_config`
-    (transformers 5 writes the text keys only there)."""
-    text = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
-    nested = config.get("text_config")
-    if isinstance(nested, Mapping):
-        text.update(nested)
-    return text
-
-
-def _rope_settings(text: Mapping[str, Any]) -> tuple[float, tuple[int, ...]]:
-    """(theta, mrope_section) from `rope_parameters` (transformers 5) or the published
-    `rope_scaling: {type: mrope, mrope_section}` with a top-level `rope_theta`."""
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "mrope"):
-        raise ValueError(f"rope type {rope_type!r} is not supported; expected 'default' or 'mrope'")
-    theta = float(rope.get("rope_theta", text.get("rope_theta", DEFAULT_ROPE_THETA)))
-    section = tuple(int(n) for n in rope.get("mrope_section", DEFAULT_MROPE_SECTION))
-    return theta, section
-
-
-def text_config(config: Mapping[str, Any]) -> TextConfig:
-    """The language-model config from a raw `config.json` dict in either spelling."""
-    text = _text_dict(config)
-    missing = [
-        k
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-        if k not in text
-    ]
-    if missing:
-        raise ValueError(f"Qwen2-VL config lacks text keys {missing} (top level or text_config)")
-    if text.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=True is not supported (no published Qwen-VL uses it)")
-    if text.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {text['hidden_act']!r} is not supported; expected 'silu'")
-    num_heads = int(text["num_attention_heads"])
-    hidden_size = int(text["hidden_size"])
-    # transformers' Qwen2-VL attention always uses hidden_size // num_heads.
-    head_dim = hidden_size // num_heads
-    theta, section = _rope_settings(text)
-    if sum(section) != head_dim // 2:
-        raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
-    return TextConfig(
-        vocab_size=int(text["vocab_size"]),
-        hidden_size=hidden_size,
-        intermediate_size=int(text["intermediate_size"]),
-        num_layers=int(text["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(text.get("num_key_value_heads") or num_heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),  # transformers default
-        rope_theta=theta,
-        mrope_section=section,
-    )
-
-
-def model_type_of(config: Mapping[str, Any]) -> str:
-    """The config's `model_type`, checked to be a Qwen-VL one."""
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not a Qwen-VL type; expected {MODEL_TYPES}")
-    return model_type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,10 +154,6 @@ def pack_example_images(
     return packed, grid.reshape(-1, 3)
 
 
-def _is_concrete(*arrays) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 class Qwen2VLBackbone(nnx.Module):
     """Qwen2-VL / Qwen2.5-VL without the LM head: inputs -> last-layer hidden states.
 
@@ -313,7 +226,7 @@ class Qwen2VLBackbone(nnx.Module):
                 f"per-example pixel_values {np.shape(pixel_values)} / image_grid_thw "
                 f"{np.shape(image_grid_thw)} must lead with the batch size {batch} of input_ids"
             )
-        if not _is_concrete(input_ids, pixel_values, image_grid_thw):
+        if not layers.is_concrete(input_ids, pixel_values, image_grid_thw):
             return
         # Packed: one "example" holding the whole batch. Per example: row b's tokens and patches
         # must match its own grid rows (a per-row mismatch would shift every later image).

@@ -46,7 +46,7 @@ from metaembed_jax.models.processing import (
     load_tokenizer,
     smallest_fitting,
 )
-from metaembed_jax.models.qwen2_vl.tokens import (
+from metaembed_jax.models.qwen2_vl.config import (
     IM_END,
     IM_START,
     IMAGE_PAD,

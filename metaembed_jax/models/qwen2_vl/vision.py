@@ -29,7 +29,6 @@ with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory).
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -39,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from metaembed_jax.models import layers
+from metaembed_jax.models.qwen2_vl.config import MODEL_TYPES
 from metaembed_jax.models.qwen2_vl.rope import locate_in_runs
 from metaembed_jax.models.qwen2_vl.segment_attention import (
     SegmentBlocks,
@@ -47,9 +47,6 @@ from metaembed_jax.models.qwen2_vl.segment_attention import (
     segment_blocks,
     within_segments,
 )
-from metaembed_jax.models.rules import Rule
-
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -530,46 +527,4 @@ def _permute_units(array: jax.Array, order: jax.Array, unit: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def vision_rules(
-    vision_config: Mapping[str, Any],
-    model_type: str,
-    prefix: str = "visual",
-    target_prefix: str = "visual",
-) -> list[Rule]:
-    """Rules mapping HF vision keys (`{prefix}.patch_embed.proj.weight`, `{prefix}.blocks.{i}.…`,
-    `{prefix}.merger.…`) to a `VisionTower` mounted at `target_prefix` ("" = the tower itself)."""
-    config = parse_vision_config(vision_config, model_type)
-    key = re.escape(prefix) + r"\." if prefix else ""
-    target = f"{target_prefix}." if target_prefix else ""
-    block = key + r"blocks\.(?P<layer>\d+)\."
-    with_bias = ["attn.qkv", "attn.proj"]
-    with_bias += (
-        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-        if config.model_type == "qwen2_5_vl"
-        else ["mlp.fc1", "mlp.fc2"]
-    )
-    norms = ["norm1", "norm2"]
-    rules = [
-        Rule(key + r"patch_embed\.proj\.weight", target + "patch_embed.kernel", "conv_to_linear")
-    ]
-    for name in with_bias:
-        pattern = block + re.escape(name)
-        rules.append(Rule(pattern + r"\.weight", f"{target}blocks.{name}.kernel", "linear"))
-        rules.append(Rule(pattern + r"\.bias", f"{target}blocks.{name}.bias"))
-    for name in norms:
-        rules.append(Rule(block + name + r"\.weight", f"{target}blocks.{name}.scale"))
-    merger = key + r"merger\."
-    rules.append(Rule(merger + r"ln_q\.weight", target + "merger.ln_q.scale"))
-    for index, name in (("0", "fc1"), ("2", "fc2")):
-        rules.append(
-            Rule(merger + rf"mlp\.{index}\.weight", f"{target}merger.{name}.kernel", "linear")
-        )
-        rules.append(Rule(merger + rf"mlp\.{index}\.bias", f"{target}merger.{name}.bias"))
-    if config.model_type == "qwen2_vl":  # LayerNorm biases
-        for name in norms:
-            rules.append(Rule(block + name + r"\.bias", f"{target}blocks.{name}.bias"))
-        rules.append(Rule(merger + r"ln_q\.bias", target + "merger.ln_q.bias"))
-    return rules
-
-
-__all__ = ["VisionConfig", "VisionTower", "parse_vision_config", "patch_layout", "vision_rules"]
+__all__ = ["VisionConfig", "VisionTower", "parse_vision_config", "patch_layout"]
