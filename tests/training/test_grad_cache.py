@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +32,9 @@ from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
 from tests import helpers
+from tests.paths import REPO
 
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MICRO = 4  # examples per micro-batch on one device
 

@@ -33,9 +33,8 @@ from metaembed_jax.models import hf_loading
 from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.config import validate_config
 from tests.helpers import RandomBatches, tiny_run_config
+from tests.paths import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
 GROUPS = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0))
 
 

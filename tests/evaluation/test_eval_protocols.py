@@ -3,7 +3,6 @@ MMEB P@1 and meta-task averaging, corpus retrieval vs pytrec_eval, the embedding
 budget refusal, the report files and the ablation table."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from metaembed_jax import scoring
 from metaembed_jax.data import sources
 from metaembed_jax.evaluation import ablation, builtin, encode, mmeb, report, retrieval, vidore
 from tests.helpers import load_image
+from tests.paths import FIXTURES
 
 D = 4
 E = np.eye(D, dtype=np.float32)
@@ -336,7 +336,6 @@ def test_ablation_missing_results_names_the_command(tmp_path):
 
 # ----------------------------------------------------------------------------- fixtures
 
-FIXTURES = Path(__file__).parent / "fixtures"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "gray": (128,) * 3}
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from metaembed_jax.data import builders, sources
 from metaembed_jax.models.qwen2_vl.config import SPECIAL_TOKENS
+from tests.paths import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 tfds.disable_progress_bar()
 
 

@@ -2,8 +2,6 @@
 dtype, mask and chunk size; version-1 indexes (the earlier format) still load and search the
 same; a quantised index rescored from its float32 copy returns the float32 top-k exactly."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,9 @@ from metaembed_jax.retrieval import _storage as _index_io
 from metaembed_jax.retrieval import index as index_module
 from metaembed_jax.retrieval.index import MultiVectorIndex, quantize
 from metaembed_jax.scoring import chunked_scores, default_chunk_size, maxsim, top_k
+from tests.paths import FIXTURES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "index_v1"
+FIXTURE = FIXTURES / "index_v1"
 # The corners and one uneven budget (each budget compiles its own programs: kept few).
 BUDGETS = [(1, 1), (4, 8), (16, 64), (3, 17)]
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,9 @@ from metaembed_jax.training.model import build_model
 from metaembed_jax.training.recipes import load_recipe
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from tests.helpers import build_test_tokenizer
+from tests.paths import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO / "tests" / "fixtures" / "vidore"
+FIXTURE = FIXTURES / "vidore"
 BUDGETS = ((1, 1), (2, 4), (4, 8))
 
 CONFIG_FILE = """

@@ -171,7 +171,7 @@ def test_a_build_killed_with_sigkill_resumes_to_the_uninterrupted_index(retrieve
     import sys
     import time
 
-    from tests.test_packaging import REPO
+    from tests.paths import REPO
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,9 @@ from metaembed_jax.cli import main as commands
 from metaembed_jax.retrieval.index import MultiVectorIndex
 from metaembed_jax.retrieval.qdrant import QdrantIndex
 from metaembed_jax.retrieval.retriever import Retriever
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 BUDGETS = [(1, 1), (8, 1), (4, 4), (16, 16), (16, 64)]
 IDS = [f"döc-{i}-✓" if i % 3 else i for i in range(203)]  # ints, strs, unicode
 

@@ -228,8 +228,8 @@ def _family_models():
     import transformers
 
     from metaembed_jax.models import qwen2_vl
-    from tests.test_mllama import build_hf_model as build_mllama
-    from tests.test_paligemma import build_hf_model as build_paligemma
+    from tests.models.test_mllama import build_hf_model as build_mllama
+    from tests.models.test_paligemma import build_hf_model as build_paligemma
 
     qwen = qwen2_vl.tiny_config(96)
     return {
@@ -293,13 +293,13 @@ def test_vision_lora_adapters_of_other_families_round_trip(family, tmp_path):
     projector: our PEFT export imports back to the same embeddings of image rows, and PEFT
     loads it onto transformers' model with those modules adapted and the same weights."""
     if family == "paligemma":
-        from tests.test_paligemma import build_hf_model, make_batch
+        from tests.models.test_paligemma import build_hf_model, make_batch
 
         hf_model = build_hf_model("gemma")
         features = make_batch()
         features.pop("token_type_ids")
     else:
-        from tests.test_mllama import build_hf_model, make_batch
+        from tests.models.test_mllama import build_hf_model, make_batch
 
         hf_model = build_hf_model()
         features = make_batch()[0]

@@ -18,9 +18,9 @@ from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.model import build_model
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from tests import helpers
+from tests.paths import REPO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """
 from tests import helpers
