@@ -167,7 +167,7 @@ class RandomBatches:
 # ----------------------------------------------------------------------------- tokenizer
 
 # Fixed text: covers the template words and common captions.
-_TEST_CORPUS = (
+TEST_CORPUS = (
     "Query: a large red circle at the top left and a small blue square in the center.",
     "Describe the image. A small green triangle at the bottom right.",
     "make the yellow star purple. move the black cross to the top. remove the orange diamond.",
@@ -178,7 +178,7 @@ _TEST_CORPUS = (
 
 def build_test_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 320):
     """A tiny Qwen2-VL-family tokenizer trained on a fixed corpus, saved to `out_dir`, returned."""
-    return train_tokenizer(_TEST_CORPUS * 4, out_dir, SPECIAL_TOKENS, vocab_size=vocab_size)
+    return train_tokenizer(TEST_CORPUS * 4, out_dir, SPECIAL_TOKENS, vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------- records, features

@@ -299,6 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"{out}: a run directory (step 0); use it with eval.py --workdir, metaembed index")
     elif args.command == "export":
+        from metaembed_jax.formats.files import MissingTorchError, require_torch
+
+        try:
+            require_torch()  # before the export's imports load transformers (its own warning)
+        except MissingTorchError as error:  # an install step, not a bug: no traceback
+            print(f"metaembed export: {error}", file=sys.stderr)
+            return 1
         from metaembed_jax.formats.export import export_run
 
         print(export_run(args.run, args.out, args.format, step=args.step))

@@ -30,4 +30,4 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "h
         lora = lora_spec(config)
         return export_peft(model, processor, hf_config, Path(out), lora, config.init_from or None)
     base = resolve_checkpoint(config.init_from) if config.init_from else None
-    return export_hf(model, processor, hf_config, Path(out), base)
+    return export_hf(model, processor, hf_config, Path(out), base, data_config=config.data)

@@ -13,6 +13,25 @@ import numpy as np
 
 METAEMBED_WEIGHTS = "metaembed.safetensors"
 METAEMBED_CONFIG = "metaembed_config.json"
+TORCH_INSTALL = (
+    'pip install "metaembed-jax[export]" (the CPU build of torch: pip install torch==2.13.0 '
+    "--index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+class MissingTorchError(ImportError):
+    """Export needs PyTorch (transformers' model and safetensors' torch writer)."""
+
+
+def require_torch() -> None:
+    """Raise MissingTorchError, saying how to install it, when torch cannot be imported. Call it
+    before anything imports transformers, which prints a warning of its own without torch."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise MissingTorchError(
+            f"metaembed export needs PyTorch, which is not installed ({error}): {TORCH_INSTALL}"
+        ) from None
 
 
 def save_torch_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
@@ -23,7 +42,7 @@ def save_torch_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> Non
     def as_torch(array: np.ndarray):
         if array.dtype == jnp.bfloat16:
             return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-        return torch.from_numpy(np.array(array))
+        return torch.from_numpy(np.array(array, order="C"))  # a copy: C order, writable
 
     save_file({k: as_torch(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 

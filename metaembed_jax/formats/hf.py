@@ -2,11 +2,13 @@
 
 `--format hf` writes OUT as a transformers checkpoint of the backbone with the LoRA adapters
 merged into their base weights (`config.json`, `model.safetensors` in the published key layout,
-the tokenizer), loadable by `from_pretrained`, plus what MetaEmbed adds to it:
-`metaembed.safetensors` (`meta_tokens` [R_q + R_c, H], query tokens first; `projection.weight`
-[D, H] / `projection.bias` when the run has a projection) and `metaembed_config.json` (R_q, R_c,
-readout, prompt pieces). A PyTorch user appends the meta tokens as extra embedding rows after
-the content of every (left-padded) input, and reads the last R_q + R_c hidden states.
+the tokenizer and `preprocessor_config.json`), loadable by `from_pretrained`, plus what MetaEmbed
+adds to it: `metaembed.safetensors` (`meta_tokens` [R_q + R_c, H], query tokens first;
+`projection.weight` [D, H] / `projection.bias` when the run has a projection) and
+`metaembed_config.json` (R_q, R_c, readout, prompt pieces, the run's data settings). A PyTorch
+user appends the meta tokens as extra embedding rows after the content of every (left-padded)
+input, and reads the last R_q + R_c hidden states: `formats/torch_embed.py` does it, on the
+features of `load_exported_processor(OUT)`.
 
 The published key of each parameter comes from inverting the backbone family's `rules`: every
 `Rule` maps a checkpoint key pattern to a parameter path through a transform, so the parameter
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import ConfigDict
 
 from metaembed_jax.formats.files import (
     METAEMBED_CONFIG,
@@ -40,6 +44,7 @@ from metaembed_jax.models.rules import (
     normalise_key,
     path_string,
     published_pieces,
+    read_config,
     rule_inverse,
 )
 from metaembed_jax.models.safetensors_io import SafetensorsReader
@@ -163,9 +168,14 @@ def _unmapped_from_base(shapes, tensors, base_dir: str | None) -> dict[str, np.n
     return found
 
 
-def export_hf(model, processor, hf_config: Mapping[str, Any], out: Path, base_dir=None) -> Path:
+def export_hf(
+    model, processor, hf_config: Mapping[str, Any], out: Path, base_dir=None, data_config=None
+) -> Path:
     """Write `model` (a MetaEmbed) to `out` in the hf layout (module docstring); returns `out`.
 
+    `processor` writes the tokenizer and `preprocessor_config.json`; `data_config` (the run's
+    `config.data`) is recorded in `metaembed_config.json` ("data") so that
+    `load_exported_processor(out)` builds the same processor.
     Raises ExportError when a parameter does not map onto the transformers checkpoint.
     """
     family = family_for(hf_config)
@@ -177,11 +187,36 @@ def export_hf(model, processor, hf_config: Mapping[str, Any], out: Path, base_di
     hf_model.config.architectures = [type(hf_model).__name__]
     hf_model.config.save_pretrained(out)
     save_torch_safetensors(tensors, out / "model.safetensors")
-    processor.tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
     own = {"meta_tokens": np.asarray(model.meta_tokens[...])}
     if model.projection is not None:
         own["projection.weight"] = np.asarray(model.projection.kernel[...]).T
         own["projection.bias"] = np.asarray(model.projection.bias[...])
     save_torch_safetensors(own, out / METAEMBED_WEIGHTS)
-    (out / METAEMBED_CONFIG).write_text(json.dumps(metaembed_config(model, processor), indent=2))
+    settings = metaembed_config(model, processor)
+    if data_config is not None:
+        settings["data"] = json.loads(json.dumps(data_config.to_dict()))
+    (out / METAEMBED_CONFIG).write_text(json.dumps(settings, indent=2))
     return out
+
+
+def load_exported_processor(directory: str | os.PathLike):
+    """Our processor (numpy features) for a directory written by `metaembed export --format hf`:
+    the family's `make_processor` on the directory's tokenizer / `preprocessor_config.json`
+    with the run's data settings (`metaembed_config.json` "data"), i.e. the processor the run
+    trained with. Its features go to `MetaEmbed.embed` or, in PyTorch, to
+    `formats.torch_embed.ExportedMetaEmbed.embed`.
+
+    Raises FileNotFoundError / ValueError naming the missing file or field.
+    """
+    settings_file = Path(directory) / METAEMBED_CONFIG
+    if not settings_file.is_file():
+        raise FileNotFoundError(f"{settings_file} not found: not a `metaembed export` directory")
+    data = json.loads(settings_file.read_text()).get("data")
+    if data is None:
+        raise ValueError(
+            f"{settings_file} has no 'data' entry (the run's config.data): export the run again "
+            "with `metaembed export --format hf`"
+        )
+    family = family_for(read_config(directory))
+    return family.make_processor(ConfigDict(data), os.fspath(directory))
