@@ -10,7 +10,8 @@ import pytrec_eval
 
 from metaembed_jax import scoring
 from metaembed_jax.data import sources
-from metaembed_jax.evaluation import ablation, builtin, encode, mmeb, report, retrieval, vidore
+from metaembed_jax.evaluation import ablation, builtin, mmeb, report, retrieval, vidore
+from metaembed_jax.retrieval import encode
 from tests.helpers import load_image
 from tests.paths import FIXTURES
 

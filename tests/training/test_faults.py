@@ -28,8 +28,9 @@ from safetensors.numpy import save_file
 
 from metaembed_jax.data import build, builders, sources
 from metaembed_jax.data.config import get_data_config
-from metaembed_jax.evaluation import encode, runner
+from metaembed_jax.evaluation import runner
 from metaembed_jax.models import hf_loading
+from metaembed_jax.retrieval import encode
 from metaembed_jax.training import checkpointing, loop
 from metaembed_jax.training.config import validate_config
 from tests.helpers import RandomBatches, tiny_run_config
