@@ -1,6 +1,12 @@
 """metaembed-jax: MetaEmbed multi-vector multimodal retrieval in JAX / Flax NNX."""
 
-from metaembed_jax.metaembed import MetaEmbed
+# Before anything imports jax: libtpu (with jax[tpu] installed) must never query a metadata
+# server from a machine without a TPU (tpu_env.py).
+from metaembed_jax import tpu_env
+
+tpu_env.set_offline_tpu_env()
+
+from metaembed_jax.metaembed import MetaEmbed  # noqa: E402
 
 __all__ = ["MetaEmbed", "load_trained"]
 
