@@ -279,7 +279,13 @@ def compile_encode_step(config, hf: dict, mesh: Mesh, hbm_bytes: int) -> dict[st
     shards = sharding.batch_shards(mesh, tuple(config.data.batch_axes))
     batch = -(-batch // shards) * shards  # as ModelEncoder requires
     features = abstract_side(config, mesh, batch)
-    result = _measure(lambda: embed_step(graphdef, "candidate").lower(state, features), hbm_bytes)
+    step = embed_step(graphdef, "candidate")
+
+    def lower():
+        with sharding.mesh_context(mesh):
+            return step.lower(state, features)
+
+    result = _measure(lower, hbm_bytes)
     result["batch"] = batch
     return result
 

@@ -213,8 +213,8 @@ def encode_items(
 
 def embed_step(graphdef: nnx.GraphDef, side: str):
     """The jitted encode step of one side: `(model state, features) -> [B, R, D]` embeddings
-    of the MetaEmbed model `graphdef` describes (`ModelEncoder`'s; `metaembed compile`
-    compiles it ahead of time)."""
+    of the MetaEmbed model `graphdef` describes (`ModelEncoder`'s; `metaembed compile` compiles
+    it ahead of time). Call it under `sharding.mesh_context(mesh)` for sharded arrays."""
 
     def embed(state, features):
         return nnx.merge(graphdef, state).embed(side=side, **features)
@@ -291,7 +291,8 @@ class ModelEncoder:
             features = {k: v for k, v in features.items() if v is not None}
             # Every array leads with the batch (the family's static shapes see to it).
             features = sharding.put_batch(features, self.mesh, self.batch_axes, whole=True)
-            embeddings = self._embed[side](self.state, features)
+            with sharding.mesh_context(self.mesh):  # Pallas attention's shard_map reads it
+                embeddings = self._embed[side](self.state, features)
             self.num_calls += 1
             outputs.append(np.asarray(embeddings, np.float32)[: len(batch)])
         stacked = np.concatenate(outputs)
