@@ -8,10 +8,12 @@
     metaembed configs [NAME]                 the bundled recipes (or the file of one)
     metaembed train --config demo --workdir DIR [--config.train.steps=100 ...]   = train.py
     metaembed eval --workdir DIR [--config demo]                                 = eval.py
+    metaembed compile --config qwen2_5_vl_3b --topology v5p:4x4x4 [--slices N]
+        [--index-size N] [--json] [--config.x=...]   compiled for a TPU topology (docs/tpu.md)
 
-`train` and `eval` are the absl programs of train.py / eval.py (metaembed_jax/apps.py), so an
-installed package trains and evaluates without a checkout; index / search / export read the
-run's own saved config.
+`train`, `eval` and `compile` are absl programs (metaembed_jax/apps.py; the first two those of
+train.py / eval.py), so an installed package trains and evaluates without a checkout; index /
+search / export read the run's own saved config.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = commands.add_parser("configs", help="list the bundled recipes, or print one's path")
     configs.add_argument("name", nargs="?", default=None, help="a recipe name, e.g. demo")
-    for name, what in (("train", "train.py"), ("eval", "eval.py")):
+    programs = (("train", "train.py"), ("eval", "eval.py"), ("compile", "TPU compile"))
+    for name, what in programs:
         program = commands.add_parser(name, help=f"the {what} program (absl flags, see --help)")
         program.add_argument("flags", nargs=argparse.REMAINDER, help=f"{what}'s flags")
     return parser
@@ -178,12 +181,14 @@ def _index_search(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metaembed` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):
+    if argv and argv[0] in ("train", "eval", "compile"):
         # absl parses these flags itself (argparse would reject `--config.train.steps=5`).
         from metaembed_jax import apps
 
-        program = apps.run_train if argv[0] == "train" else apps.run_eval
-        program([f"metaembed {argv[0]}", *argv[1:]])
+        program = {"train": apps.run_train, "eval": apps.run_eval, "compile": apps.run_compile}
+        # `--index-size` as the command line spells it; absl names the flag `index_size`.
+        flags = [a.replace("--index-size", "--index_size", 1) for a in argv[1:]]
+        program[argv[0]]([f"metaembed {argv[0]}", *flags])
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "index":
