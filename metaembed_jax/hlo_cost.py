@@ -164,33 +164,58 @@ def _custom_call_flops(instruction: _Instruction) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _callees(instructions: list[_Instruction], computations) -> list[tuple[str, float]]:
+    """(callee, times it runs per run of the caller) of every call in a computation."""
+    callees: list[tuple[str, float]] = []
+    for instruction in instructions:
+        if instruction.opcode == "while":
+            body = re.search(r"body=%([\w.\-]+)", instruction.rest)
+            condition = re.search(r"condition=%([\w.\-]+)", instruction.rest)
+            trips = _trip_count(computations.get(condition.group(1), [])) if condition else 1
+            if body:
+                callees.append((body.group(1), float(trips)))
+            continue
+        for key in ("calls", "to_apply", "branch_computations"):
+            for found in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.rest):
+                for callee in re.findall(r"%([\w.\-]+)", found.group(1)):
+                    if callee in computations:
+                        callees.append((callee, 1.0))
+    return callees
+
+
+def _reachable(entry: str, calls) -> list[str]:
+    seen, stack = {entry}, [entry]
+    while stack:
+        for callee, _ in calls.get(stack.pop(), []):
+            if callee not in seen:
+                seen.add(callee)
+                stack.append(callee)
+    return list(seen)
+
+
 def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     """`{"flops", "bytes"}` of an optimised HLO module's text, loops counted per iteration
     (see the module docstring). Takes `compiled.as_text()` of a jax `Compiled`."""
     computations, entry = _parse(hlo_text)
+    calls = {
+        name: _callees(instructions, computations) for name, instructions in computations.items()
+    }
     weights: dict[str, float] = defaultdict(float)
     weights[entry] = 1.0
-    order, seen = [entry], {entry}
-    # Callers appear before their callees when walked from the entry (HLO call graphs are DAGs).
-    for name in order:
-        for instruction in computations.get(name, []):
-            callees: list[tuple[str, float]] = []
-            if instruction.opcode == "while":
-                body = re.search(r"body=%([\w.\-]+)", instruction.rest)
-                condition = re.search(r"condition=%([\w.\-]+)", instruction.rest)
-                trips = _trip_count(computations.get(condition.group(1), [])) if condition else 1
-                if body:
-                    callees.append((body.group(1), trips))
-            else:
-                for key in ("calls", "to_apply", "branch_computations"):
-                    for found in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.rest):
-                        for callee in re.findall(r"%([\w.\-]+)", found.group(1)):
-                            callees.append((callee, 1.0))
-            for callee, factor in callees:
-                weights[callee] += weights[name] * factor
-                if callee not in seen:
-                    seen.add(callee)
-                    order.append(callee)
+    # A computation's weight is final once every caller has passed its own on: walk the call
+    # graph (a DAG) in topological order.
+    callers = defaultdict(int)
+    for name in _reachable(entry, calls):
+        for callee, _ in calls[name]:
+            callers[callee] += 1
+    ready = [entry]
+    while ready:
+        name = ready.pop()
+        for callee, factor in calls.get(name, []):
+            weights[callee] += weights[name] * factor
+            callers[callee] -= 1
+            if callers[callee] == 0:
+                ready.append(callee)
     flops = traffic = 0.0
     fused = {
         callee
