@@ -14,14 +14,16 @@ around it:
   constants and bitcasts excluded: an estimate of HBM traffic.
 
 A loop's trip count is read from its condition (`counter < constant`, the form `lax.scan` and
-`lax.fori_loop` lower to, counting from 0); a loop of another form counts once.
+`lax.fori_loop` lower to, counting from 0); a loop of another form counts once. Of a
+conditional only the cheapest branch counts (one runs; the models' costlier branches are
+fallbacks, e.g. the Qwen vision tower's dense attention for inputs that break the static bounds
+of its blocked one). The memory analysis, by contrast, holds every branch's buffers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections import defaultdict
 
 _DTYPE_BYTES = {
     "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2,
@@ -164,59 +166,24 @@ def _custom_call_flops(instruction: _Instruction) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def _callees(instructions: list[_Instruction], computations) -> list[tuple[str, float]]:
-    """(callee, times it runs per run of the caller) of every call in a computation."""
-    callees: list[tuple[str, float]] = []
-    for instruction in instructions:
-        if instruction.opcode == "while":
-            body = re.search(r"body=%([\w.\-]+)", instruction.rest)
-            condition = re.search(r"condition=%([\w.\-]+)", instruction.rest)
-            trips = _trip_count(computations.get(condition.group(1), [])) if condition else 1
-            if body:
-                callees.append((body.group(1), float(trips)))
-            continue
-        for key in ("calls", "to_apply", "branch_computations"):
-            for found in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.rest):
-                for callee in re.findall(r"%([\w.\-]+)", found.group(1)):
-                    if callee in computations:
-                        callees.append((callee, 1.0))
-    return callees
-
-
-def _reachable(entry: str, calls) -> list[str]:
-    seen, stack = {entry}, [entry]
-    while stack:
-        for callee, _ in calls.get(stack.pop(), []):
-            if callee not in seen:
-                seen.add(callee)
-                stack.append(callee)
-    return list(seen)
+def _callees(instruction: _Instruction, computations) -> list[tuple[str, float]]:
+    """(callee, times it runs per run of `instruction`) of one instruction's calls."""
+    if instruction.opcode == "while":
+        body = re.search(r"body=%([\w.\-]+)", instruction.rest)
+        condition = re.search(r"condition=%([\w.\-]+)", instruction.rest)
+        trips = _trip_count(computations.get(condition.group(1), [])) if condition else 1
+        return [(body.group(1), float(trips))] if body else []
+    callees = []
+    for key in ("calls", "to_apply", "branch_computations"):
+        for found in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.rest):
+            callees += [(c, 1.0) for c in re.findall(r"%([\w.\-]+)", found.group(1))]
+    return [(c, f) for c, f in callees if c in computations]
 
 
 def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     """`{"flops", "bytes"}` of an optimised HLO module's text, loops counted per iteration
     (see the module docstring). Takes `compiled.as_text()` of a jax `Compiled`."""
     computations, entry = _parse(hlo_text)
-    calls = {
-        name: _callees(instructions, computations) for name, instructions in computations.items()
-    }
-    weights: dict[str, float] = defaultdict(float)
-    weights[entry] = 1.0
-    # A computation's weight is final once every caller has passed its own on: walk the call
-    # graph (a DAG) in topological order.
-    callers = defaultdict(int)
-    for name in _reachable(entry, calls):
-        for callee, _ in calls[name]:
-            callers[callee] += 1
-    ready = [entry]
-    while ready:
-        name = ready.pop()
-        for callee, factor in calls.get(name, []):
-            weights[callee] += weights[name] * factor
-            callers[callee] -= 1
-            if callers[callee] == 0:
-                ready.append(callee)
-    flops = traffic = 0.0
     fused = {
         callee
         for instructions in computations.values()
@@ -224,19 +191,32 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
         if i.opcode == "fusion"
         for callee in re.findall(r"calls=%([\w.\-]+)", i.rest)
     }
-    for name, instructions in computations.items():
-        weight = weights.get(name, 0.0)
-        if not weight:
-            continue
+    memo: dict[str, tuple[float, float]] = {}
+
+    def cost(name: str) -> tuple[float, float]:
+        if name in memo:
+            return memo[name]
+        instructions = computations.get(name, [])
         shapes = {i.name: i.shape for i in instructions}
+        flops = traffic = 0.0
         for instruction in instructions:
             if instruction.opcode in ("dot", "convolution"):
-                flops += weight * _dot_flops(instruction, shapes)
+                flops += _dot_flops(instruction, shapes)
             elif instruction.opcode == "custom-call":
-                flops += weight * _custom_call_flops(instruction)
-            if name in fused or instruction.opcode in _NOT_TRAFFIC:
-                continue
-            traffic += weight * _traffic(instruction, shapes, computations)
+                flops += _custom_call_flops(instruction)
+            if name not in fused and instruction.opcode not in _NOT_TRAFFIC:
+                traffic += _traffic(instruction, shapes, computations)
+            parts = [(cost(c), f) for c, f in _callees(instruction, computations)]
+            if instruction.opcode == "conditional" and parts:
+                # One branch runs: the cheapest counts (the costlier ones are fallbacks).
+                parts = [min(parts, key=lambda part: part[0][0])]
+            for (callee_flops, callee_bytes), factor in parts:
+                flops += factor * callee_flops
+                traffic += factor * callee_bytes
+        memo[name] = (flops, traffic)
+        return memo[name]
+
+    flops, traffic = cost(entry)
     return {"flops": flops, "bytes": traffic}
 
 
