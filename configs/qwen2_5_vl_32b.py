@@ -14,9 +14,9 @@ def get_config(variant: str | None = None):
     config.mesh.fsdp = 8
     config.mesh.tensor = 2
     # Smaller micro-batches, same global batch of 384: fits 80 GB per device at the longest
-    # inputs (2048 tokens + a 1024-token image per side, `python -m benchmarks.recipe_cost
-    # --recipe 32b --grad_accum 24`) with micro-batches of 16 (2 was 2x over). Without gradient
-    # caching in-batch negatives would come from each micro-batch, not the global 384.
+    # inputs (2048 tokens + a 1024-token image per side; an estimate of XLA:CPU, not yet
+    # confirmed by the TPU compiler: docs/tpu.md) with micro-batches of 16 (2 was 2x over).
+    # Without gradient caching in-batch negatives would come from each micro-batch.
     config.train.grad_accum_steps = 24
     # Gradient caching: the 24 micro-batches form one contrastive batch, so every query is
     # still contrasted with all 384 positives of the step, as in the paper.

@@ -13,7 +13,7 @@ def get_config(variant: str | None = None):
     config.mesh.data = -1
     config.mesh.fsdp = 2
     # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side,
-    # `python -m benchmarks.recipe_cost --recipe 3b --grad_accum 8`) only with micro-batches of
+    # an estimate of XLA:CPU; on the TPU compiler see docs/tpu.md) only with micro-batches of
     # 48; without gradient caching in-batch negatives would come from each micro-batch, not
     # the global 384.
     config.train.grad_accum_steps = 8

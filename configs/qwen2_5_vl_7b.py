@@ -22,10 +22,10 @@ def get_config(variant: str | None = None):
     # 7B on one 8-GPU host / a v5p-8: 4-way FSDP x 2-way data (-1 = the rest).
     config.mesh.data = -1
     config.mesh.fsdp = 4
-    # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side,
-    # `python -m benchmarks.recipe_cost --recipe 7b --grad_accum 16`) only with micro-batches of
-    # 24. Gradient caching keeps the paper's objective: every query is still contrasted with all
-    # 384 positives of the step (without it, only with its micro-batch's 24).
+    # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side;
+    # an estimate of XLA:CPU, not yet confirmed by the TPU compiler: docs/tpu.md) only with
+    # micro-batches of 24. Gradient caching keeps the paper's objective: every query is still
+    # contrasted with all 384 positives of the step (without it, only with its micro-batch's 24).
     config.train.grad_accum_steps = 16
     config.train.grad_cache = True
     if variant == "gradcache":

@@ -1,15 +1,30 @@
 """metaembed-jax: MetaEmbed multi-vector multimodal retrieval in JAX / Flax NNX."""
 
-from metaembed_jax.metaembed import MetaEmbed
+# Before anything imports jax: libtpu (with jax[tpu] installed) must never query a metadata
+# server from a machine without a TPU (tpu_env.py).
+from metaembed_jax import tpu_env
 
-__all__ = ["MetaEmbed", "QdrantIndex", "load_reference", "load_trained"]
+tpu_env.set_offline_tpu_env()
 
-# Names loaded on first use: they pull in the training stack (optax, orbax) or, for QdrantIndex,
-# the optional Qdrant packages (loaded once it opens or pushes a collection).
+from metaembed_jax.metaembed import MetaEmbed  # noqa: E402
+
+__all__ = [
+    "MetaEmbed",
+    "MultiVectorIndex",
+    "QdrantIndex",
+    "Retriever",
+    "load_reference",
+    "load_trained",
+]
+
+# Names loaded on first use: they pull in the training stack (optax, orbax); QdrantIndex's
+# optional Qdrant packages load only once it opens or pushes a collection.
 _LAZY = {
     "load_trained": "metaembed_jax.formats.trained",
     "load_reference": "metaembed_jax.formats.reference",
     "QdrantIndex": "metaembed_jax.retrieval.qdrant",
+    "MultiVectorIndex": "metaembed_jax.retrieval.index",
+    "Retriever": "metaembed_jax.retrieval.retriever",
 }
 
 

@@ -10,6 +10,7 @@ replicated instead, so one table serves every model size and mesh shape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -88,6 +89,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
         # Topology-aware ordering on real accelerators (ICI rings on TPU).
         return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=AUTO_AXES)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=AUTO_AXES)
+
+
+def mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)` (nothing for None): the mesh in context while a step is traced, where
+    layers that place kernels under `jax.shard_map` (Pallas attention) find it
+    (`jax.sharding.get_abstract_mesh()`). Enter it around the call or lowering of a jitted
+    function: jax refuses it inside one."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def present_batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:

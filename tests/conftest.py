@@ -5,9 +5,23 @@ This runs before any test module imports jax's backend, so the device count take
 """
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
+
+# libtpu (installed with the test extras, for the TPU-compiler tests) never queries a metadata
+# server, in this process or its subprocesses: the package's one table (metaembed_jax/tpu_env.py),
+# read from its file so that nothing imports jax before the settings below. The CPU tests run on
+# the CPU backend only, so they never load libtpu at all (`get_topology_desc` loads it for the
+# TPU-compiler tests, also under JAX_PLATFORMS=cpu).
+_TPU_ENV_SPEC = importlib.util.spec_from_file_location(
+    "_tpu_env", os.path.join(os.path.dirname(__file__), "..", "metaembed_jax", "tpu_env.py")
+)
+_tpu_env = importlib.util.module_from_spec(_TPU_ENV_SPEC)
+_TPU_ENV_SPEC.loader.exec_module(_tpu_env)
+_tpu_env.set_offline_tpu_env()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metaembed_jax"
 
-# sharding -> models/ -> the method -> data/ -> training/ -> run directories and foreign formats
-# -> retrieval/ -> evaluation/ -> cli/; the package's __init__ / __main__ sit on top.
+# sharding (and tpu_env, libtpu's offline settings) -> models/ -> the method -> data/ ->
+# training/ -> run directories and foreign formats -> retrieval/ -> evaluation/ -> cli/; the
+# package's __init__ / __main__ sit on top.
 LAYERS = (
-    ("sharding",),
+    ("sharding", "tpu_env"),
     ("models",),
     ("metaembed", "losses", "scoring"),
     ("data",),

@@ -8,13 +8,16 @@ program starts, not at import, so both programs can live in one module.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from metaembed_jax.cli import compile as tpu_compile
 from metaembed_jax.data.build import build
 from metaembed_jax.data.pipeline import model_family
 from metaembed_jax.evaluation import runner
@@ -98,3 +101,56 @@ def run_eval(argv: Sequence[str] | None = None) -> None:
     )
     flags.mark_flags_as_required(["workdir"])
     app.run(_eval_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
+
+
+def _compile_main(argv) -> int:
+    _check_no_positional(argv)
+    values = flags.FLAGS
+    hbm = None if values.hbm_gib is None else int(values.hbm_gib * 2**30)
+    try:
+        report = tpu_compile.compile_recipe(
+            values.config,
+            values.topology,
+            slices=values.slices,
+            index_size=values.index_size,
+            hbm_bytes=hbm,
+            parts=tuple(values.parts),
+        )
+    except Exception as error:  # every failure of a compile is reported, with exit status 1
+        if values.json:
+            print(
+                json.dumps({"compiled": False, "topology": values.topology, "error": repr(error)})
+            )
+        else:
+            traceback.print_exc()
+        print(f"compile failed: {error!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(report) if values.json else tpu_compile.format_report(report))
+    return 0 if report["fits"] else 3
+
+
+def run_compile(argv: Sequence[str] | None = None) -> None:
+    """`metaembed compile --config RECIPE --topology v5p:4x4x4 [--slices N] [--index_size N]
+    [--json] [--config.x=...]`: the recipe's steps compiled for a TPU topology without a TPU
+    (`metaembed_jax/cli/compile.py`). Exits 0 when it compiled and fits, 3 when it compiled
+    and does not fit, 1 on an error (printed)."""
+    import os
+
+    import jax
+
+    # Only the TPU compiler is needed: no local accelerator (nor libtpu's runtime) starts.
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    config_flags.DEFINE_config_file(
+        "config", None, "Recipe: a file (configs/*.py[:variant]) or a bundled name."
+    )
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v5e:2x2, v6e:8x8.")
+    flags.DEFINE_integer("slices", 1, "Slices of the topology (data parallel over DCN).")
+    flags.DEFINE_integer(
+        "index_size", 0, "Candidates of the compiled index search at the full budget (0: none)."
+    )
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (tests).")
+    flags.DEFINE_list("parts", ["train", "encode", "index"], "Programs to compile.")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(_compile_main, argv=resolve_config_argv(sys.argv if argv is None else argv))

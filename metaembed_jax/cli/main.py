@@ -13,11 +13,13 @@
     metaembed train --config demo --workdir DIR [--config.train.steps=100 ...]   = train.py
     metaembed eval --workdir DIR [--config demo]                                 = eval.py
     metaembed data --config demo [--convert_eval]      the datasets a recipe names
+    metaembed compile --config qwen2_5_vl_3b --topology v5p:4x4x4 [--slices N]
+        [--index-size N] [--json] [--config.x=...]   compiled for a TPU topology (docs/tpu.md)
 
-`train`, `eval` and `data` are absl programs (metaembed_jax/cli/apps.py; train.py / eval.py run
-the first two), so an installed package builds data, trains and evaluates without a checkout;
-index / search / export read the run's own saved config. `python -m metaembed_jax ...` is the
-same command.
+`train`, `eval`, `data` and `compile` are absl programs (metaembed_jax/cli/apps.py; train.py /
+eval.py run the first two), so an installed package builds data, trains, evaluates and compiles
+without a checkout; index / search / export read the run's own saved config.
+`python -m metaembed_jax ...` is the same command.
 """
 
 from __future__ import annotations
@@ -144,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = commands.add_parser("configs", help="list the bundled recipes, or print one's path")
     configs.add_argument("name", nargs="?", default=None, help="a recipe name, e.g. demo")
-    for name, what in (("train", "train.py"), ("eval", "eval.py"), ("data", "the dataset build")):
+    programs = (
+        ("train", "train.py"),
+        ("eval", "eval.py"),
+        ("data", "the dataset build"),
+        ("compile", "TPU compile"),
+    )
+    for name, what in programs:
         program = commands.add_parser(name, help=f"the {what} program (absl flags, see --help)")
         program.add_argument("flags", nargs=argparse.REMAINDER, help=f"{what}'s flags")
     return parser
@@ -273,13 +281,19 @@ def _index_search(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metaembed` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval", "data"):
+    if argv and argv[0] in ("train", "eval", "data", "compile"):
         # absl parses these flags itself (argparse would reject `--config.train.steps=5`).
         from metaembed_jax.cli import apps
 
-        programs = {"train": apps.run_train, "eval": apps.run_eval, "data": apps.run_data}
-        program = programs[argv[0]]
-        program([f"metaembed {argv[0]}", *argv[1:]])
+        programs = {
+            "train": apps.run_train,
+            "eval": apps.run_eval,
+            "data": apps.run_data,
+            "compile": apps.run_compile,
+        }
+        # `--index-size` as the command line spells it; absl names the flag `index_size`.
+        flags = [a.replace("--index-size", "--index_size", 1) for a in argv[1:]]
+        programs[argv[0]]([f"metaembed {argv[0]}", *flags])
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "index":

@@ -13,6 +13,8 @@ Conventions (every backbone follows them, the loader and `sharding.py` rely on t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.gpu import attention as gpu_flash
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+from metaembed_jax import sharding
 
 Axes = tuple[str | None, ...]
 
@@ -526,10 +532,43 @@ def _pallas_attention(query, key, value, spec: MaskSpec, scale: float) -> jax.Ar
 
 
 def _pallas_kernel(query, key, value, segments, is_causal: bool, scale: float) -> jax.Array:
-    """The backend's Pallas flash kernel on `[B, L, H, Dh]` with L a multiple of its blocks."""
-    if jax.default_backend() == "tpu":
-        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+    """The Pallas flash kernel on `[B, L, H, Dh]` (L a multiple of its blocks) of the platform
+    the program is traced for, under `jax.shard_map` over the batch and head axes of the mesh in
+    context (`jax.sharding.get_abstract_mesh()`, which the train and encode steps set): a Mosaic
+    kernel cannot be partitioned by XLA, so each device runs it on its own rows and heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    kernel = functools.partial(_flash_kernel, is_causal=is_causal, scale=scale, platform=platform)
+    if mesh.empty:
+        return kernel(query, key, value, segments)
+    rules = dict(sharding.axis_rules())
+    batch = _dividing_axes(mesh, rules["batch"], query.shape[0])
+    heads = _dividing_axes(mesh, rules["heads"], query.shape[2])
+    spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
+        out_specs=spec,
+        check_vma=False,
+    )(query, key, value, segments)
 
+
+def _dividing_axes(mesh, target, size: int):
+    """The mesh axes of a rule's `target` that `mesh` has with more than one device, or None
+    when they do not divide `size` (that dimension is then not split)."""
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or size % ways:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _flash_kernel(query, key, value, segments, *, is_causal: bool, scale: float, platform: str):
+    """One device's flash attention: TPU `pallas.ops.tpu.flash_attention`; elsewhere the GPU
+    kernel (`pallas.ops.gpu.attention`, in interpret mode on CPU, for tests)."""
+    if platform == "tpu":
         ids = tpu_flash.SegmentIds(q=segments, kv=segments)
         out = tpu_flash.flash_attention(
             *(jnp.swapaxes(a, 1, 2) for a in (query, key, value)),
@@ -538,8 +577,6 @@ def _pallas_kernel(query, key, value, segments, is_causal: bool, scale: float) -
             sm_scale=scale,
         )
         return jnp.swapaxes(out, 1, 2)
-    from jax.experimental.pallas.ops.gpu import attention as gpu_flash
-
     block = gpu_flash.BlockSizes.get_default()
     return gpu_flash.mha(
         query,
@@ -549,7 +586,7 @@ def _pallas_kernel(query, key, value, segments, is_causal: bool, scale: float) -
         sm_scale=scale,
         causal=is_causal,
         block_sizes=block,
-        interpret=jax.default_backend() == "cpu",
+        interpret=platform == "cpu",
     )
 
 

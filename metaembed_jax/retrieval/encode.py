@@ -211,6 +211,17 @@ def encode_items(
 # ----------------------------------------------------------------------------- model encoder
 
 
+def embed_step(graphdef: nnx.GraphDef, side: str):
+    """The jitted encode step of one side: `(model state, features) -> [B, R, D]` embeddings
+    of the MetaEmbed model `graphdef` describes (`ModelEncoder`'s; `metaembed compile` compiles
+    it ahead of time). Call it under `sharding.mesh_context(mesh)` for sharded arrays."""
+
+    def embed(state, features):
+        return nnx.merge(graphdef, state).embed(side=side, **features)
+
+    return jax.jit(embed)
+
+
 class ModelEncoder:
     """`encode(items, side) -> [N, R, D]` for a MetaEmbed model, batched and jitted.
 
@@ -250,17 +261,7 @@ class ModelEncoder:
                     f"eval batch size {self.batch_size} must be a multiple of the {shards} "
                     f"devices of mesh axes {sharding.present_batch_axes(mesh, batch_axes)}"
                 )
-        graphdef = self.graphdef
-
-        @jax.jit
-        def embed_query(state, features):
-            return nnx.merge(graphdef, state).embed(side="query", **features)
-
-        @jax.jit
-        def embed_candidate(state, features):
-            return nnx.merge(graphdef, state).embed(side="candidate", **features)
-
-        self._embed = {"query": embed_query, "candidate": embed_candidate}
+        self._embed = {side: embed_step(self.graphdef, side) for side in SIDES}
 
     def __call__(self, items: list[Item], side: str) -> np.ndarray:
         if side not in SIDES:
@@ -290,7 +291,8 @@ class ModelEncoder:
             features = {k: v for k, v in features.items() if v is not None}
             # Every array leads with the batch (the family's static shapes see to it).
             features = sharding.put_batch(features, self.mesh, self.batch_axes, whole=True)
-            embeddings = self._embed[side](self.state, features)
+            with sharding.mesh_context(self.mesh):  # Pallas attention's shard_map reads it
+                embeddings = self._embed[side](self.state, features)
             self.num_calls += 1
             outputs.append(np.asarray(embeddings, np.float32)[: len(batch)])
         stacked = np.concatenate(outputs)

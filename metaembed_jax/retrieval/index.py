@@ -594,3 +594,12 @@ def _search_chunk_size(num_queries: int, budget, num_candidates: int, dim: int, 
     if (r_q, r_c) == (1, 1) and np.dtype(dtype) == np.float32:
         return num_candidates
     return default_chunk_size(num_queries * r_q, r_c, num_candidates, dim, np.dtype(dtype).itemsize)
+
+
+def exhaustive_search_program(mesh, budget: tuple[int, int], k: int, chunk_size: int):
+    """The jitted, sharded exhaustive search the index runs over one block of float / bfloat16
+    candidates (no int8 scales, no query mask), for ahead-of-time compilation (`metaembed
+    compile`): `fn(queries, None, block [r_c, N, D], None, offset, limit)` -> (scores,
+    positions)."""
+    r_q, r_c = budget
+    return kernels.exhaustive_fn(mesh, r_q, r_c, k, chunk_size, False, False)

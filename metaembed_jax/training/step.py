@@ -198,7 +198,16 @@ class TrainStep:
         _COMPILED[key] = jitted
         return jitted
 
+    def lower(self, state: TrainState, batch):
+        """The step for `batch`'s structure lowered without running it: `.compile()` it ahead
+        of time (`metaembed compile`). `state` and `batch` may be `jax.ShapeDtypeStruct`s
+        carrying the shardings the step is compiled for (the batch's own, the state's by the
+        rules)."""
+        with sharding.mesh_context(self.mesh):  # Pallas attention's shard_map reads it
+            return self._jitted(state, batch).lower(state, batch)
+
     def __call__(self, state: TrainState, batch):
         # Tests and benchmarks hand every process the whole host batch.
         batch = sharding.put_batch(batch, self.mesh, whole=True)
-        return self._jitted(state, batch)(state, batch)
+        with sharding.mesh_context(self.mesh):  # Pallas attention's shard_map reads it
+            return self._jitted(state, batch)(state, batch)
