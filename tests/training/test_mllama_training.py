@@ -6,12 +6,12 @@ moves them, the second runs (and differentiates) the cross-attention and vision 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
-from tests.training.test_training import run_steps
 
 from metaembed_jax import sharding
 from metaembed_jax.models.mllama import tiny_config
 from metaembed_jax.models.mllama.config import SPECIAL_TOKENS
 from tests import helpers
+from tests.training.test_training import run_steps
 
 VOCAB, TILES, TILE = 96, 4, 28  # transformers requires 4 tiles
 IMAGE, BOS = SPECIAL_TOKENS.index("<|image|>"), SPECIAL_TOKENS.index("<|begin_of_text|>")

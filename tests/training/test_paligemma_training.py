@@ -9,12 +9,12 @@ import torch
 import transformers
 from flax import nnx
 from ml_collections import ConfigDict
-from tests.training.test_training import run_steps
 
 from metaembed_jax import MetaEmbed, sharding
 from metaembed_jax.models.paligemma import tiny_config
 from tests import helpers
 from tests.models.test_paligemma import IMAGE, TOKENS_PER_IMAGE, hf_suffix_states, make_batch
+from tests.training.test_training import run_steps
 
 VOCAB, R_Q, R_C = 300, 2, 3
 
