@@ -19,9 +19,9 @@ def get_config(variant: str | None = None):
     config.init_from = ""
     # Tiny Qwen2.5-VL: 2 decoder layers of width 128 (learns much faster per step than width 64
     # for little extra cost at these lengths), a 1-block vision tower of width 64. Heads of 32
-    # (4 heads, 2 key/value heads), not 16: 8 heads of 16 made many small per-head score
-    # products, masks and softmaxes; 4 heads of 32 made the step 0.455 -> 0.348 s (measured
-    # 2026-12-06, one device, batch 32), and the time bought the extra steps below.
+    # (4 heads, 2 key/value heads), not 16: fewer, larger per-head score products, masks and
+    # softmaxes make a faster step, and the time bought the extra steps below
+    # (docs/experiments/2026-12-06-recipe-history.md).
     config.model.hf_config = tiny_config(
         vocab_size=0, hidden=128, layers=2, vision_hidden=64, vision_depth=1, head_dim=32
     )
@@ -31,9 +31,9 @@ def get_config(variant: str | None = None):
     config.model.remat = "none"
 
     # From scratch: full training of every weight, a higher learning rate, short warm-up.
-    # lr 1e-3, not 2e-3: at 2e-3 the loss kept jumping back to chance (grad norms 40-65 before
-    # clipping) through the first 150 steps and the model reached ~28 average nDCG@5; at 1e-3 the
-    # spikes are rarer and smaller and the same 400 steps reach ~65.
+    # lr 1e-3, not 2e-3: at 2e-3 the loss kept jumping back to chance through the first 150
+    # steps and the model learnt far less; at 1e-3 the spikes are rarer and smaller
+    # (docs/experiments/2026-12-06-recipe-history.md).
     config.lora.enabled = False
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 70
@@ -41,26 +41,22 @@ def get_config(variant: str | None = None):
     config.optimizer.end_factor = 0.05
     config.optimizer.weight_decay = 0.01
     config.loss.temperature = 0.05
-    # One temperature for every budget group, as the paper's loss has it. Scaling it by each
-    # group's r_q (the option loss.scale_temperature_by_r_q, this recipe's default until
-    # 2026-12-02) scored 5-17 points lower at every budget in each of 3 seeds, with less diverse
-    # vectors (README, "What make demo shows").
+    # One temperature for every budget group, as the paper's loss has it: scaling it by each
+    # group's r_q (the option loss.scale_temperature_by_r_q) scored lower at every budget, with
+    # less diverse vectors (docs/experiments/2026-12-06-recipe-history.md).
     config.loss.scale_temperature_by_r_q = False
     # The full budget weighs as much as the four smaller groups together (the paper weighs every
-    # group 1). With equal weights the four nested small groups, which share the first vectors,
-    # held the full budget at the level of the smallest: flat curves (3 seeds on 2026-12-06,
-    # average nDCG@5 at (1, 1) ... (16, 64): 62.7 ... 66.3, 64.1 ... 66.9, 64.6 ... 64.2). With
-    # these weights the same seeds scored higher at every budget and rose with it (68.9 ... 75.7,
-    # 68.6 ... 75.4, 73.8 ... 80.4 at (8, 16) ... 78.5; at commit 745506e: the code since
-    # rounds attention sums in another order, and its 3 seeds average 61.9 ... 69.8). README,
-    # "What make demo shows", has the tables and an earlier single run on another machine
-    # that went the other way.
+    # group 1): with equal weights the four nested small groups, which share the first vectors,
+    # held the full budget at the level of the smallest (flat curves); with these weights the
+    # same seeds scored higher at every budget and rose with it
+    # (docs/experiments/2026-12-06-recipe-history.md, "Why the full budget weighs four times a
+    # smaller group").
     config.loss.groups = ((1, 1, 0.25), (2, 4, 0.25), (4, 8, 0.25), (8, 16, 0.25), (16, 64, 1.0))
 
-    # 700 steps: at 400 the loss was still falling (0.25-0.6, every group alike) and the
-    # averages of 3 seeds had a std of 4.8-7.3 points; with 700 steps, bought by the faster step
-    # (heads, length buckets), 0.2-3.9, and means 16-19 points higher (README, "What make demo
-    # shows").
+    # 700 steps: at 400 the loss was still falling and the seeds' averages spread widely; the
+    # faster step (heads, length buckets) bought the extra steps, which train the model further
+    # and make the seeds agree more closely (docs/results.md,
+    # docs/experiments/2026-12-06-recipe-history.md).
     config.train.steps = 700
     config.train.batch_size = 32
     config.train.log_every = 10
@@ -83,8 +79,8 @@ def get_config(variant: str | None = None):
     synthetic.num_test = 384  # 128 queries per task, 256 corpus items per task (less noise)
     config.data.max_pixels = 56 * 56
     config.data.min_pixels = 56 * 56
-    # The built-in texts are at most 39 tokens (one epoch, measured 2026-12-06): with buckets
-    # (32, 64) every batch padded to 64; at 40 the step is 0.58 -> 0.46 s.
+    # The built-in texts are at most 39 tokens (one epoch): with buckets (32, 64) every batch
+    # padded to 64, while a bucket of 40 holds them all and makes a shorter step.
     config.data.length_buckets = (40, 64)
 
     return apply_variant(config, variant)

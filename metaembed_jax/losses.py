@@ -30,13 +30,11 @@ Group = tuple[int, int, float]
 MMR_GROUPS: tuple[Group, ...] = ((1, 1, 1.0), (2, 4, 1.0), (4, 8, 1.0), (8, 16, 1.0), (16, 64, 1.0))
 LOSS_VARIANTS = ("mmr", "nommr", "single")
 
-# The loss's similarity blocks hold at most 128K floats, the size README's demo table and
-# ablation were trained with. The search's block size
-# (`scoring.DEFAULT_BLOCK_ELEMENTS`, 1M since commit c46fa0c) is a speed knob of the index and
-# must not change what training computes: chunking changes only rounding, but the demo recipe
-# amplifies rounding into a different model (`make demo` with 1M-float blocks in the loss:
-# +6.9 points from (1, 1) to (16, 64) instead of +12.4; README, "A search setting that
-# retrained the demo").
+# The loss's similarity blocks hold at most 128K floats (the size the demo's results were
+# trained with), whatever the search's block size (`scoring.DEFAULT_BLOCK_ELEMENTS`, a speed knob
+# of the index): chunking changes only rounding, but the demo recipe amplifies rounding into a
+# different model, so a search setting must not change what training computes
+# (docs/experiments/2026-12-06-demo-stability.md, "A search setting that retrained the demo").
 LOSS_BLOCK_ELEMENTS = 1 << 17
 
 

@@ -22,17 +22,15 @@ import numpy as np
 from jax import lax
 
 # Chunk sizing (candidates per chunk), tuned on a 2-core AVX-512 CPU (jax 0.10.2) with
-# benchmarks/bench_scoring.py and benchmarks/index_chunk_sweep.py. Three bounds:
+# benchmarks/bench_scoring.py and benchmarks/index_chunk_sweep.py (the sweeps:
+# docs/experiments/2026-12-speed-work.md, "Chunk sizes"). Three bounds:
 # - the float32 similarity block [Nq * r_q, chunk * r_c] holds at most 1M floats (4 MiB): it is
-#   reduced (max, sum) right after the matmul, and blocks of 8M ran ~1.6-2x slower than 1M at
-#   (16, 64) (D 256 and 512); below 1M the matmul per chunk is small at small D: the index's
-#   (16, 64) search of 20000 x 256 took 1.07x (float32) and 1.16x (bfloat16) as long with 128K
-#   blocks, its (8, 16) and (4, 8) searches up to 1.1x (sweeps with interleaved rounds,
-#   2026-12-06); `maxsim` on [N, R_c, D] candidates was within 3% either way;
-# - the candidate slice [chunk, r_c, D] is at most 2 MiB: at (1, 1) with D=2048, 4096-candidate
-#   chunks (32 MiB) ran 3x slower than 256-1024;
-# - at least 8 candidates: at D=2048 and (16, 64) the slice bound gives 4, and the bfloat16
-#   matmul then ran at ~74% of its peak instead of ~84% (float32: no change).
+#   reduced (max, sum) right after the matmul; much larger blocks ran slower, and smaller ones
+#   leave too little matmul per chunk at small D;
+# - the candidate slice [chunk, r_c, D] is at most 2 MiB: larger slices ran slower at (1, 1)
+#   with a large D;
+# - at least 8 candidates: fewer (the slice bound at D=2048 and (16, 64)) left the bfloat16
+#   matmul further below its peak.
 DEFAULT_BLOCK_ELEMENTS = 1 << 20
 MAX_SLICE_BYTES = 2 << 20
 MIN_CHUNK_CANDIDATES = 8

@@ -390,8 +390,8 @@ def dot_product_attention(
 
 # The reference path splits the queries into blocks of at most this many rows once there are
 # more than two blocks' worth: a long sequence's float32 scores [B, H, L, S] are then computed,
-# masked and normalised one block at a time (XLA:CPU, Mllama's 4-tile vision attention of
-# 4128 patches: 2.5 s -> 0.6-0.9 s a call at batch 2). The rows' math is unchanged.
+# masked and normalised one block at a time, which bounds their memory and runs faster on
+# XLA:CPU than one piece (docs/results.md, "Attention"). The rows' math is unchanged.
 QUERY_BLOCK_ROWS = 256
 
 
@@ -604,8 +604,8 @@ def stack_layers(
 
 
 # Layer stacks up to this depth run unrolled (see scan_layers). The environment variable
-# METAEMBED_UNROLL_MAX_LAYERS sets it at import: 0 scans every stack, which compiles faster (a
-# 2-layer grad-cache test step: 43 s -> 28 s of XLA compile) and is what the test suite uses.
+# METAEMBED_UNROLL_MAX_LAYERS sets it at import: 0 scans every stack, which compiles faster and
+# is what the test suite uses.
 UNROLL_MAX_LAYERS = int(os.environ.get("METAEMBED_UNROLL_MAX_LAYERS", "4"))
 
 
@@ -620,8 +620,8 @@ def scan_layers(
     Compile time does not grow with depth. Stacks of at most `UNROLL_MAX_LAYERS` layers are
     unrolled (the same program without a loop): the loop's per-layer slicing of the weights and
     stacking of the backward's residuals cost more than the layers themselves at small sizes
-    (measured: a 2-layer width-128 train step 1.39 s scanned, 1.04 s unrolled, 2 CPU cores), at
-    the price of compile time growing with depth.
+    (docs/experiments/2026-12-speed-work.md, "Train step"), at the price of compile time growing
+    with depth.
     `remat` is a key of `REMAT_POLICIES`; anything other than "none" recomputes the layer in the
     backward pass under that policy.
     """

@@ -68,9 +68,7 @@ def place_rows(blocks: list[np.ndarray], rows: int, sharding: NamedSharding) -> 
     memmaps), `PLACE_BYTES` at a time, each piece written in place into its device's shard. So
     host memory holds one piece beside the placed array: concatenating a device's rows on the
     host first made a second full copy whenever they spanned several blocks (an index of many
-    `add` calls).
-    Placing 20 blocks of 1000 x 64 x 512 float32 (2.6 GB) on one CPU device: peak resident
-    7.9 -> 5.6 GB, 9.1 -> 4.0 s (an ad-hoc script, not kept; 2026-12-06).
+    `add` calls); docs/experiments/2026-12-speed-work.md, "Index search", has the figures.
     """
     first = blocks[0]
     shape = (first.shape[0], rows, *first.shape[2:])

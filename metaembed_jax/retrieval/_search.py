@@ -37,8 +37,8 @@ def merge_pairs(first, second, k):
     return merge(values, positions, min(k, values.shape[1]))
 
 
-# Rows of scores are cut into blocks of this many for `top_k_by_blocks` (the fastest measured on
-# CPU among 8-256: 32 queries x 20k candidates, k = 10, 1.57 ms -> 0.21 ms).
+# Rows of scores are cut into blocks of this many for `top_k_by_blocks`: the fastest on CPU among
+# 8-256 (docs/experiments/2026-12-speed-work.md, "Index search").
 TOP_K_BLOCK = 32
 
 
@@ -145,9 +145,8 @@ def _single_vector_top_k(queries, block, valid, k):
     win -> (values [Nq, k], local indices [Nq, k]).
 
     The product is taken as ``block[0] @ queries[:, 0].T`` ([n, Nq]), not the transpose: XLA:CPU
-    ran that orientation 1.2-1.7x faster (jax 0.10.2, 32 queries, 4000-20000 candidates, D 256
-    and 2048; an ad-hoc timing of the two products, not kept; `benchmarks/bench_scoring.py`'s
-    float32 (1, 1) rows show the search as a whole), and the blocked top-k reads it in place.
+    runs that orientation faster at the index's shapes (docs/experiments/2026-12-speed-work.md,
+    "Index search"), and the blocked top-k reads it in place.
     The scores are the same floats either way (one dot product per pair)."""
     scores = lax.dot_general(
         block[0], queries[:, 0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32

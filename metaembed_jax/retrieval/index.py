@@ -586,7 +586,7 @@ def _search_chunk_size(num_queries: int, budget, num_candidates: int, dim: int, 
     rows themselves (chunks would bound no memory), the prefix it reads is one contiguous range,
     and one chunk is what the candidates-first kernel (`_index_search._single_vector_top_k`)
     takes; on the chunked kernel too one chunk was the fastest at every size
-    (`benchmarks/index_chunk_sweep.py`, 2026-12-05). bfloat16 keeps the bounded chunks (one
+    (`benchmarks/index_chunk_sweep.py`). bfloat16 keeps the bounded chunks (one
     chunk was slower at 4000 x 2048 there), as do larger budgets, whose similarity block grows
     with r_q * r_c.
     """

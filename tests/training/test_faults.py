@@ -307,7 +307,8 @@ def parse_eval_flags(*overrides: str):
 
 
 def test_budget_override_parses_through_config_flags():
-    """README's override: a tuple of int pairs reaches the run; without it, the defaults."""
+    """docs/evaluation.md's override: a tuple of int pairs reaches the run; without it, the
+    defaults."""
     config = parse_eval_flags("--config.eval.budgets=((1,1),(4,8))")
     assert config.eval.budgets == ((1, 1), (4, 8))
     assert runner.configured_budgets(config) == ((1, 1), (4, 8))

@@ -1,5 +1,5 @@
 """From (texts, images) to Mllama features, as transformers' `MllamaProcessor` builds them, plus
-the family's static shapes and tiny config.
+the family's static shapes.
 
 Images go through transformers' `MllamaImageProcessorPil` (resize into a canvas of up to
 `max_image_tiles` tiles, pad, normalise, split into tiles), one image at a time, and are stacked

@@ -15,7 +15,7 @@ Attention mask (transformers' `_prepare_aspect_ratio_attention_mask`, reproduced
 pair (query, key) is masked only when BOTH are padding (a padded patch or a padding tile), so
 real patches also attend to padding ones.
 
-Parameter paths follow transformers' names under `vision_model.` (see `rules.py`): the local and
+Parameter paths follow transformers' names under `vision_model.` (see `params.py`): the local and
 global layers are stacked on a leading `layers` axis and scanned.
 """
 

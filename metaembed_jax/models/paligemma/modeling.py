@@ -20,7 +20,7 @@ which its SDPA path honours only when it skips the mask (a batch with no padding
 `token_type_ids`): then attention is fully bidirectional, while any padded batch, the eager path
 and Gemma 2 are causal. This module is always causal there (the documented semantics).
 
-Parameter paths (the rules below): `embed_tokens`, `layers.*` (stacked, scanned), `norm`,
+Parameter paths (the rules in `params.py`): `embed_tokens`, `layers.*` (stacked, scanned), `norm`,
 `visual.*` (vision.py).
 """
 

@@ -1,6 +1,6 @@
 """The Qwen2-VL / Qwen2.5-VL backbone family: decoder (`modeling`), vision tower (`vision`), M-RoPE
 index (`rope`), checkpoint rules (`params`), processor (`processing`), static image shapes
-(`shapes`), special tokens (`tokens`) and the tiny config (`tiny`), registered as one
+(`shapes`), special tokens and the tiny config (`config`), registered as one
 `BackboneFamily` on import."""
 
 from metaembed_jax.models.family import BackboneFamily, register_family
