@@ -66,9 +66,6 @@ RUN_ELSEWHERE = {
 }
 SECTIONS_RUN_ELSEWHERE = {Path("docs/use.md"): {"Use our model from PyTorch"}}
 SHOWN_ONLY = {"console", "text"}
-# Pages another branch is writing: a link to one is accepted while it is absent (remove an entry
-# once its page is merged).
-PENDING_PAGES = {REPO / "docs" / "tpu.md"}
 SNIPPET_PAGES = [page for page in PAGES if page not in RUN_ELSEWHERE]
 
 
@@ -235,7 +232,7 @@ def test_links_and_paths_resolve(page):
     problems = []
     for target, anchor in relative_links(path):
         linked = (path.parent / target).resolve() if target else path
-        if not linked.exists() and linked not in PENDING_PAGES:
+        if not linked.exists():
             problems.append(f"link to {target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
             problems.append(f"link to {target}#{anchor}: no such heading")
