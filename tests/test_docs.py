@@ -64,7 +64,12 @@ RUN_ELSEWHERE = {
     Path("docs/serving.md"): "tests/retrieval/test_qdrant_index.py",
     Path("docs/tpu.md"): "compiles for TPU topologies with libtpu",
 }
-SECTIONS_RUN_ELSEWHERE = {Path("docs/use.md"): {"Use our model from PyTorch"}}
+SECTIONS_RUN_ELSEWHERE = {
+    Path("docs/use.md"): {
+        "Use our model from PyTorch",
+        "Without the helper: what transformers needs",
+    }
+}
 SHOWN_ONLY = {"console", "text"}
 SNIPPET_PAGES = [page for page in PAGES if page not in RUN_ELSEWHERE]
 

@@ -24,8 +24,9 @@ from flax import nnx
 from metaembed_jax import tpu_env
 from metaembed_jax.metaembed import MetaEmbed
 from metaembed_jax.models.published import PUBLISHED_CONFIGS
+from tests.paths import REPO as REPO_PATH
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_PATH)
 TPU_VARIABLES = (*tpu_env.OFFLINE_ENV, "TPU_ACCELERATOR_TYPE")
 
 
@@ -193,7 +194,7 @@ def test_demo_train_step_with_pallas_compiles_for_a_tpu_mesh():
 def _compile_cli(*flags: str):
     """`metaembed compile FLAGS` as a command line (absl reads the config overrides there)."""
     return subprocess.run(
-        [sys.executable, "-m", "metaembed_jax.commands", "compile", *flags],
+        [sys.executable, "-m", "metaembed_jax", "compile", *flags],
         env=_environment(clean_tpu_env=False),
         capture_output=True,
         text=True,
