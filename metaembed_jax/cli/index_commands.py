@@ -22,6 +22,8 @@ from metaembed_jax.retrieval.retriever import Retriever
 from metaembed_jax.scoring import resolve_budgets
 from metaembed_jax.training.run_identity import read_saved_config
 
+DEFAULT_K = 10
+
 
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -156,12 +158,12 @@ def _open_index(args):
 
 
 def _check_search_options(args) -> None:
-    if args.k < 1:
+    if args.k is not None and args.k < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")
     if args.shortlist is not None and args.coarse is None:
         raise UsageError("--shortlist is the size of the --coarse stage's shortlist: add --coarse")
-    if args.shortlist is not None and args.shortlist < args.k:
-        raise UsageError(f"--shortlist {args.shortlist} must be at least --k {args.k}")
+    if args.shortlist is not None and args.shortlist < (args.k or DEFAULT_K):
+        raise UsageError(f"--shortlist {args.shortlist} must be at least --k {args.k or DEFAULT_K}")
 
 
 def index_search(args) -> None:
@@ -172,10 +174,9 @@ def index_search(args) -> None:
     sizes = trained_sizes(config)
     budgets = [args.budget or sizes] + ([args.coarse] if args.coarse else [])
     resolve_budgets(budgets, *sizes)  # a budget beyond the trained sizes: named, nothing loaded
-    k = args.k
-    if k > len(index):
-        note(f"note: --k {k} is more than the index's {len(index)} items: all are returned")
-        k = len(index)
+    k = min(args.k or DEFAULT_K, len(index))
+    if args.k is not None and args.k > len(index):  # the default is clamped without a word
+        note(f"note: --k {args.k} is more than the index's {len(index)} items: all are returned")
     retriever = load_retriever(args)
     results = retriever.search(
         [{"text": q["text"], "image": q["image"]} for q in queries],

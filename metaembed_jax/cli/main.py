@@ -147,7 +147,10 @@ def _add_search(actions) -> None:
         help="R_QxR_C, e.g. 16x64 (default: the full trained budget)",
     )
     search.add_argument(
-        "--k", type=int, default=10, help="results per query (more than the index holds: all)"
+        "--k",
+        type=int,
+        default=None,
+        help="results per query (default: 10; more than the index holds: all, with a note)",
     )
     search.add_argument(
         "--coarse", type=parse_budget, default=None, help="first-stage budget, e.g. 1x1"
