@@ -29,6 +29,7 @@ the default; image and template tokens are never cut) or raises (`truncation="er
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -442,24 +443,38 @@ def fitted_size(
 ) -> tuple[int, int]:
     """(height, width) an image is resized to: transformers' `smart_resize` (sides multiples of
     `factor`, area in [min_pixels, max_pixels], aspect ratio kept as closely as it can) where
-    its result fits `max_pixels`. Where it does not (the short side clamped to `factor`, or an
-    aspect ratio over 200, which it refuses), the short side is one `factor` and the long side
-    as many `factor`s as the budget, the aspect ratio and `MAX_ASPECT_RATIO` allow: the
-    image is squeezed along its long side rather than refused.
+    its result lies within those bounds. Where it does not (a side clamped to one `factor`, or
+    rounded up past `max_pixels` when the bounds are close, or an aspect ratio over 200, which
+    it refuses, before or after its rounding), the grid of `factor`-sized tiles within the bounds whose aspect ratio is
+    closest to the image's (at most `MAX_ASPECT_RATIO`): the image is squeezed, never refused.
 
     Raises ValueError when `max_pixels` is below one `factor` x `factor` tile.
     """
-    tiles = max_pixels // factor**2
-    if tiles < 1:
+    most = max_pixels // factor**2
+    if most < 1:
         raise ValueError(f"max_pixels={max_pixels} is below one {factor}x{factor} merged patch")
     height, width = max(1, int(height)), max(1, int(width))
-    aspect = max(height, width) / min(height, width)
-    if aspect <= MAX_ASPECT_RATIO:
+    if max(height, width) / min(height, width) <= MAX_ASPECT_RATIO:
         fitted = smart_resize(height, width, factor, min_pixels, max_pixels)
-        if fitted[0] * fitted[1] <= max_pixels:
+        within = min_pixels <= fitted[0] * fitted[1] <= max_pixels
+        if within and max(fitted) / min(fitted) <= MAX_ASPECT_RATIO:
             return fitted
-    long_side = factor * max(1, min(tiles, MAX_ASPECT_RATIO, round(aspect)))
-    return (factor, long_side) if height <= width else (long_side, factor)
+    fewest = min(most, max(1, -(-min_pixels // factor**2)))
+    aspect = math.log(width / height)
+    best = None
+    for rows in range(1, most + 1):  # tiles down; columns: the closest to the aspect ratio
+        low, high = -(-fewest // rows), most // rows
+        if low > high:
+            continue
+        columns = min(max(round(rows * width / height), low), high)
+        if max(rows, columns) / min(rows, columns) > MAX_ASPECT_RATIO:
+            continue
+        score = (abs(math.log(columns / rows) - aspect), -rows * columns)
+        if best is None or score < best[0]:
+            best = (score, rows, columns)
+    if best is None:  # no grid within the bounds and the aspect limit: one tile
+        return factor, factor
+    return best[1] * factor, best[2] * factor
 
 
 def _single_token_id(tokenizer, token: str) -> int:
