@@ -3,7 +3,11 @@ checkout and by `metaembed data` / `metaembed train` / `metaembed eval` in an in
 
 `--config` takes a recipe file (`configs/demo.py[:variant]`) or, where no such file exists, the
 name of a bundled recipe (`demo[:variant]`, see `metaembed configs`). Flags are defined when a
-program starts, not at import, so both programs can live in one module.
+program starts, not at import, so both programs can live in one module; `--help` lists them.
+
+A bad flag or config override (`--config.train.stepz=5`) ends in one line and exit status 2, a
+user error while running (a missing run, a config the run refuses, a busy run directory) in one
+line and 1 (`cli.errors`); training stopped by SIGTERM / SIGINT exits 143 / 130 after saving.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metaembed_jax.cli import compile as tpu_compile
+from metaembed_jax.cli.errors import USAGE_EXIT, message, reporting_errors
 from metaembed_jax.data.build import build
 from metaembed_jax.data.pipeline import model_family
 from metaembed_jax.evaluation import runner
-from metaembed_jax.training.loop import train
+from metaembed_jax.training.loop import StoppedBySignal, train
 from metaembed_jax.training.recipes import resolve_config_argv
 
 
@@ -31,6 +36,51 @@ def warnings_only_unless_verbosity_given() -> None:
     them)."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+def _program_name() -> str:
+    return os.path.basename(sys.argv[0]) or "metaembed"
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with every failure in one line and exit status 2: an unknown or
+    missing flag, and a config override naming no config field, which ml_collections raises
+    as a KeyError / AttributeError from inside absl (three chained tracebacks otherwise)."""
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as error:
+        problem = message(error)
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        problem = _override_problem(error, argv)
+    print(f"{argv[0]}: error: {problem} (see --help)", file=sys.stderr)
+    raise SystemExit(USAGE_EXIT)
+
+
+def _override_problem(error: BaseException, argv: Sequence[str]) -> str:
+    """ "--config.train.stepz=5: no config field 'stepz' (Did you mean "steps" ...?)"."""
+    texts = []
+    while error is not None:  # ml_collections wraps its KeyError twice; the first says most
+        texts.append(message(error))
+        error = error.__context__
+    detail = next((t for t in reversed(texts) if "Did you mean" in t), texts[-1])
+    detail = " ".join(detail.split())
+    key = texts[-1].strip("'")  # the innermost error: the missing field's name
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    flag = next((a for a in overrides if key and key in a), "a --config.* override")
+    return f"{flag}: no such config field ({detail})"
+
+
+def _run(main, argv: Sequence[str], names: Sequence[str]) -> None:
+    """`app.run(main)` with our flag parsing, `--help` listing `names` (absl lists only the
+    flags of the __main__ module, and these are defined here), and user errors reported."""
+    for name in names:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+    def reported(args):
+        with reporting_errors(args[0] if args else _program_name()):
+            return main(args)
+
+    app.run(reported, argv=resolve_config_argv(list(argv)), flags_parser=_parse_flags)
 
 
 def _data_main(argv):
@@ -51,7 +101,7 @@ def run_data(argv: Sequence[str] | None = None) -> None:
         "convert_eval", False, "Also convert the MMEB eval / BEIR sets the config lists."
     )
     flags.mark_flag_as_required("config")
-    app.run(_data_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
+    _run(_data_main, sys.argv if argv is None else argv, ("config", "convert_eval"))
 
 
 def _check_no_positional(argv: Sequence[str]) -> None:
@@ -62,7 +112,11 @@ def _check_no_positional(argv: Sequence[str]) -> None:
 def _train_main(argv):
     _check_no_positional(argv)
     warnings_only_unless_verbosity_given()
-    rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        rows = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except StoppedBySignal as stopped:  # not a success: `make demo` must not go on to eval
+        print(f"{argv[0]}: {stopped}", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
     if rows:
         print(f"last logged step {rows[-1]['step']}: loss {rows[-1]['loss']:.4f}")
 
@@ -74,7 +128,7 @@ def run_train(argv: Sequence[str] | None = None) -> None:
     )
     flags.DEFINE_string("workdir", None, "Directory of metrics, checkpoints and TensorBoard.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_train_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
+    _run(_train_main, sys.argv if argv is None else argv, ("config", "workdir"))
 
 
 def _eval_main(argv):
@@ -100,7 +154,7 @@ def run_eval(argv: Sequence[str] | None = None) -> None:
         "A step of workdir (400) or a step directory DIR/checkpoints/400 (default: the latest).",
     )
     flags.mark_flags_as_required(["workdir"])
-    app.run(_eval_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
+    _run(_eval_main, sys.argv if argv is None else argv, ("config", "workdir", "checkpoint"))
 
 
 def _compile_main(argv) -> int:
@@ -153,4 +207,5 @@ def run_compile(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (tests).")
     flags.DEFINE_list("parts", ["train", "encode", "index"], "Programs to compile.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(_compile_main, argv=resolve_config_argv(sys.argv if argv is None else argv))
+    names = ("config", "topology", "slices", "index_size", "json", "hbm_gib", "parts")
+    _run(_compile_main, sys.argv if argv is None else argv, names)

@@ -9,6 +9,7 @@ only the adapters, meta tokens and projection, so its base is built as training 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from metaembed_jax.training.run_identity import (
     read_saved_config,
 )
 from metaembed_jax.training.state import trainable_filter
+
+logger = logging.getLogger(__name__)
 
 
 def _abstract_full_model(config, mesh: Mesh | None, vocab_size: int | None):
@@ -108,21 +111,29 @@ def restore_trained_model(
     return model
 
 
-def find_step(run_dir: Path, step: int | None) -> int:
-    """The checkpoint step of a run to use (latest when None), found without building anything.
+def committed_steps(run_dir: Path) -> list[int]:
+    """The run's committed checkpoint steps, oldest first, found without building anything.
 
-    Raises FileNotFoundError when the run has no (such) checkpoint.
+    Raises FileNotFoundError when the run has no checkpoints directory.
     """
-    if not (run_dir / "checkpoints").is_dir():
+    if not (Path(run_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"no checkpoints in {run_dir}: train first (python train.py --config ... "
             f"--workdir {run_dir}) or pass --checkpoint"
         )
     checkpointer = Checkpointer(run_dir, read_only=True)
     try:
-        steps = checkpointer.all_steps()
+        return checkpointer.all_steps()
     finally:
         checkpointer.close()
+
+
+def find_step(run_dir: Path, step: int | None) -> int:
+    """The checkpoint step of a run to use (latest when None), found without building anything.
+
+    Raises FileNotFoundError when the run has no (such) checkpoint.
+    """
+    steps = committed_steps(run_dir)
     found = max(steps, default=None) if step is None else step
     if found is None or found not in steps:
         where = "" if step is None else f"of step {step} "
@@ -130,6 +141,26 @@ def find_step(run_dir: Path, step: int | None) -> int:
             f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
         )
     return int(found)
+
+
+def warn_if_unfinished(config, run_dir: Path, step: int) -> bool:
+    """Log one warning line when the run's newest checkpoint is before `config.train.steps` (a
+    stopped or still running training); returns whether it did. Runs that train nothing
+    (`train.steps = 0`, e.g. `metaembed import-reference`) never warn."""
+    planned = int(config.train.get("steps", 0) or 0)
+    latest = max(committed_steps(run_dir), default=step)
+    if planned <= 0 or latest >= planned:
+        return False
+    logger.warning(
+        "%s has not finished training: its newest checkpoint is step %d of train.steps=%d "
+        "(loading step %d; rerun train.py --workdir %s to finish it)",
+        run_dir,
+        latest,
+        planned,
+        step,
+        run_dir,
+    )
+    return True
 
 
 def dtype_name(dtype: Any) -> str:
@@ -154,7 +185,8 @@ def load_trained(
     e.g. "bfloat16"; default the run's), `config` (default: the run's saved config.json; one
     given must agree with it on the model / loss / LoRA / base checkpoint fields).
     Returns the model with the trained parameters and the processor (tokenizer and image
-    preprocessing) the run trained with.
+    preprocessing) the run trained with. Logs a one-line warning when the run has not reached
+    `train.steps` (`warn_if_unfinished`).
     Raises FileNotFoundError, CheckpointError, RunMismatchError with what to do.
     """
     workdir = Path(workdir)
@@ -165,6 +197,8 @@ def load_trained(
         config = config.copy_and_resolve_references()
     if dtype is not None:
         config.model.dtype = dtype_name(dtype)
+    step = find_step(workdir, step)
+    warn_if_unfinished(config, workdir, step)
     processor = make_processor(
         config, workdir=workdir
     )  # the run's tokenizer and image preprocessing

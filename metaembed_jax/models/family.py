@@ -55,10 +55,17 @@ class Processor(Protocol):
     `images` None for a text-only batch. `side` is "query" or "candidate" (prompt prefix).
     `row_ids` name the rows in error messages. `tokenizer`: the text tokenizer; `len(tokenizer)`
     is the vocabulary size a randomly initialised model of the run is built with.
+    `pixel_budget`: the most pixels one image becomes (what a PDF page is rendered to).
+    `fit_image(image)`: an RGB PIL image resized as the processor would resize it (the processor
+    then leaves it as it is), so a corpus can keep fitted images instead of full-size ones; any
+    size and aspect ratio is fitted, never refused.
     """
 
     pad_token_id: int
     tokenizer: Any
+    pixel_budget: int
+
+    def fit_image(self, image: Any) -> Any: ...
 
     def __call__(
         self,

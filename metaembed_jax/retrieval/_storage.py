@@ -255,6 +255,11 @@ def read_manifest(directory: str) -> dict:
         )
     if not all(isinstance(i, int | str) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"index manifest {path!r}: ids must be ints or strs")
+    too_large = next((i for i in ids if isinstance(i, int) and not -(2**63) <= i < 2**63), None)
+    if too_large is not None:
+        raise ValueError(f"index manifest {path!r}: id {too_large} does not fit in int64")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise ValueError(f"index manifest {path!r}: 'metadata' must be an object")
     if len(set(ids)) != len(ids):
         raise ValueError(f"index manifest {path!r}: ids are not unique")
     return manifest

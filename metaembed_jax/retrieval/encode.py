@@ -283,7 +283,7 @@ class ModelEncoder:
             batch = order[start : start + self.batch_size]
             padded = batch + [batch[-1]] * (self.batch_size - len(batch))
             texts = [items[i].get("text") or "" for i in padded]
-            images = [items[i].get("image") or None for i in padded]
+            images = [_image_or_none(items[i].get("image")) for i in padded]
             has_images = any(image is not None for image in images)
             features = self.processor(texts, images if has_images else None, side=side)
             if self.pad_features is not None:
@@ -299,3 +299,8 @@ class ModelEncoder:
         result = np.empty_like(stacked)
         result[np.asarray(order)] = stacked
         return result
+
+
+def _image_or_none(image):
+    # Not `image or None`: the truth value of a numpy image is an error.
+    return None if is_empty_image(image) else image

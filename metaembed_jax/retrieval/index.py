@@ -118,16 +118,33 @@ def _default_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()[:1]), ("index",))
 
 
+# Int ids are returned as one int64 array: an int outside its range is refused where it enters.
+INT_ID_RANGE = (-(2**63), 2**63 - 1)
+
+
 def check_ids(ids, count: int, existing: list) -> list:
-    """The ids of ``count`` new candidates (default: their positions), checked to be ints or
-    strs, unique, and not already in ``existing``."""
+    """The ids of ``count`` new candidates (default: their positions), checked to be ints
+    (within int64, `INT_ID_RANGE`) or strs, unique, and not already in ``existing``.
+
+    Raises ValueError naming the first bad id and its row."""
     if ids is None:
         ids = list(range(len(existing), len(existing) + count))
     ids = [i.item() if isinstance(i, np.generic) else i for i in ids]
     if len(ids) != count:
         raise ValueError(f"got {len(ids)} ids for {count} embeddings")
-    if not all(isinstance(i, int | str) and not isinstance(i, bool) for i in ids):
-        raise ValueError("ids must be ints or strs (they are stored in the JSON manifest)")
+    for row, candidate_id in enumerate(ids):
+        if not isinstance(candidate_id, int | str) or isinstance(candidate_id, bool):
+            raise ValueError(
+                f"id {candidate_id!r} (row {row}) is a {type(candidate_id).__name__}: ids must be "
+                "ints or strs (they are stored in the JSON manifest)"
+            )
+        if isinstance(candidate_id, int) and not (
+            INT_ID_RANGE[0] <= candidate_id <= INT_ID_RANGE[1]
+        ):
+            raise ValueError(
+                f"id {candidate_id} (row {row}) does not fit in int64 (searches return int ids "
+                f"as an int64 array): use ids in [-2**63, 2**63 - 1], or str(id)"
+            )
     seen = set(existing)
     for row, candidate_id in enumerate(ids):
         if candidate_id in seen:
@@ -150,7 +167,7 @@ def check_finite_queries(queries) -> None:
 class MultiVectorIndex:
     """All R_c vectors of every candidate, stored once; search at any budget.
 
-    Build with `build`, extend with `add`, persist with `save` / `load`.
+    Build with `build`, extend with `add`, persist with `save` / `load` (with `metadata`).
     """
 
     def __init__(
@@ -174,6 +191,10 @@ class MultiVectorIndex:
         self._ids: list = []
         self._device_cache: dict = {}  # mesh -> (r_c, placed vectors, scales): one at a time
         self._ids_cache: np.ndarray | None = None  # the ids as one array, until `add`
+        # JSON-serialisable facts about the index, saved in its manifest: what built it (the
+        # model, `retrieval.provenance`), the corpus files a build skipped.
+        self.metadata: dict = {}
+        self.path: str | None = None  # the directory it was loaded from or saved to
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -285,9 +306,11 @@ class MultiVectorIndex:
             "dim": self.dim,
             "full_precision": self.full_precision,
             "ids": self._ids,
+            "metadata": self.metadata,
         }
         path = os.fspath(path)
         entries = _index_io.save(path, header, shards)
+        self.path = path
         if self.full_precision:  # RAM keeps only the quantised copy from now on
             self._full = [
                 _index_io.read_array(path, e["full"], mmap=True, verify=False) for e in entries
@@ -323,6 +346,8 @@ class MultiVectorIndex:
             for entry in manifest["shards"]:
                 index._load_shard(path, entry, manifest["version"], mmap=mmap, verify=verify)
         index._ids = list(manifest["ids"])
+        index.metadata = dict(manifest.get("metadata", {}))
+        index.path = path
         return index
 
     def _load_shard(self, path, entry, version, *, mmap, verify):

@@ -243,6 +243,7 @@ class QdrantIndex:
             # per prefix: the [min, max] of its stored values, the range Qdrant quantises into
             "ranges": {str(p): [0.0, 0.0] for p in prefixes},
             "complete": False,
+            "metadata": dict(index.metadata),  # what built the index (its model), as saved
         }
         step = batch_size or pushed._rows_per_request()
         ids = index.ids
@@ -334,6 +335,15 @@ class QdrantIndex:
         self._write(batches, len(ids), progress=False)
 
     # ----------------------------------------------------------------------------- reading
+    @property
+    def metadata(self) -> dict:
+        """The pushed index's `metadata` (its model record; empty for older collections)."""
+        return self._manifest.get("metadata", {})
+
+    @property
+    def path(self) -> str:
+        return f"Qdrant {self._engine.where}"
+
     def __len__(self) -> int:
         return int(self._manifest["count"])
 

@@ -1,50 +1,77 @@
-"""A trained run as a retriever: encode queries and documents, build an index, search it.
+"""A trained run as a retriever: encode queries and documents, index them, search.
 
     retriever = Retriever.load("runs/demo")
     index = retriever.index(["a red cube", {"text": "", "image": "page.png"}], ids=["a", "b"])
     hits = retriever.search(["which page shows a red cube?"], index, budget=(16, 64), k=10)
 
-`build_index` is the resumable corpus build behind `metaembed index build`: the corpus is
-encoded in chunks of `chunk_size` items, each chunk's embeddings written to `OUT.partial/`
-before the next starts, so a killed build continues with the first missing chunk (nothing
-encoded twice) and the finished index equals an uninterrupted build's.
+Items: a str is a text, never a file name (a str naming an existing image or PDF file is
+refused, saying how to pass the file); bytes, a `Path`, a PIL image or a numpy HWC array is an
+image; a dict `{"text", "image"}` is both (its "image" may be a path string). PDFs are indexed
+page by page with `metaembed_jax.retrieval.build.build_index`. An index this retriever builds
+records the model (`provenance`); `search` refuses an index another model built.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from metaembed_jax import sharding
 from metaembed_jax.data.pipeline import make_processor, model_family
-from metaembed_jax.formats.trained import dtype_name, find_step, restore_trained_model
-from metaembed_jax.retrieval.corpus import Entry, read_corpus
+from metaembed_jax.formats.trained import (
+    dtype_name,
+    find_step,
+    restore_trained_model,
+    warn_if_unfinished,
+)
+from metaembed_jax.retrieval.corpus import IMAGE_SUFFIXES
 from metaembed_jax.retrieval.encode import ModelEncoder
 from metaembed_jax.retrieval.index import MultiVectorIndex
+from metaembed_jax.retrieval.provenance import check_same_model, model_record
 from metaembed_jax.retrieval.qdrant import QdrantIndex
 from metaembed_jax.scoring import resolve_budgets
 from metaembed_jax.training.run_identity import read_saved_config
 
-PARTIAL_SUFFIX = ".partial"
+
+def _refuse_file_name(text: str) -> None:
+    if Path(text).suffix.lower() not in (*IMAGE_SUFFIXES, ".pdf") or not os.path.isfile(text):
+        return
+    if text.lower().endswith(".pdf"):
+        how = "index a PDF's pages with build_index / `metaembed index build` (one item per page)"
+    else:
+        how = f"pass Path({text!r}) or {{'image': {text!r}}} for the image"
+    raise ValueError(
+        f"{text!r} is the name of an existing file, and a str is embedded as text: {how}, or "
+        f"{{'text': {text!r}}} for the text"
+    )
 
 
 def as_item(value: Any) -> dict[str, Any]:
-    """An encoder item from a text (str), an image (bytes, a path-like or a PIL image: an
-    image-only item) or an item dict {"text", "image"}."""
+    """An encoder item from a text (str), an image (bytes, a `Path`, a PIL image or a numpy HWC
+    array: an image-only item) or an item dict {"text", "image"}.
+
+    Raises ValueError for a str that names an existing image / PDF file (ambiguous: see the
+    module docstring) and for a `Path` to a PDF.
+    """
     if isinstance(value, dict):
         return {"text": value.get("text") or "", "image": value.get("image")}
     if isinstance(value, str):
+        _refuse_file_name(value)
         return {"text": value, "image": None}
     if isinstance(value, os.PathLike):
+        if Path(value).suffix.lower() == ".pdf":
+            raise ValueError(f"{os.fspath(value)}: {_refuse_pdf_hint()}")
         return {"text": "", "image": Path(value).read_bytes()}
-    return {"text": "", "image": value}  # bytes or PIL image
+    return {"text": "", "image": value}  # bytes, PIL image or numpy array
+
+
+def _refuse_pdf_hint() -> str:
+    return "a PDF is not one image: index its pages with build_index / `metaembed index build`"
 
 
 class Retriever:
@@ -52,6 +79,7 @@ class Retriever:
 
     def __init__(self, encoder, config, run_dir: Path | None = None, step: int | None = None):
         self.encoder, self.config, self.run_dir, self.step = encoder, config, run_dir, step
+        self._provenance: dict | None = None
 
     @classmethod
     def load(
@@ -72,6 +100,7 @@ class Retriever:
         if dtype is not None:
             config.model.dtype = dtype_name(dtype)
         step = find_step(run_dir, step)
+        warn_if_unfinished(config, run_dir, step)
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
         family = model_family(config)
         processor = make_processor(config, family, run_dir)
@@ -92,6 +121,17 @@ class Retriever:
         return cls(encoder, config, run_dir, step)
 
     @property
+    def provenance(self) -> dict[str, Any]:
+        """The record of this model that indexes it builds keep (`provenance.model_record`),
+        computed once."""
+        if self._provenance is None:
+            model = nnx.merge(self.encoder.graphdef, self.encoder.state)
+            self._provenance = model_record(
+                model, self.encoder.processor, self.config, self.run_dir, self.step
+            )
+        return self._provenance
+
+    @property
     def trained_sizes(self) -> tuple[int, int]:
         return self.encoder.num_vectors["query"], self.encoder.num_vectors["candidate"]
 
@@ -104,8 +144,24 @@ class Retriever:
         return self.encoder([as_item(d) for d in documents], "candidate")
 
     def index(self, documents: Sequence[Any], ids=None, dtype: str = "bfloat16"):
-        """A MultiVectorIndex of `documents` (ids default to 0..N-1)."""
-        return MultiVectorIndex.build(self.encode_documents(documents), ids=ids, dtype=dtype)
+        """A MultiVectorIndex of `documents` (ids default to 0..N-1), recording this model."""
+        index = MultiVectorIndex.build(self.encode_documents(documents), ids=ids, dtype=dtype)
+        index.metadata["model"] = self.provenance
+        return index
+
+    def check_index(self, index, *, action: str = "search it", allow_other_model=False) -> None:
+        """Refuse an index another model built (`provenance.check_same_model`): raises
+        OtherModelError naming both, unless `allow_other_model`."""
+        metadata = getattr(index, "metadata", None)
+        if metadata is None:  # an index type that records nothing about its model
+            return
+        check_same_model(
+            metadata.get("model"),
+            self.provenance,
+            what=f"index {getattr(index, 'path', None) or 'given'}",
+            action=action,
+            allow_other_model=allow_other_model,
+        )
 
     def search(
         self,
@@ -116,12 +172,17 @@ class Retriever:
         *,
         coarse_budget: tuple[int, int] | None = None,
         shortlist: int = 1000,
+        allow_other_model: bool = False,
     ) -> list[list[tuple[Any, float]]]:
         """Per query, its `k` best (id, score) pairs, best first, at `budget` (default the
-        trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist.
-        `index` is a `MultiVectorIndex` or a `QdrantIndex` (the same search contract)."""
+        trained (R_q, R_c)); with `coarse_budget`, a two-stage search over a shortlist. `k`
+        beyond the index size returns every item.
+        `index` is a `MultiVectorIndex` or a `QdrantIndex` (the same search contract).
+        Raises OtherModelError for an index another model built (`check_index`), ValueError
+        for a budget beyond the trained sizes."""
         checks = [budget or self.trained_sizes] + ([coarse_budget] if coarse_budget else [])
         checked = resolve_budgets(checks, *self.trained_sizes)
+        self.check_index(index, allow_other_model=allow_other_model)
         embeddings = self.encode_queries(queries)
         k = min(int(k), len(index))
         options = {"coarse_budget": checked[1], "shortlist": shortlist} if coarse_budget else {}
@@ -134,101 +195,3 @@ class Retriever:
 
 def _plain_id(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
-
-
-# ----------------------------------------------------------------------------- resumable build
-
-
-def build_index(
-    retriever: Retriever,
-    corpus: str | os.PathLike | list[Entry],
-    out: str | os.PathLike,
-    *,
-    dtype: str = "bfloat16",
-    chunk_size: int = 256,
-    add: bool = False,
-    dpi: int = 96,
-    progress: bool = True,
-) -> MultiVectorIndex:
-    """Encode `corpus` (a path for `read_corpus`, or its entries) into the index at `out`.
-
-    Resumable: chunks already in `out.partial/` (from a build of the same run, corpus and
-    chunking that was stopped) are read back, not encoded again. `add=True` appends the items
-    whose ids the index at `out` does not hold yet. Returns the saved index.
-    Raises ValueError when `out` exists without `add`, or a partial build is of other inputs.
-    """
-    from tqdm import tqdm
-
-    out = Path(out)
-    entries = read_corpus(corpus, dpi=dpi) if not isinstance(corpus, list) else corpus
-    existing = MultiVectorIndex.load(out) if add and out.exists() else None
-    if existing is None and out.exists():
-        raise ValueError(f"{out} exists: pass --add to append to it, or choose another --out")
-    if existing is not None:
-        held = set(map(str, existing.ids))
-        entries = [(i, load) for i, load in entries if i not in held]
-    partial = _open_partial(out, retriever, entries, chunk_size, dtype)
-    bar = tqdm(total=len(entries), desc=f"index {out.name}", unit="item", disable=not progress)
-    chunks = []
-    for number, start in enumerate(range(0, len(entries), chunk_size)):
-        chunk = entries[start : start + chunk_size]
-        path = partial / f"chunk-{number:06d}.npy"
-        if not path.exists():  # written whole (temporary name, then renamed) or not at all
-            embeddings = retriever.encoder([load() for _, load in chunk], "candidate")
-            temporary = path.with_suffix(".tmp.npy")
-            np.save(temporary, embeddings.astype(np.float32), allow_pickle=False)
-            os.replace(temporary, path)
-        chunks.append(np.load(path, allow_pickle=False))
-        bar.update(len(chunk))
-    bar.close()
-    ids = [entry_id for entry_id, _ in entries]
-    if existing is not None:
-        index = existing
-        if ids:
-            index.add(np.concatenate(chunks), ids=ids)
-        _save_replacing(index, out)
-    else:
-        if not ids:
-            raise ValueError("nothing to index")
-        index = MultiVectorIndex.build(np.concatenate(chunks), ids=ids, dtype=dtype)
-        index.save(out)
-    shutil.rmtree(partial)
-    return index
-
-
-def _open_partial(out: Path, retriever: Retriever, entries, chunk_size: int, dtype: str) -> Path:
-    """`out.partial/` with a `build.json` naming the inputs; an existing one must match."""
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    inputs = {
-        "run": str(retriever.run_dir.resolve()) if retriever.run_dir else None,
-        "step": retriever.step,
-        "ids_sha256": hashlib.sha256("\n".join(i for i, _ in entries).encode()).hexdigest(),
-        "chunk_size": int(chunk_size),
-        "dtype": dtype,
-    }
-    record = partial / "build.json"
-    if record.exists():
-        previous = json.loads(record.read_text())
-        if previous != inputs:
-            raise ValueError(
-                f"{partial} holds a stopped build of other inputs ({previous}); delete it to "
-                "start over"
-            )
-    else:
-        partial.mkdir(parents=True, exist_ok=True)
-        temporary = record.with_suffix(".tmp")  # whole or absent, as the chunks
-        temporary.write_text(json.dumps(inputs))
-        os.replace(temporary, record)
-    return partial
-
-
-def _save_replacing(index: MultiVectorIndex, out: Path) -> None:
-    # Save next to the old index, then swap: a crash leaves the old index readable.
-    staging = out.with_name(out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    index.save(staging)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old)

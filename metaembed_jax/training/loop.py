@@ -2,8 +2,9 @@
 
 Start-up order: distributed runtime, mesh, config checks (before anything expensive), data,
 model and state, resume from the latest checkpoint in `workdir` (metrics.jsonl cut back to its
-step), then the step loop with metrics, periodic checkpoints, a clean save-and-exit on SIGTERM /
-SIGINT, and a stop on a non-finite loss.
+step), then the step loop with metrics, periodic checkpoints, a save then `StoppedBySignal` on
+SIGTERM / SIGINT, and a stop on a non-finite loss. One process trains a run directory at a time
+(`run_lock`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from metaembed_jax.training.model import (
     check_init_from,
     hf_config_dict,
 )
+from metaembed_jax.training.run_lock import run_lock
 from metaembed_jax.training.state import create_train_state, make_optimizer
 from metaembed_jax.training.step import TrainStep
 
@@ -70,6 +72,20 @@ class StopSignal:
         if jax.process_count() == 1:
             return local
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+class StoppedBySignal(Exception):
+    """Training was stopped by SIGTERM / SIGINT before `train.steps`, after saving a checkpoint.
+    A program ends with `exit_code` (128 + the signal, as a process killed by it would: 143 for
+    SIGTERM), so that a script or `make` does not take the partial run for a finished one."""
+
+    def __init__(self, signum: int, step: int, workdir: Path):
+        self.signum, self.step, self.workdir = int(signum), int(step), workdir
+        self.exit_code = 128 + self.signum
+        super().__init__(
+            f"stopped by {signal.Signals(self.signum).name} at step {self.step}: its checkpoint "
+            f"is saved in {workdir}; rerun the same command to resume"
+        )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -187,12 +203,19 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
 
     `train_iterator` (tests) replaces the configured data pipeline: an iterator of batches of
     `batch_size / grad_accum_steps` examples with `get_state()` / `set_state()`.
-    Raises ValueError / FileNotFoundError for an invalid config before building anything, and
-    NonFiniteLossError when a step's loss or gradient norm is NaN / inf (that state is neither
-    logged nor saved; the last checkpoint stays the latest).
+    Raises ValueError / FileNotFoundError for an invalid config before building anything,
+    RunLockedError when another process trains in `workdir` (`run_lock`), NonFiniteLossError
+    when a step's loss or gradient norm is NaN / inf (that state is neither logged nor saved;
+    the last checkpoint stays the latest), and StoppedBySignal after saving when SIGTERM /
+    SIGINT stopped it before `train.steps`.
     """
     workdir = Path(workdir)
     start_distributed(config)
+    with run_lock(workdir, take=jax.process_index() == 0):
+        return _train(config, workdir, train_iterator)
+
+
+def _train(config, workdir: Path, train_iterator) -> list[dict[str, Any]]:
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, sharding.batch_shards(mesh))
     check_init_from(config)
@@ -254,15 +277,17 @@ def train(config, workdir: str | os.PathLike, *, train_iterator=None) -> list[di
     )
     try:
         with StopSignal() as stop:
-            rows = _loop(
+            rows, step, signalled = _loop(
                 config, state, start, train_step, train_iterator, checkpointer, writer, stop
             )
     finally:
         writer.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for the last (asynchronous) save
         close = getattr(train_iterator, "close", None)
         if close is not None:  # stop the input pipeline's threads / worker processes
             close()
+    if signalled and step < steps:
+        raise StoppedBySignal(stop.received or signal.SIGTERM, step, workdir)
     return rows
 
 
@@ -273,7 +298,7 @@ def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop
     throughput = metrics.Throughput()
     watch = FiniteWatch()
     rows = []
-    step, last_saved = start, (start or None)
+    step, last_saved, signalled = start, (start or None), False
     while step < steps:
         state, step_metrics = train_step(state, _next_batch(iterator, accum))
         checkpointer.check_for_errors()  # a failed background save stops the run at once
@@ -284,7 +309,8 @@ def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop
         if step % log_every == 0 or step == steps:
             watch.check(last_saved)  # a non-finite row is never logged
             rows.append(writer.record(step, step_metrics, throughput.rate()))
-        preempted = stop.any_process() or (stop_after and step - start >= stop_after)
+        signalled = stop.any_process()
+        preempted = signalled or (stop_after and step - start >= stop_after)
         if step % save_every == 0 or step == steps or preempted:
             watch.check(last_saved)  # ... nor saved
             checkpointer.save(state, iterator.get_state(), force=True)
@@ -292,4 +318,4 @@ def _loop(config, state, start, train_step, iterator, checkpointer, writer, stop
         if preempted:
             logging.warning("stopping at step %d (checkpoint saved); rerun to resume", step)
             break
-    return rows
+    return rows, step, signalled

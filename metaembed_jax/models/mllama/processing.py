@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from transformers import AutoTokenizer, MllamaImageProcessorPil
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
@@ -200,6 +201,16 @@ class MllamaEmbedProcessor:
             input_ids[i, length - len(row) :] = row
             attention_mask[i, length - len(row) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @property
+    def pixel_budget(self) -> int:
+        """The pixels of the largest canvas an image is resized into: `max_tiles` tiles."""
+        return self.tile_size**2 * self.max_tiles
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """`image` as it is: the Mllama processor fits any size and aspect ratio into its
+        tile canvas itself (resize, then pad)."""
+        return image
 
     def _images(self, per_row, input_ids: np.ndarray, slots: int) -> dict[str, np.ndarray]:
         batch, tiles, size = len(per_row), self.max_tiles, self.tile_size

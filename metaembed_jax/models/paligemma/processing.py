@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from transformers import SiglipImageProcessorPil
 
 from metaembed_jax.models.paligemma.config import (
@@ -189,6 +190,19 @@ class PaliGemmaInputProcessor:
             input_ids[i, length - len(row) :] = row
             attention_mask[i, length - len(row) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @property
+    def pixel_budget(self) -> int:
+        """The pixels of every image once resized: one `image_size` square."""
+        return self.image_size**2
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """`image` resized to the square the SigLIP processor resizes every image to, with its
+        resampling, so that the processor then leaves it as it is."""
+        side = self.image_size
+        if image.size == (side, side):
+            return image
+        return image.resize((side, side), resample=self.image_processor.resample)
 
     def process_images(self, images: Sequence[Any]) -> np.ndarray:
         """SigLIP processing of a flat list of PIL images: `[N, 3, S, S]` float32."""

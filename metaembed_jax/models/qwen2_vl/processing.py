@@ -29,6 +29,7 @@ the default; image and template tokens are never cut) or raises (`truncation="er
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from metaembed_jax.models.processing import (
     CANDIDATE_PREFIX,
@@ -59,6 +61,7 @@ from metaembed_jax.models.qwen2_vl.config import (
 SIDES = ("query", "candidate")
 IMAGE_LAYOUTS = ("packed", "per_example")
 _IMAGE_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses a longer side over 200 x the shorter
 
 
 class QwenVLProcessor:
@@ -293,11 +296,35 @@ class QwenVLProcessor:
 
     # ----------------------------------------------------------------------------- pieces
 
+    @property
+    def pixel_budget(self) -> int:
+        """The most pixels one image is resized to (`max_pixels`)."""
+        return int(self.image_processor.size.longest_edge)
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """`image` resized to the size the HF image processor gives it (`smart_resize`), so the
+        processor then leaves it as it is; an image HF would resize beyond `max_pixels` (a side
+        clamped to one merged patch) or refuse (aspect ratio over 200) gets the largest size
+        within the budget instead, its aspect ratio capped (`fitted_size`)."""
+        size = self.image_processor.size
+        height, width = fitted_size(
+            image.height,
+            image.width,
+            int(self.image_processor.patch_size) * self.merge_size,
+            int(size.shortest_edge),
+            int(size.longest_edge),
+        )
+        if (height, width) == (image.height, image.width):
+            return image
+        return image.resize((width, height), resample=self.image_processor.resample)
+
     def process_images(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """HF image processing of a flat list: (pixel_values [P, D] f32, grid [N, 3] int32)."""
+        """HF image processing of a flat list (each image fitted first, see `fit_image`):
+        (pixel_values [P, D] f32, grid [N, 3] int32)."""
         if not images:
             return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int32)
-        out = self.image_processor(images=list(images), return_tensors="np")
+        fitted = [self.fit_image(image) for image in images]
+        out = self.image_processor(images=fitted, return_tensors="np")
         pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
         return pixel_values, np.asarray(out["image_grid_thw"], dtype=np.int32)
 
@@ -409,6 +436,48 @@ class QwenVLProcessor:
                 f"input_ids hold {found} {IMAGE_PAD} tokens but image_grid_thw {grid.tolist()} "
                 f"needs {expected} (prod(grid) / merge_size**2 per image)"
             )
+
+
+def fitted_size(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """(height, width) an image is resized to: transformers' `smart_resize` (sides multiples of
+    `factor`, area in [min_pixels, max_pixels], aspect ratio kept as closely as it can) where
+    its result lies within those bounds. Where it does not (a side clamped to one `factor`, or
+    rounded up past `max_pixels` when the bounds are close, or an aspect ratio over 200, which
+    it refuses, before or after its rounding): the grid of `factor`-sized tiles within the
+    bounds whose aspect ratio is closest to the image's (at most `MAX_ASPECT_RATIO`). The image
+    is squeezed, never refused.
+
+    Raises ValueError when `max_pixels` is below one `factor` x `factor` tile.
+    """
+    most = max_pixels // factor**2
+    if most < 1:
+        raise ValueError(f"max_pixels={max_pixels} is below one {factor}x{factor} merged patch")
+    height, width = max(1, int(height)), max(1, int(width))
+    if max(height, width) / min(height, width) <= MAX_ASPECT_RATIO:
+        fitted = smart_resize(height, width, factor, min_pixels, max_pixels)
+        within = min_pixels <= fitted[0] * fitted[1] <= max_pixels
+        if within and max(fitted) / min(fitted) <= MAX_ASPECT_RATIO:
+            return fitted
+    fewest = min(most, max(1, -(-min_pixels // factor**2)))
+    aspect = math.log(width / height)
+    best = None
+    for rows in range(1, most + 1):  # tiles down; columns: the closest to the aspect ratio
+        low, high = -(-fewest // rows), most // rows
+        if low > high:
+            continue
+        columns = round(rows * width / height)
+        columns = min(max(columns, -(-rows // MAX_ASPECT_RATIO)), rows * MAX_ASPECT_RATIO)
+        columns = min(max(columns, low), high)
+        if max(rows, columns) / min(rows, columns) > MAX_ASPECT_RATIO:
+            continue
+        score = (abs(math.log(columns / rows) - aspect), -rows * columns)
+        if best is None or score < best[0]:
+            best = (score, rows, columns)
+    if best is None:  # no grid within the bounds and the aspect limit: one tile
+        return factor, factor
+    return best[1] * factor, best[2] * factor
 
 
 def _single_token_id(tokenizer, token: str) -> int:
