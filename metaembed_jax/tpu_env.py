@@ -21,6 +21,7 @@ import os
 import re
 
 OFFLINE_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+COMPILE_ONLY_ENV = "ALLOW_MULTIPLE_LIBTPU_LOAD"
 # "1" lets libtpu query its metadata server (a real TPU VM of a multi-host slice).
 METADATA_OPT_IN = "METAEMBED_TPU_METADATA"
 
@@ -53,7 +54,8 @@ def accelerator_type(topology: str) -> str:
 
 def set_offline_tpu_env(topology: str | None = None) -> dict[str, str]:
     """Set libtpu's no-network variables (`OFFLINE_ENV`, and `TPU_ACCELERATOR_TYPE` of
-    `topology` when given) where the environment has none; returns the values in force.
+    `topology` when given, with `ALLOW_MULTIPLE_LIBTPU_LOAD=1` for a compile without chips)
+    where the environment has none; returns the values in force.
 
     Call before jax loads libtpu. Does nothing when `METAEMBED_TPU_METADATA=1`.
     """
@@ -63,5 +65,8 @@ def set_offline_tpu_env(topology: str | None = None) -> dict[str, str]:
         os.environ.setdefault(name, value)
     if topology is not None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topology))
-    names = (*OFFLINE_ENV, "TPU_ACCELERATOR_TYPE")
+        # The compiler alone claims no chip, so two compiles may load libtpu at once: its
+        # lockfile (/tmp/libtpu_lockfile) guards chips and would refuse the second.
+        os.environ.setdefault(COMPILE_ONLY_ENV, "1")
+    names = (*OFFLINE_ENV, "TPU_ACCELERATOR_TYPE", COMPILE_ONLY_ENV)
     return {name: os.environ[name] for name in names if name in os.environ}

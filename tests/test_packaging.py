@@ -94,8 +94,10 @@ def test_pip_install_into_a_fresh_venv_gives_the_metaembed_command(tmp_path):
     modules = "metaembed_jax.data.pipeline, metaembed_jax.training.loop, metaembed_jax.evaluation"
     modules += ".runner, metaembed_jax.models.mllama, metaembed_jax.models.paligemma"
     installed("python", "-c", f"import {modules}", check=True)
-    recipe = installed("metaembed", "configs", "demo", check=True).stdout.strip()
+    recipe = installed("metaembed", "configs", "demo", "--path", check=True).stdout.strip()
     assert Path(recipe).is_relative_to(venv) and Path(recipe).name == "demo.py", recipe
+    text = installed("metaembed", "configs", "demo", check=True).stdout
+    assert text == Path(recipe).read_text(), text[:500]  # without --path: the recipe itself
     # The installed recipe loads (it imports the installed package) and the train program
     # starts from it by name, failing only on the flag it is missing.
     train = installed("metaembed", "train", "--config", "demo:single")

@@ -92,7 +92,8 @@ def build_index(
         index = MultiVectorIndex.build(np.concatenate(chunks), ids=ids, dtype=dtype)
     elif ids:
         index.add(np.concatenate(chunks), ids=ids)
-    index.metadata["model"] = retriever.provenance
+    if retriever.provenance is not None:
+        index.metadata["model"] = retriever.provenance
     index.metadata["skipped"] = [{"id": i, "error": e} for i, e in skipped]
     index.save(out)  # atomic: the manifest names the old files or the new ones, never a mix
     shutil.rmtree(partial)
@@ -162,12 +163,12 @@ def _open_partial(out: Path, retriever, chunk_size: int, dtype: str) -> Path:
     """`out.partial/` with a `build.json` naming the model and chunking; an existing one must
     match (its chunks are another model's vectors otherwise)."""
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    record = retriever.provenance
+    record = retriever.provenance or {}
     inputs = {
         "run": str(retriever.run_dir.resolve()) if retriever.run_dir else None,
         "step": retriever.step,
-        "params_sha256": record["params_sha256"],
-        "processor_sha256": record["processor_sha256"],
+        "params_sha256": record.get("params_sha256"),
+        "processor_sha256": record.get("processor_sha256"),
         "chunk_size": int(chunk_size),
         "dtype": dtype,
     }

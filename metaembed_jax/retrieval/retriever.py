@@ -121,10 +121,10 @@ class Retriever:
         return cls(encoder, config, run_dir, step)
 
     @property
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any] | None:
         """The record of this model that indexes it builds keep (`provenance.model_record`),
-        computed once."""
-        if self._provenance is None:
+        computed once; None for an encoder that holds no MetaEmbed model (a stand-in)."""
+        if self._provenance is None and hasattr(self.encoder, "graphdef"):
             model = nnx.merge(self.encoder.graphdef, self.encoder.state)
             self._provenance = model_record(
                 model, self.encoder.processor, self.config, self.run_dir, self.step
@@ -146,14 +146,15 @@ class Retriever:
     def index(self, documents: Sequence[Any], ids=None, dtype: str = "bfloat16"):
         """A MultiVectorIndex of `documents` (ids default to 0..N-1), recording this model."""
         index = MultiVectorIndex.build(self.encode_documents(documents), ids=ids, dtype=dtype)
-        index.metadata["model"] = self.provenance
+        if self.provenance is not None:
+            index.metadata["model"] = self.provenance
         return index
 
     def check_index(self, index, *, action: str = "search it", allow_other_model=False) -> None:
         """Refuse an index another model built (`provenance.check_same_model`): raises
         OtherModelError naming both, unless `allow_other_model`."""
         metadata = getattr(index, "metadata", None)
-        if metadata is None:  # an index type that records nothing about its model
+        if metadata is None or self.provenance is None:  # nothing recorded to compare
             return
         check_same_model(
             metadata.get("model"),

@@ -27,7 +27,7 @@ from metaembed_jax.models.published import PUBLISHED_CONFIGS
 from tests.paths import REPO as REPO_PATH
 
 REPO = str(REPO_PATH)
-TPU_VARIABLES = (*tpu_env.OFFLINE_ENV, "TPU_ACCELERATOR_TYPE")
+TPU_VARIABLES = (*tpu_env.OFFLINE_ENV, "TPU_ACCELERATOR_TYPE", tpu_env.COMPILE_ONLY_ENV)
 
 
 def _environment(clean_tpu_env: bool) -> dict[str, str]:
@@ -81,6 +81,43 @@ def test_package_sets_the_offline_env_before_libtpu_loads():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["4", "tpu"]
+
+
+def test_two_compiles_load_libtpu_at_once():
+    """A compile claims no chip: a second process builds a topology while the first holds
+    libtpu (without ALLOW_MULTIPLE_LIBTPU_LOAD, libtpu's lockfile refuses the second)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+            import sys
+            from metaembed_jax.cli import compile as tpu_compile
+            tpu_compile.tpu_devices("v5e:2x2")
+            print("loaded", flush=True)
+            sys.stdin.read()  # hold libtpu until the test closes stdin
+            """
+            ),
+        ],
+        env=_environment(clean_tpu_env=True),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "loaded"
+        second = _run(
+            """
+            from metaembed_jax.cli import compile as tpu_compile
+            print(len(tpu_compile.tpu_devices("v5e:2x2")))
+            """
+        )
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert second.stdout.split() == ["4"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 def test_entry_point_sets_the_env_before_jax_is_imported():

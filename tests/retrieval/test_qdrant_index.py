@@ -341,7 +341,15 @@ class HashEncoder:
 
 @pytest.fixture
 def stub_run(monkeypatch):
-    """`Retriever.load(anything)` returns a retriever of `HashEncoder`."""
+    """`--run anything` is a run of step 0 trained at (16, 64) whose retriever is a
+    `HashEncoder`'s: the CLI's checks before loading see a run, and no model loads."""
+    from metaembed_jax.cli import index_commands
+    from metaembed_jax.training.config import base_config
+
+    config = base_config()
+    config.model.num_query_tokens, config.model.num_candidate_tokens = 16, 64
+    monkeypatch.setattr(index_commands, "read_saved_config", lambda run: config)
+    monkeypatch.setattr(index_commands, "find_step", lambda run, step: 0)
     monkeypatch.setattr(
         Retriever, "load", classmethod(lambda cls, *a, **k: cls(HashEncoder(), None))
     )
@@ -420,10 +428,13 @@ def test_cli_push_then_search_equals_index_search(data, tmp_path, capsys, stub_r
             np.testing.assert_allclose(
                 [r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-4
             )
-    with pytest.raises(SystemExit):  # --index and --qdrant exclude each other
+    with pytest.raises(SystemExit) as exit:  # --index and --qdrant exclude each other
         commands.main(["index", "search", "--index", "i", "--qdrant", "q", *query])
-    with pytest.raises(SystemExit, match="--collection"):
+    assert exit.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
         commands.main(["index", "search", "--qdrant", str(tmp_path / "q"), *query])
+    assert exit.value.code == 2  # a usage error, in one line naming the missing option
+    assert capsys.readouterr().err.strip().endswith("--qdrant needs --collection NAME")
 
 
 def _fenced_blocks(text: str, language: str) -> list[str]:

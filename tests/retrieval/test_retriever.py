@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from metaembed_jax.cli import main as commands
+from metaembed_jax.retrieval.build import build_index
 from metaembed_jax.retrieval.index import MultiVectorIndex
-from metaembed_jax.retrieval.retriever import Retriever, build_index
+from metaembed_jax.retrieval.retriever import Retriever
 from tests.trained_run import trained_lora_run
 
 COLOURS = {"a.png": (220, 30, 30), "b.png": (30, 200, 40), "sub/c.png": (20, 40, 230)}
@@ -109,6 +110,9 @@ class StopAfter:
     def __init__(self, encoder, calls=None):
         self.encoder, self.calls, self.items = encoder, calls, 0
 
+    def __getattr__(self, name):  # the processor (pixel budget) and the rest: the encoder's
+        return getattr(self.encoder, name)
+
     def __call__(self, items, side):
         if self.calls is not None and self.calls == 0:
             raise KeyboardInterrupt("build stopped")
@@ -183,14 +187,14 @@ def test_a_build_killed_with_sigkill_resumes_to_the_uninterrupted_index(retrieve
     command += ["--chunk-size", "1", "--batch-size", "1", "--dtype", "float32", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     build = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    second_chunk = out.with_name(out.name + ".partial") / "chunk-000001.npy"
+    second_chunk = out.with_name(out.name + ".partial") / "chunk-000001.npz"
     deadline = time.monotonic() + 300
     while not second_chunk.exists() and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     build.send_signal(signal.SIGKILL)
     _, stderr = build.communicate()
     assert build.returncode == -signal.SIGKILL, stderr[-2000:]  # killed, not finished
-    done = len(list(second_chunk.parent.glob("chunk-??????.npy")))
+    done = len(list(second_chunk.parent.glob("chunk-??????.npz")))
     assert 2 <= done < 40 and not out.exists()
 
     original = retriever.encoder

@@ -305,16 +305,17 @@ class QwenVLProcessor:
         """`image` resized to the size the HF image processor gives it (`smart_resize`), so the
         processor then leaves it as it is; an image HF would resize beyond `max_pixels` (a side
         clamped to one merged patch) or refuse (aspect ratio over 200) gets the largest size
-        within the budget instead, its aspect ratio capped (`fitted_size`)."""
+        within the budget instead, its aspect ratio capped (`fitted_size`). An image the processor
+        would resize twice is left as it is."""
         size = self.image_processor.size
-        height, width = fitted_size(
-            image.height,
-            image.width,
-            int(self.image_processor.patch_size) * self.merge_size,
-            int(size.shortest_edge),
-            int(size.longest_edge),
-        )
+        factor = int(self.image_processor.patch_size) * self.merge_size
+        budget = (factor, int(size.shortest_edge), int(size.longest_edge))
+        height, width = fitted_size(image.height, image.width, *budget)
         if (height, width) == (image.height, image.width):
+            return image
+        if fitted_size(height, width, *budget) != (height, width):
+            # The processor would resize its own output again (below min_pixels with close
+            # bounds); it gives the original this size in one resize.
             return image
         return image.resize((width, height), resample=self.image_processor.resample)
 
@@ -443,7 +444,7 @@ def fitted_size(
 ) -> tuple[int, int]:
     """(height, width) an image is resized to: transformers' `smart_resize` (sides multiples of
     `factor`, area in [min_pixels, max_pixels], aspect ratio kept as closely as it can) where
-    its result lies within those bounds. Where it does not (a side clamped to one `factor`, or
+    its result fits `max_pixels`. Where it does not (a side clamped to one `factor`, or
     rounded up past `max_pixels` when the bounds are close, or an aspect ratio over 200, which
     it refuses, before or after its rounding): the grid of `factor`-sized tiles within the
     bounds whose aspect ratio is closest to the image's (at most `MAX_ASPECT_RATIO`). The image
@@ -457,7 +458,8 @@ def fitted_size(
     height, width = max(1, int(height)), max(1, int(width))
     if max(height, width) / min(height, width) <= MAX_ASPECT_RATIO:
         fitted = smart_resize(height, width, factor, min_pixels, max_pixels)
-        within = min_pixels <= fitted[0] * fitted[1] <= max_pixels
+        # Below min_pixels is kept: transformers' own floor rounding gives it, and we match it.
+        within = fitted[0] * fitted[1] <= max_pixels
         if within and max(fitted) / min(fitted) <= MAX_ASPECT_RATIO:
             return fitted
     fewest = min(most, max(1, -(-min_pixels // factor**2)))
