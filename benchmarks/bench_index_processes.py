@@ -25,8 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import machine_load  # noqa: E402
+from benchmarks.scoring_peers import NOT_INSTALLED  # noqa: E402
 
-NOT_INSTALLED = "peer not installed"  # bench_scoring.py's word for a missing peer (--smoke)
 _PEER_TIME = rf"([\d.]+)s|{NOT_INSTALLED}"
 ROW = re.compile(
     rf"^\s+N=(\d+) D=(\d+) (\w+) \((\d+), (\d+)\): ours ([\d.]+)s, colpali (?:{_PEER_TIME}), "

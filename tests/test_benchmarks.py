@@ -22,7 +22,7 @@ from tests.paths import REPO
 
 BENCHMARKS = REPO / "benchmarks"
 # Modules the scripts import, not scripts themselves.
-HELPERS = {"machine_load", "demo_smoke"}
+HELPERS = {"machine_load", "demo_smoke", "scoring_peers"}
 LOAD = re.compile(r"load average [\d.]+ / [\d.]+ / [\d.]+ \(1 / 5 / 15 min\) on \d+ cores")
 NUM = r"\d+(?:\.\d+)?(?:e[+-]\d+)?"
 NOT_INSTALLED = "peer not installed"
@@ -170,6 +170,18 @@ def peer_cells(row: list[str], first_peer: int) -> None:
         assert re.fullmatch(rf"{NUM}x \((colpali|pylate)\)", speedup), row
     else:
         assert speedup == "-", row
+
+
+def test_scoring_peer_cells_name_the_faster_installed_peer():
+    """The cells of bench_scoring's rows with both, one or no peer installed (the test venv
+    may have none, so the smoke run alone would not show the first two)."""
+    from benchmarks.scoring_peers import peer_cells, peer_progress
+
+    both = {"colpali": 0.4, "pylate": 0.2}
+    assert peer_cells(both, 0.1, 1e3, 1) == ["400.0", "200.0", "2.00x (pylate)"]
+    assert peer_cells({"colpali": 0.3}, 0.1, 1.0, 2) == ["0.30", NOT_INSTALLED, "3.00x (colpali)"]
+    assert peer_cells({}, 0.1, 1.0, 2) == [NOT_INSTALLED, NOT_INSTALLED, "-"]
+    assert peer_progress({"pylate": 0.5}, 3) == f"colpali {NOT_INSTALLED}, pylate 0.500s"
 
 
 def test_bench_scoring():
