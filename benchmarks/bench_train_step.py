@@ -226,21 +226,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-    config, hf_model, model = build_models(args, lr=1e-3)  # the torch peer's AdamW below
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    state = create_train_state(model, tx, lora=False)
-    step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
-    batches = [
-        text_batch(i, batch=args.batch, length=args.length, vocab=1024)
-        for i in range(args.steps + 1)
-    ]
-    jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
-
-    torch_model = TorchMetaEmbed(hf_model, np.asarray(model.meta_tokens[...]), 16)
+def torch_trainer(torch_model: TorchMetaEmbed):
+    """The PyTorch peer's train step (AdamW at the JAX step's lr 1e-3, gradient clipping 1):
+    numpy batch -> loss."""
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, weight_decay=0.0)
 
     def torch_step(batch):
@@ -257,6 +245,26 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
         optimizer.step()
         return float(loss.detach())
+
+    return torch_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    config, hf_model, model = build_models(args, lr=1e-3)  # torch_trainer's AdamW's
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    state = create_train_state(model, tx, lora=False)
+    step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
+    batches = [
+        text_batch(i, batch=args.batch, length=args.length, vocab=1024)
+        for i in range(args.steps + 1)
+    ]
+    jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+
+    torch_model = TorchMetaEmbed(hf_model, np.asarray(model.meta_tokens[...]), 16)
+    torch_step = torch_trainer(torch_model)
 
     # First step: both from identical weights and batch -> the same loss (a parity check).
     state, metrics = step(state, jax_batches[0])
