@@ -7,6 +7,7 @@ and mask on every side, float32, one process; prints the median of `--repeats` c
 to torch, and the largest difference from the one-piece output.
 
     python benchmarks/bench_attention.py [--batch 2] [--length 4128] [--real 1025]
+    python benchmarks/bench_attention.py --smoke   # tiny, seconds (tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from benchmarks.bench_encoder import interleaved_seconds
 from metaembed_jax.models import layers
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -32,7 +33,14 @@ def parse_args():
     parser.add_argument("--real", type=int, default=1025, help="real rows; the rest is padding")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-    return parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (still two query blocks), one repeat"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.heads, args.head_dim = 1, 2, 8
+        args.length, args.real, args.repeats = layers.QUERY_BLOCK_ROWS + 8, 100, 1
+    return args
 
 
 def jitted_attention(block_rows: int, implementation: str):
@@ -51,7 +59,8 @@ def jitted_attention(block_rows: int, implementation: str):
     return jax.jit(run)
 
 
-def main(args) -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__}, torch {torch.__version__}, {machine_load.describe()}")
     rng = np.random.default_rng(0)
@@ -97,4 +106,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

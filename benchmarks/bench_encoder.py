@@ -11,6 +11,7 @@ the layer stacks are scanned, so it should stay nearly flat.
     python -m benchmarks.bench_encoder [--batch 8] [--repeats 5] [--threads N]
     python -m benchmarks.bench_encoder --size large   # hidden 1024, 8+8 layers, 448 px + 64 tokens
     python -m benchmarks.bench_encoder --images_only  # just the vision tower's images line
+    python -m benchmarks.bench_encoder --smoke        # every part at tiny sizes (a test runs it)
 
 Also prints the "linear in images" line: the JAX tower's forward (4 blocks, width 256, 2 of them
 full attention) on 8 images of 448 px packed in one batch, against 8 times one image, with the
@@ -40,7 +41,7 @@ from benchmarks import machine_load
 from metaembed_jax.models import from_config, load_hf
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--text_tokens", type=int, default=None, help="default: the size's")
@@ -63,7 +64,16 @@ def parse_args():
     parser.add_argument(
         "--peak_tflops", type=float, default=0.0, help="the machine's peak, for MFU (0 = skip)"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="--size smoke, batch 2, one repeat, tiny rows"
+    )
+    args = parser.parse_args(argv)
+    # The images line: `line_images` images of `line_pixels` px; the compile part's depths.
+    args.line_images, args.line_pixels, args.compile_depths = 8, 448, (4, 16)
+    if args.smoke:
+        args.size, args.batch, args.repeats = "smoke", 2, 1
+        args.paligemma_layers, args.mllama_layers = 1, 3
+        args.line_images, args.line_pixels, args.compile_depths = 2, 56, (2, 4)
     for name, value in SIZES[args.size]["defaults"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -73,25 +83,37 @@ def parse_args():
 IMAGE_PAD, VISION_START, VISION_END = 1000, 1001, 1002
 
 
-# mid: the default (hidden 512); large: the issue's larger size (hidden 1024, 8+8 layers).
+# mid: the default (hidden 512); large: the issue's larger size (hidden 1024, 8+8 layers);
+# smoke: the tiniest that keeps head dim 64 and windowed vision blocks (2 + 4 layers).
 SIZES = {
     "mid": dict(
         text=dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8),
         vision=dict(hidden_size=256, intermediate_size=704, num_heads=4),
         defaults=dict(text_tokens=32, image_size=224),
+        layers=(8, 8),
     ),
     "large": dict(
         text=dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16),
         vision=dict(hidden_size=512, intermediate_size=1408, num_heads=8),
         defaults=dict(text_tokens=64, image_size=448),
+        layers=(8, 8),
+    ),
+    "smoke": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_attention_heads=2),
+        vision=dict(hidden_size=32, intermediate_size=64, num_heads=2),
+        defaults=dict(text_tokens=4, image_size=56),
+        layers=(2, 4),
     ),
 }
 
 
 def mid_config(
-    num_layers: int = 8, vision_depth: int = 8, size: str = "mid"
+    num_layers: int | None = None, vision_depth: int | None = None, size: str = "mid"
 ) -> transformers.Qwen2_5_VLConfig:
+    """The `size`'s config; `num_layers` / `vision_depth` default to its `layers`."""
     sizes = SIZES[size]
+    num_layers = num_layers or sizes["layers"][0]
+    vision_depth = vision_depth or sizes["layers"][1]
     text = dict(
         vocab_size=1024,
         num_hidden_layers=num_layers,
@@ -268,13 +290,16 @@ def _count(module) -> int:
 
 
 def images_line(args) -> None:
-    """The JAX tower on 8 images of 448 px in one packed batch vs 8 times one image: with the
-    per-image bound (attention per image) and without it (over the whole packed sequence)."""
-    config = mid_config(num_layers=1, vision_depth=4)
+    """The JAX tower on 8 images of 448 px (`args.line_images` of `args.line_pixels`) in one
+    packed batch vs 8 times one image: with the per-image bound (attention per image) and
+    without it (over the whole packed sequence)."""
+    count, side = args.line_images, args.line_pixels
+    size = "smoke" if args.smoke else "mid"
+    config = mid_config(num_layers=1, vision_depth=4, size=size)
     tower = from_config(config, rngs=nnx.Rngs(0)).visual
     graphdef, state = nnx.split(tower)
-    one = make_inputs(1, 0, 448)
-    eight = make_inputs(8, 0, 448)
+    one = make_inputs(1, 0, side)
+    packed = make_inputs(count, 0, side)
     patches = int(np.prod(one["image_grid_thw"][0]))
 
     def forward(bound):
@@ -286,37 +311,50 @@ def images_line(args) -> None:
     runs = {}
     for name, bound in (("per image", patches), ("packed, no bound", None)):
         fn = forward(bound)
-        for count, batch in (("1", one), ("8", eight)):
+        for images, batch in (("1", one), ("packed", packed)):
             pixels, grid = jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["image_grid_thw"])
-            runs[(name, count)] = lambda fn=fn, p=pixels, g=grid: fn(
+            runs[(name, images)] = lambda fn=fn, p=pixels, g=grid: fn(
                 state, p, g
             ).block_until_ready()
     seconds = interleaved_seconds(runs, args.repeats)
+    width = config.vision_config.hidden_size
     print(
-        f"\nvision tower (4 blocks, width 256, 2 full-attention), 448 px images "
+        f"\nvision tower (4 blocks, width {width}, 2 full-attention), {side} px images "
         f"({patches} patches each), JAX jitted:\n"
     )
-    print("| attention | 1 image, s | 8 images packed, s | 8 images / (8 x 1 image) |")
+    print(
+        f"| attention | 1 image, s | {count} images packed, s | "
+        f"{count} images / ({count} x 1 image) |"
+    )
     print("|---|---|---|---|")
     for name in ("per image", "packed, no bound"):
-        single, batch8 = seconds[(name, "1")], seconds[(name, "8")]
-        print(f"| {name} | {single:.3f} | {batch8:.3f} | {batch8 / (8 * single):.2f}x |")
+        single, together = seconds[(name, "1")], seconds[(name, "packed")]
+        print(f"| {name} | {single:.3f} | {together:.3f} | {together / (count * single):.2f}x |")
+
+
+def row_widths(args) -> tuple[dict, dict]:
+    """(text, vision) widths of the PaliGemma and Mllama rows: the mid size's, or the smoke's."""
+    size = SIZES["smoke" if args.smoke else "mid"]
+    return size["text"], size["vision"]
 
 
 def paligemma_forward(args) -> tuple[str, ...]:
     """The PaliGemma row: full forward of a mid-size PaliGemma (Gemma decoder, hidden 512,
-    `--paligemma_layers` layers; SigLIP width 256, as deep), one `--image_size` image (its 14 px
-    patches as `<image>` tokens) + `<bos>` + `--text_tokens` text tokens per example."""
+    `--paligemma_layers` layers; SigLIP width 256, as deep; `--smoke`: the smoke size's widths),
+    one `--image_size` image (its 14 px patches as `<image>` tokens) + `<bos>` +
+    `--text_tokens` text tokens per example."""
     from metaembed_jax.models.paligemma import tiny_config as paligemma_config
 
-    layers = args.paligemma_layers
+    layers, (text, vision) = args.paligemma_layers, row_widths(args)
     config = paligemma_config(
-        1024, image_size=args.image_size, hidden_size=512, intermediate_size=1408,
-        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+        1024, image_size=args.image_size, hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"], num_hidden_layers=layers,
+        num_attention_heads=text["num_attention_heads"], num_key_value_heads=1, head_dim=64,
     )  # fmt: skip
     config["vision_config"].update(
-        hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_attention_heads=4
-    )
+        hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=vision["num_heads"],
+    )  # fmt: skip
     torch.manual_seed(0)
     hf_model = transformers.PaliGemmaForConditionalGeneration(
         transformers.PaliGemmaConfig(**config)
@@ -372,19 +410,24 @@ def jax_vs_torch(hf_model, batch, repeats, jax_drop=()) -> tuple[float, dict[str
 def mllama_forward(args) -> tuple[str, ...]:
     """The Mllama row: full forward of a mid-size Llama-3.2-Vision (Llama 3 decoder, hidden 512,
     `--mllama_layers` layers with a gated cross-attention layer every 4th; vision width 256,
-    as many local layers + 2 global ones), one image of one `--image_size` tile (it enters
-    through cross-attention: one `<|image|>` token) + `<bos>` + `--text_tokens` tokens."""
+    as many local layers + 2 global ones; `--smoke`: the smoke size's widths), one image of one
+    `--image_size` tile (it enters through cross-attention: one `<|image|>` token) + `<bos>` +
+    `--text_tokens` tokens."""
     from metaembed_jax.models.mllama import tiny_config as mllama_config
 
     layers, side = args.mllama_layers, args.image_size
+    widths, vision_widths = row_widths(args)
+    heads, vision_width = widths["num_attention_heads"], vision_widths["hidden_size"]
     text = dict(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=2, cross_attention_layers=list(range(3, layers, 4)) or [layers - 1],
+        hidden_size=widths["hidden_size"], intermediate_size=widths["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=min(2, heads),
+        cross_attention_layers=list(range(3, layers, 4)) or [layers - 1],
     )  # fmt: skip
     vision = dict(
-        hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_global_layers=2,
-        attention_heads=4, image_size=side, max_num_tiles=4,
-        intermediate_layers_indices=[layers // 2, layers - 1], vision_output_dim=3 * 256,
+        hidden_size=vision_width, intermediate_size=vision_widths["intermediate_size"],
+        num_hidden_layers=layers, num_global_layers=2, attention_heads=vision_widths["num_heads"],
+        image_size=side, max_num_tiles=4, intermediate_layers_indices=[layers // 2, layers - 1],
+        vision_output_dim=3 * vision_width,
     )  # fmt: skip
     config = mllama_config(1024, text_config=text, vision_config=vision)
     torch.manual_seed(0)
@@ -415,9 +458,9 @@ def mllama_forward(args) -> tuple[str, ...]:
     return ("mllama forward", f"{torch_s:.3f}", f"{jax_s:.3f}", f"{torch_s / jax_s:.2f}x", "-", "-")
 
 
-def compile_seconds(num_layers: int, batch: dict) -> float:
+def compile_seconds(num_layers: int, batch: dict, size: str = "mid") -> float:
     """Lower + compile time of the jitted forward, on abstract weights (no memory for them)."""
-    config = mid_config(num_layers=num_layers, vision_depth=num_layers)
+    config = mid_config(num_layers=num_layers, vision_depth=num_layers, size=size)
     abstract = nnx.eval_shape(lambda: from_config(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(**batch))
@@ -426,7 +469,8 @@ def compile_seconds(num_layers: int, batch: dict) -> float:
     return time.perf_counter() - start
 
 
-def main(args) -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
@@ -450,10 +494,11 @@ def main(args) -> None:
         batch = {k: jnp.asarray(v) for k, v in make_inputs(2, 8, 112).items()}
         print("\n| layers (decoder = vision depth) | compile time of the jitted forward, s |")
         print("|---|---|")
-        for layers in (4, 16):
-            print(f"| {layers} | {compile_seconds(layers, batch):.2f} |")
+        size = "smoke" if args.smoke else "mid"
+        for layers in args.compile_depths:
+            print(f"| {layers} | {compile_seconds(layers, batch, size):.2f} |")
     print(f"\nat end: {machine_load.describe()}")
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main())

@@ -9,11 +9,15 @@ machine's load; the step times do (`--steps 0` skips them). One process, one dev
 
     python benchmarks/bench_grad_cache.py [--hidden 128 --layers 2 --batch 32 --length 256]
     python benchmarks/bench_grad_cache.py --model 7b --batch 48 --length 512
+    python benchmarks/bench_grad_cache.py --smoke [--model 7b]   # tiny, seconds (a test runs it)
 
 `--model 7b`: the reference recipe's model and settings (Qwen2.5-VL-7B shapes from its published
 config.json, LoRA r=32 with dropout, bfloat16 compute, full remat), compiled from abstract shapes
 (nothing allocated, no checkpoint needed, memory only); `--batch` is then one device's share of
 the global batch (the recipe's 384 over 8 devices: 48).
+
+`--smoke`: hidden 32, 1 layer, batch 4 x length 8, k = 2, one timed step; with `--model 7b` the
+recipe's settings on those tiny shapes instead of the 7B ones (still abstract, memory only).
 """
 
 from __future__ import annotations
@@ -59,11 +63,13 @@ QWEN2_5_VL_7B_VISION = dict(
 )
 
 
-def recipe_7b_config():
-    """The reference recipe's model settings on the 7B shapes (random init, abstract only)."""
+def recipe_7b_config(shapes_7b: bool = True):
+    """The reference recipe's model settings on the 7B shapes (random init, abstract only);
+    `shapes_7b` False keeps `tiny_config`'s shapes (the smoke run)."""
     hf = tiny_config()
-    hf["text_config"].update(QWEN2_5_VL_7B_TEXT)
-    hf["vision_config"].update(QWEN2_5_VL_7B_VISION)
+    if shapes_7b:
+        hf["text_config"].update(QWEN2_5_VL_7B_TEXT)
+        hf["vision_config"].update(QWEN2_5_VL_7B_VISION)
     config = helpers.tiny_run_config()
     config.model.hf_config = ConfigDict(hf)
     config.model.dtype, config.model.remat = "bfloat16", "full"
@@ -111,8 +117,8 @@ def measure(step: TrainStep, state, batch, steps: int):
     return memory.temp_size_in_bytes, memory.argument_size_in_bytes, median, state
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
@@ -121,11 +127,20 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (0: none)")
     parser.add_argument("--counts", default="1,2,4,8")
     parser.add_argument("--model", default="tiny", choices=("tiny", "7b"))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, k = 2, one step")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.layers, args.batch, args.length = 32, 1, 4, 8
+        args.counts, args.steps = "2", 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
 
     if args.model == "7b":
-        config = recipe_7b_config()
+        config = recipe_7b_config(shapes_7b=not args.smoke)
         args.steps = 0
     else:
         config = helpers.tiny_run_config()
@@ -142,7 +157,8 @@ def main():
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
             helpers.random_batch(0, batch=args.batch, length=args.length, vocab=1024),
         )
-        described = "Qwen2.5-VL-7B shapes, LoRA r=32 dropout 0.1, bfloat16, remat full"
+        shapes = "tiny shapes (smoke)" if args.smoke else "Qwen2.5-VL-7B shapes"
+        described = f"{shapes}, LoRA r=32 dropout 0.1, bfloat16, remat full"
     else:
         state = create_train_state(build_model(config), tx, lora=False)
         batch = jax.tree.map(

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--config configs/demo.py] [--batch_size 32]
         [--batches 30] [--workers 0,2]
+    python benchmarks/bench_pipeline.py --smoke   # 16 examples, 2 batches of 8 (a test runs it)
 
 Peer: a plain Python loop doing the same work per batch (read records in the shuffled order,
 decode PNGs, run the processor, pad to static shapes) in the main thread. Rows: that loop, the
@@ -27,11 +28,11 @@ from metaembed_jax.models.qwen2_vl import FAMILY  # noqa: E402
 from metaembed_jax.training.recipes import load_recipe  # noqa: E402
 
 
-def demo_like_config(config_file: str, data_dir: str, num_train: int):
-    """config.data of `config_file` (configs/demo.py), built under `data_dir`, smaller train."""
+def demo_like_config(config_file: str, data_dir: str, num_train: int, num_eval: int = 16):
+    """config.data of `config_file` (configs/demo.py), built under `data_dir`, smaller splits."""
     data = load_recipe(config_file).data
     data.dir = data_dir
-    data.synthetic.update(num_train=num_train, num_val=16, num_test=16)
+    data.synthetic.update(num_train=num_train, num_val=num_eval, num_test=num_eval)
     return data
 
 
@@ -64,7 +65,7 @@ def grain_rate(config, processor, batch_size: int, batches: int, mesh) -> float:
     return rate
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument(
@@ -74,13 +75,23 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="16 examples, 2 batches of 8, no worker processes"
+    )
+    args = parser.parse_args(argv)
+    args.num_eval = 16  # val / test examples built (not read here)
+    # Batch 8: the smallest the 8-device mesh takes. No worker processes: this script's code is
+    # the same for every worker count, and starting them would be most of the smoke run's time.
+    if args.smoke:
+        args.num_train, args.num_eval, args.batch_size = 16, 4, 8
+        args.batches, args.workers = 2, "0"
+    print(f"at start: {machine_load.describe()}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         run(args, args.data_dir or scratch)
 
 
 def run(args, data_dir: str) -> None:
-    config = demo_like_config(args.config, data_dir, args.num_train)
+    config = demo_like_config(args.config, data_dir, args.num_train, args.num_eval)
     build.build_synthetic(config, FAMILY.special_tokens, progress=False)
     processor = FAMILY.make_processor(config)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))

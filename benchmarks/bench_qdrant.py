@@ -47,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--rescore", type=int, default=50, help="int8 candidates rescored")
     parser.add_argument("--repeats", type=int, default=5, help="timed search calls (best)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="where the collections go (temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the collections go (default: a temporary dir)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -120,6 +122,17 @@ def build_pair(candidates, dtype, prefixes, workdir, name):
 def main(argv=None):
     args = parse_args(argv)
     print(f"at start: {machine_load.describe()}")
+    if args.workdir:
+        compare(args, args.workdir)
+    else:  # the collections go with the temporary directory
+        with tempfile.TemporaryDirectory(prefix="bench_qdrant_") as scratch:
+            compare(args, scratch)
+    print(f"\nat end: {machine_load.describe()}")
+
+
+def compare(args, workdir: str) -> None:
+    """Builds both indexes of each dtype (Qdrant's collections under `workdir`), searches them
+    and prints the tables."""
     print(
         f"qdrant-edge-py {version('qdrant-edge-py')}, jax {version('jax')}, "
         f"numpy {version('numpy')}"
@@ -133,7 +146,6 @@ def main(argv=None):
         f"{prefixes}; two-stage {args.coarse} -> {full} shortlist {args.shortlist}; int8 "
         f"rescore {args.rescore}; {args.repeats} timed calls\n"
     )
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_qdrant_")
     truth = {b: exact_top_k(queries, candidates, b, k) for b in (full, single)}
     rows, builds = [], []
     for dtype in ("float32", "int8"):
@@ -173,7 +185,6 @@ def main(argv=None):
     print("|---|---|---|---|")
     for dtype, ours_s, theirs_s in builds:
         print(f"| {dtype} | {ours_s:.2f} | {theirs_s:.2f} | {theirs_s / ours_s:.0f}x |")
-    print(f"\nat end: {machine_load.describe()}")
 
 
 if __name__ == "__main__":

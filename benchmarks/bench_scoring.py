@@ -3,6 +3,7 @@
     python benchmarks/bench_scoring.py            # full: 32 queries x 20k candidates, D=512,
                                                   # plus a D=2048 row (5k candidates)
     python benchmarks/bench_scoring.py --quick    # small, fast
+    python benchmarks/bench_scoring.py --smoke    # tiny, every table; peers optional (a test)
     python benchmarks/bench_scoring.py --embeddings FILE.npz   # two-stage / int8 recall on
                                                   # real embeddings (queries, candidates arrays)
     python benchmarks/bench_scoring.py --skip-scoring --skip-recall   # index search only:
@@ -16,19 +17,17 @@ Prints markdown tables. Peers are called from their installed packages (colpali-
 `BaseVisualRetrieverProcessor.score_multi_vector`, PyLate's `pylate.scores.colbert_scores`),
 loading only the scorer submodules (their package __init__s import heavy optional deps).
 Latency = best of ``--repeats`` runs (more for fast calls, see `best_time`) after a warm-up
-(compile) run, divided by the query count.
+(compile) run, divided by the query count. Without ``--smoke`` both peers must be installed
+(requirements-bench.txt); with it a missing one's cells read "peer not installed".
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 import tempfile
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -38,49 +37,27 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import machine_load  # noqa: E402
+from benchmarks.scoring_peers import (  # noqa: E402
+    NOT_INSTALLED,
+    load_peers,
+    peer_cells,
+    peer_progress,
+)
 from metaembed_jax.retrieval.index import MultiVectorIndex  # noqa: E402
 from metaembed_jax.scoring import maxsim, top_k  # noqa: E402
 
 BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
 R_Q, R_C = 16, 64
-
-
-# ------------------------------------------------------------------------------------- peers
-def _stub_packages(*names: str) -> None:
-    """Register empty parent packages with the installed __path__, so that their submodules
-    import without running the package __init__ (which pulls optional heavy dependencies)."""
-    for name in names:
-        if name in sys.modules:
-            continue
-        parent, _, child = name.rpartition(".")
-        if parent:
-            path = [os.path.join(sys.modules[parent].__path__[0], child)]
-        else:
-            path = list(importlib.util.find_spec(name).submodule_search_locations)
-        module = types.ModuleType(name)
-        module.__path__ = path
-        sys.modules[name] = module
-
-
-def load_peers():
-    """-> {"colpali": fn(q, c) -> scores, "pylate": fn(q, c) -> scores} on torch tensors."""
-    _stub_packages(
-        "colpali_engine", "colpali_engine.utils", "pylate", "pylate.utils", "pylate.scores"
-    )
-    processing = importlib.import_module("colpali_engine.utils.processing_utils")
-    colbert = importlib.import_module("pylate.scores.colbert")
-    processor = processing.BaseVisualRetrieverProcessor
-    return {
-        "colpali": lambda q, c: processor.score_multi_vector(q, c, device="cpu"),
-        "pylate": lambda q, c: colbert.colbert_scores(q, c),
-    }
+# Least total time of one measurement's timed calls (`--min-seconds`; the smoke run: 0).
+MIN_SECONDS = 1.0
 
 
 # ------------------------------------------------------------------------------------- timing
-def best_time(fn, repeats: int, min_seconds: float = 1.0) -> float:
+def best_time(fn, repeats: int, min_seconds: float | None = None) -> float:
     """Best wall time of at least ``repeats`` calls, and of as many more as fit in
-    ``min_seconds``, after one warm-up call (compilation, caches): a few ms-scale calls alone
-    are at the mercy of a single scheduler hiccup."""
+    ``min_seconds`` (default `MIN_SECONDS`), after one warm-up call (compilation, caches): a few
+    ms-scale calls alone are at the mercy of a single scheduler hiccup."""
+    min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
     jax.block_until_ready(fn())
     times = []
     while len(times) < repeats or sum(times) < min_seconds:
@@ -146,7 +123,6 @@ def bench_scoring(peers, num_queries, num_candidates, dim, dtype_name, repeats, 
             for name, fn in peers.items()
         }
         del q_prefix, c_prefix
-        faster = min(peer_times, key=peer_times.get)
         rows.append(
             {
                 "dim": dim,
@@ -157,26 +133,25 @@ def bench_scoring(peers, num_queries, num_candidates, dim, dtype_name, repeats, 
                 "ours_ms": ours / num_queries * 1e3,
                 "gflops": flops * num_queries / ours / 1e9,
                 "peak_fraction": flops * num_queries / ours / 1e9 / peak,
-                **{f"{name}_ms": t / num_queries * 1e3 for name, t in peer_times.items()},
-                "speedup": peer_times[faster] / ours,
-                "faster_peer": faster,
+                "peer_cells": peer_cells(peer_times, ours, 1e3 / num_queries, 2),
             }
         )
-        print(
-            f"  D={dim} {dtype_name} {budget}: ours {ours:.3f}s, "
-            + ", ".join(f"{n} {t:.3f}s" for n, t in peer_times.items()),
-            flush=True,
-        )
+        print(f"  D={dim} {dtype_name} {budget}: ours {ours:.3f}s, {peer_progress(peer_times, 3)}",
+              flush=True)  # fmt: skip
     return rows
 
 
-def check_agreement(peers, dim=64) -> float:
+def check_agreement(peers, dim=64) -> str:
     """Max |ours - pylate| on a small float32 case at (4, 8): the scorers compute the same thing."""
+    if "pylate" not in peers:
+        return f"agreement check: pylate {NOT_INSTALLED}"
     rng = np.random.default_rng(1)
     q, c = unit_vectors(rng, (3, R_Q, dim)), unit_vectors(rng, (50, R_C, dim))
     ours = np.asarray(maxsim(q, c, (4, 8)))
     theirs = peers["pylate"](torch.from_numpy(q[:, :4].copy()), torch.from_numpy(c[:, :8].copy()))
-    return float(np.abs(ours - theirs.numpy()).max())
+    return (
+        f"agreement check, max |ours - pylate| at (4, 8): {np.abs(ours - theirs.numpy()).max():.2e}"
+    )
 
 
 def print_scoring_table(rows, peaks):
@@ -189,8 +164,7 @@ def print_scoring_table(rows, peaks):
         print(
             f"| {r['dim']} | {r['dtype']} | {r['budget']} | {r['gflop_per_query']:.3f} | "
             f"{r['mb']:.0f} | {r['ours_ms']:.2f} | {r['gflops']:.0f} | "
-            f"{100 * r['peak_fraction']:.0f}% | {r['colpali_ms']:.2f} | {r['pylate_ms']:.2f} | "
-            f"{r['speedup']:.2f}x ({r['faster_peer']}) |"
+            f"{100 * r['peak_fraction']:.0f}% | " + " | ".join(r["peer_cells"]) + " |"
         )
     print(
         "\nMatmul peak (best GFLOP/s of a plain matmul, same dtype, same run; the % column uses "
@@ -264,7 +238,7 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
     queries = unit_vectors(
         np.random.default_rng(num_candidates + dim + 1), (args.num_queries, R_Q, dim)
     )
-    prefix_rc = max(r_c for _, r_c in budgets)
+    prefix_rc = max(r_c for _, r_c in budgets) if peers else 0  # no peers: no copy for them
     index, prefix = _build(
         num_candidates, dim, dtype_name, prefix_rc=0 if args.peers_after else prefix_rc
     )
@@ -274,24 +248,22 @@ def _index_rows(peers, args, num_candidates, dim, dtype_name, budgets, k):
         ours[budget] = best_time(lambda b=budget: index.search(queries, b, k=k), args.repeats)
         if prefix is not None:
             peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
-    if prefix is None:
+    if prefix is None and peers:
         del index  # and with it the placed prefix
         _, prefix = _build(num_candidates, dim, dtype_name, with_index=False, prefix_rc=prefix_rc)
         for budget in budgets:
             peer_times[budget] = _peer_times(peers, queries, prefix, budget, k, args.repeats)
     rows = []
     for budget in budgets:
-        times = peer_times[budget]
-        faster = min(times, key=times.get)
-        per_query = {name: t / args.num_queries * 1e3 for name, t in times.items()}
+        times = peer_times.get(budget, {})
+        cells = peer_cells(times, ours[budget], 1e3 / args.num_queries, 3)
         rows.append(
             f"| {num_candidates} | {dim} | {dtype_name} | {budget} | {index_gigabytes:.2f} | "
-            f"{ours[budget] / args.num_queries * 1e3:.3f} | {per_query['colpali']:.3f} | "
-            f"{per_query['pylate']:.3f} | {times[faster] / ours[budget]:.2f}x ({faster}) |"
+            f"{ours[budget] / args.num_queries * 1e3:.3f} | " + " | ".join(cells) + " |"
         )
         print(
             f"  N={num_candidates} D={dim} {dtype_name} {budget}: ours {ours[budget]:.7f}s, "
-            + ", ".join(f"{n} {t:.7f}s" for n, t in times.items()),
+            f"{peer_progress(times, 7)}",
             flush=True,
         )
     return rows
@@ -469,7 +441,9 @@ def bench_recall(args, k=10):
         label = os.path.basename(args.embeddings)
     else:
         rng = np.random.default_rng(7)
-        queries, candidates = synthetic_stand_in(rng, args.num_queries, args.num_candidates, 512)
+        queries, candidates = synthetic_stand_in(
+            rng, args.num_queries, args.num_candidates, args.recall_dim
+        )
         label = "SYNTHETIC stand-in (pass --embeddings for a trained model's)"
     fine = (min(16, queries.shape[1]), min(64, candidates.shape[1]))
     truth = Truth(queries, candidates, fine, targets, k)
@@ -478,17 +452,23 @@ def bench_recall(args, k=10):
         bench_two_stage(queries, candidates, coarse, shortlists, args.repeats, label, truth, k)
     bench_quantised(queries, candidates, label, truth, k)
     rng = np.random.default_rng(8)
-    queries = unit_vectors(rng, (args.num_queries, R_Q, 512))
-    candidates = unit_vectors(rng, (args.num_candidates, R_C, 512))
+    queries = unit_vectors(rng, (args.num_queries, R_Q, args.recall_dim))
+    candidates = unit_vectors(rng, (args.num_candidates, R_C, args.recall_dim))
     truth = Truth(queries, candidates, (R_Q, R_C), None, k)
     print(f"\nrandom unit vectors: {describe_ties(truth, k)}")
     bench_quantised(queries, candidates, "random unit vectors", truth, k)
 
 
 # ------------------------------------------------------------------------------------- main
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, no minimum time; peers optional"
+    )
+    parser.add_argument(
+        "--min-seconds", type=float, default=MIN_SECONDS, help="least timed total per figure"
+    )
     parser.add_argument("--num-queries", type=int, default=32)
     parser.add_argument("--num-candidates", type=int, default=20000, help="for D=512")
     parser.add_argument(
@@ -498,6 +478,7 @@ def parse_args():
         help="for the D=2048 row (20k x 64 x 2048 float32 would be 10.5 GB)",
     )
     parser.add_argument("--dims", default="512,2048")
+    parser.add_argument("--recall-dim", type=int, default=512, help="D of the recall tables")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shortlists", default="100,300,1000")
     parser.add_argument(
@@ -525,27 +506,38 @@ def parse_args():
     parser.add_argument(
         "--skip-two-stage", action="store_true", help="recall: quantised-index tables only"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.num_candidates, args.num_candidates_2048 = 2000, 500
         args.repeats, args.shortlists = 1, "50,200"
         args.index_sizes, args.index_dims = "1000", "64"
+    if args.smoke:
+        args.num_queries, args.num_candidates, args.num_candidates_2048 = 2, 120, 120
+        args.dims, args.repeats, args.min_seconds, args.shortlists = "32", 1, 0.0, "20"
+        args.recall_dim = 32
+        args.index_sizes, args.index_dims, args.index_dtypes = "60", "16", "float32"
+        args.index_budgets = "1x1,2x4"
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    global MIN_SECONDS
+    args = parse_args(argv)
+    MIN_SECONDS = args.min_seconds
     print(
         f"# bench_scoring: jax {jax.__version__} ({jax.devices()[0].platform}, "
         f"{os.cpu_count()} cores), torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
     print(f"at start: {machine_load.describe()}\n")
-    peers = load_peers()
-    print(f"agreement check, max |ours - pylate| at (4, 8): {check_agreement(peers):.2e}")
+    peers = load_peers(required=not args.smoke)
+    print(check_agreement(peers))
     if not args.skip_scoring:
         rows, peaks = [], {}
-        for dim in (int(d) for d in args.dims.split(",")):
-            count = args.num_candidates if dim == 512 else args.num_candidates_2048
+        counts = {
+            dim: args.num_candidates if dim == 512 else args.num_candidates_2048
+            for dim in (int(d) for d in args.dims.split(","))
+        }
+        for dim, count in counts.items():
             for dtype_name in ("float32", "bfloat16"):
                 peak = matmul_peak(dtype_name, args.num_queries * R_Q, dim, args.repeats)
                 peaks[(dim, dtype_name)] = peak
@@ -560,8 +552,9 @@ def main():
                 )
         print(
             f"\n**Exhaustive scoring, {args.num_queries} queries, random unit vectors "
-            f"(R_q={R_Q}, R_c={R_C}); candidates: {args.num_candidates} at D=512, "
-            f"{args.num_candidates_2048} at D=2048**"
+            f"(R_q={R_Q}, R_c={R_C}); candidates: "
+            + ", ".join(f"{count} at D={dim}" for dim, count in counts.items())
+            + "**"
         )
         print_scoring_table(rows, peaks)
     if not args.skip_index:

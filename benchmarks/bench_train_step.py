@@ -9,9 +9,11 @@ MFU = XLA's FLOP count of the compiled step / step time / a measured float32 mat
     python benchmarks/bench_train_step.py [--hidden 128 --layers 2 --batch 16 --length 64]
     python benchmarks/bench_train_step.py --size representative   # hidden 512, 4 layers
     python benchmarks/bench_train_step.py --profile   # + forward / loss / backward on their own
+    python benchmarks/bench_train_step.py --smoke     # tiny, one step, --profile (a test runs it)
 
 `--size` sets the defaults of --hidden / --layers / --batch / --length / --head_dim /
---intermediate (explicit flags win): tiny (the default, hidden 128, 2 layers), representative
+--intermediate (explicit flags win): smoke (hidden 32, 1 layer, batch 2 x length 8; `--smoke`
+adds one timed step and `--profile`), tiny (the default, hidden 128, 2 layers), representative
 (hidden 512, 4 layers, batch 16 x 3 sides, length 128; head dim 16 as `tiny_config` gives it)
 or qwen_shaped (the same with Qwen2.5-VL's head dim 128 and MLP width 5.375x). All text-only:
 the PyTorch reference has no image path.
@@ -106,6 +108,7 @@ class TorchMetaEmbed(torch.nn.Module):
 
 
 SIZES = {
+    "smoke": dict(hidden=32, layers=1, batch=2, length=8),
     "tiny": dict(hidden=128, layers=2, batch=16, length=64),
     "representative": dict(hidden=512, layers=4, batch=16, length=128),
     # As representative, with Qwen2.5-VL's proportions: head dim 128 (4 heads, 2 kv heads) and
@@ -200,8 +203,8 @@ def profile_parts(state, jax_batch, torch_model, torch_batch, repeats: int) -> N
         print(f"| {name} | {torch_s:.4f} | {jax_s:.4f} | {torch_s / jax_s:.2f}x |")
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
@@ -213,21 +216,19 @@ def main():
     parser.add_argument(
         "--profile", action="store_true", help="also time forward / loss / backward on their own"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="--size smoke, one timed step, --profile, tiny peak"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.steps, args.profile = "smoke", 1, True
     apply_size(args, args.size)
-    jax.config.update("jax_default_matmul_precision", "highest")
+    return args
 
-    config, hf_model, model = build_models(args, lr=1e-3)  # the torch peer's AdamW below
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    state = create_train_state(model, tx, lora=False)
-    step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
-    batches = [
-        text_batch(i, batch=args.batch, length=args.length, vocab=1024)
-        for i in range(args.steps + 1)
-    ]
-    jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
 
-    torch_model = TorchMetaEmbed(hf_model, np.asarray(model.meta_tokens[...]), 16)
+def torch_trainer(torch_model: TorchMetaEmbed):
+    """The PyTorch peer's train step (AdamW at the JAX step's lr 1e-3, gradient clipping 1):
+    numpy batch -> loss."""
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, weight_decay=0.0)
 
     def torch_step(batch):
@@ -245,6 +246,26 @@ def main():
         optimizer.step()
         return float(loss.detach())
 
+    return torch_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    config, hf_model, model = build_models(args, lr=1e-3)  # torch_trainer's AdamW's
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    state = create_train_state(model, tx, lora=False)
+    step = TrainStep(state, groups=MMR_GROUPS, temperature=0.03, schedule=schedule)
+    batches = [
+        text_batch(i, batch=args.batch, length=args.length, vocab=1024)
+        for i in range(args.steps + 1)
+    ]
+    jax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+
+    torch_model = TorchMetaEmbed(hf_model, np.asarray(model.meta_tokens[...]), 16)
+    torch_step = torch_trainer(torch_model)
+
     # First step: both from identical weights and batch -> the same loss (a parity check).
     state, metrics = step(state, jax_batches[0])
     jax_first, torch_first = float(metrics["loss"]), torch_step(batches[0])
@@ -258,7 +279,7 @@ def main():
     compiled = step._jitted(state, jax_batches[0]).lower(state, jax_batches[0]).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-    peak = matmul_peak()
+    peak = matmul_peak(size=128, repeats=2) if args.smoke else matmul_peak()
     jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
     print(
         f"config: hidden {args.hidden}, layers {args.layers}, batch {args.batch} x 3 sides, "

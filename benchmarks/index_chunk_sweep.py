@@ -10,6 +10,7 @@ calls (`bench_scoring.best_time`); `*` marks the chunk `search` picks
 
     python benchmarks/index_chunk_sweep.py [--sizes 4000,20000] [--dims 256,2048] \
         [--budgets 1x1,2x4] [--chunks 256,1024,4096] [--dtypes float32,bfloat16] [--rounds 3]
+    python benchmarks/index_chunk_sweep.py --smoke   # N = 64, D = 16, seconds (a test runs it)
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ NUM_QUERIES, R_Q, K = 32, 16, 10
 MAX_SCORE_BYTES = 1 << 30  # chunks whose float32 similarity block would be larger are skipped
 
 
-def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), rounds=1) -> str:
+def sweep_row(
+    index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), rounds=1, min_seconds=None
+) -> str:
     """One table row: each chunk's best kernel time over ``rounds`` rounds, each round timing
     every chunk once in turn, so that a drift of the machine's speed over minutes (this 2-core
-    machine's shared caches and memory) reaches all chunks alike rather than the last ones."""
+    machine's shared caches and memory) reaches all chunks alike rather than the last ones.
+    ``min_seconds``: `best_time`'s (None: its default)."""
     r_q, r_c = budget
     _, vectors, _, limit = next(index._device_blocks(mesh, r_c))
     placed = replicate(np.ascontiguousarray(queries[:, :r_q]), mesh)
@@ -44,7 +48,8 @@ def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), r
         for chunk in fitting:
             search = kernels.exhaustive_fn(mesh, r_q, r_c, K, chunk, False, False)
             args = (placed, None, vectors, None, np.int32(0), np.int32(limit))
-            times[chunk].append(best_time(lambda s=search, a=args: s(*a), repeats) * 1e3)
+            seconds = best_time(lambda s=search, a=args: s(*a), repeats, min_seconds)
+            times[chunk].append(seconds * 1e3)
     cells = []
     for chunk, ms in times.items():
         spread = f" (rounds up to {max(ms):.2f})" if rounds > 1 else ""
@@ -52,7 +57,7 @@ def sweep_row(index, queries, mesh, budget, repeats, chunks=(256, 1024, 4096), r
     return f"| {count} | {index.dim} | {index.dtype} | {budget} | " + ", ".join(cells) + " |"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4000,20000")
     parser.add_argument("--dims", default="256,2048")
@@ -67,7 +72,14 @@ def main():
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds over all chunks; each cell: best round"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="N 64, D 16, chunk 16, 2 rounds, no minimum time"
+    )
+    args = parser.parse_args(argv)
+    min_seconds = None
+    if args.smoke:
+        args.sizes, args.dims, args.chunks, args.repeats, args.rounds = "64", "16", "16", 1, 2
+        min_seconds = 0.0
     budgets = [tuple(int(r) for r in b.split("x")) for b in args.budgets.split(",")]
     chunks = tuple(int(c) for c in args.chunks.split(","))
     stored = args.stored_vectors or max(r_c for _, r_c in budgets)
@@ -84,7 +96,9 @@ def main():
             for dtype in args.dtypes.split(","):
                 index = MultiVectorIndex.build(vectors, dtype=dtype)
                 for budget in budgets:
-                    row = sweep_row(index, queries, mesh, budget, args.repeats, chunks, args.rounds)
+                    row = sweep_row(
+                        index, queries, mesh, budget, args.repeats, chunks, args.rounds, min_seconds
+                    )
                     print(row, flush=True)
     print(machine_load.describe())
 

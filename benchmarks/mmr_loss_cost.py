@@ -4,6 +4,7 @@ FLOPs and bytes of the loss and its gradient (`cost_analysis`, machine-load inde
 a rough wall time.
 
     python -m benchmarks.mmr_loss_cost [--batch 384] [--dim 3584] [--negatives 1]
+    python -m benchmarks.mmr_loss_cost --smoke   # tiny, seconds (tests/test_benchmarks.py)
 
 The per-group variant is run with every candidate in one chunk so that its `fori_loop` runs
 once and `cost_analysis` (which counts a loop body once) counts it fully.
@@ -23,13 +24,17 @@ from metaembed_jax import losses
 from metaembed_jax.scoring import maxsim
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=384)
     parser.add_argument("--dim", type=int, default=3584)
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="batch 4, dim 8, one repeat")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.dim, args.repeats = 4, 8, 1
+    return args
 
 
 def per_group_sums(q, pos, neg, targets, groups, temperature):
@@ -79,7 +84,8 @@ def loss_and_grad(core):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def main(args) -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (args.batch, 16, args.dim), jnp.float32)
     pos = jax.random.normal(keys[1], (args.batch, 64, args.dim), jnp.float32)
@@ -90,7 +96,7 @@ def main(args) -> None:
         "per group (the loss)": loss_and_grad(per_group_sums),
         "one (16, 64) similarity": loss_and_grad(shared_sums),
     }
-    values = {}
+    values, costs = {}, {}
     print("| scoring | GFLOPs (loss + grad) | GB accessed | wall, s (rough) |")
     print("|---|---|---|---|")
     for name, fn in variants.items():
@@ -102,13 +108,25 @@ def main(args) -> None:
         for _ in range(args.repeats):
             jax.block_until_ready(compiled(q, pos, neg))
         seconds = (time.perf_counter() - start) / args.repeats
+        costs[name] = (cost.get("flops", 0), cost.get("bytes accessed", 0), seconds)
         print(
             f"| {name} | {cost.get('flops', 0) / 1e9:.2f} | "
             f"{cost.get('bytes accessed', 0) / 1e9:.2f} | {seconds:.3f} |"
         )
     (a, _), (b, _) = values.values()
     print(f"\nloss values: {float(a):.6f} vs {float(b):.6f}")
+    print("per group / one similarity: " + ratios(*costs.values()))
+    print(f"\nat end: {machine_load.describe()}")
+
+
+def ratios(per_group, shared) -> str:
+    """FLOPs, bytes and wall-time ratios of the two variants ("-" where the peer's is 0)."""
+    cells = [
+        f"{name} {a / b:.2f}x" if b else f"{name} -"
+        for name, a, b in zip(("FLOPs", "bytes", "wall"), per_group, shared, strict=True)
+    ]
+    return ", ".join(cells)
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main())

@@ -2,6 +2,7 @@
 summed per XLA operation (op times of every XLA thread added together).
 
     python benchmarks/profile_train_step.py --size representative [--top 25]
+    python benchmarks/profile_train_step.py --smoke   # --size smoke, one call (a test runs it)
 
 Builds the model and batch of `bench_train_step.py` (same sizes and flags), compiles the
 forward + MMR loss + backward (`_grads_one`) once, runs it once to warm up, traces `--steps`
@@ -72,12 +73,15 @@ def describe_ops(hlo_text: str) -> dict[str, str]:
     return {name: f"{shape} {op_name[-70:]}" for name, shape, op_name in pattern.findall(hlo_text)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="representative")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="--size smoke, one traced call")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.steps = "smoke", 1
     apply_size(args, args.size)
     jax.config.update("jax_default_matmul_precision", "highest")
     print(f"at start: {machine_load.describe()}")
