@@ -134,7 +134,9 @@ def test_a_second_trainer_is_refused_and_sigterm_exits_143_after_a_usable_checkp
     )
     metrics_path = workdir / "metrics.jsonl"
     _wait_for_logged_steps(first, metrics_path, 2)
-    second = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    # A few steps only, so that a second trainer that is not refused ends (and fails the test).
+    bounded = [*command, "--config.train.steps=3"]
+    second = subprocess.run(bounded, env=env(), capture_output=True, text=True, timeout=600)
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=300)[0]
 
