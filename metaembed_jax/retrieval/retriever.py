@@ -169,9 +169,12 @@ class Retriever:
         metadata = getattr(index, "metadata", None)
         if metadata is None:  # an index type that records nothing about its model
             return
+        recorded = metadata.get("model")
+        # An index without a record is only warned about: naming this model needs no hashing.
+        current = self.provenance if recorded else {"run": self.run_dir, "step": self.step}
         check_same_model(
-            metadata.get("model"),
-            self.provenance,
+            recorded,
+            current,
             what=f"index {getattr(index, 'path', None) or 'given'}",
             action=action,
             allow_other_model=allow_other_model,
