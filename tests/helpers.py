@@ -307,3 +307,29 @@ def iterate_features(
         images = [[] if is_empty_image(i.get("image")) else [i["image"]] for i in chunk]
         features = processor(texts, images if any(images) else None, side=side)
         yield static_shapes(dict(features)), num_valid
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def exit_status(argv: Sequence[str]) -> int:
+    """The exit status `metaembed ARGV` ends with (what the console script passes to exit)."""
+    from metaembed_jax.cli.main import main
+
+    try:
+        return main(list(argv))
+    except SystemExit as stop:
+        return 0 if stop.code is None else stop.code
+
+
+def run_process(command: Sequence[str], timeout: float = 600, **kwargs):
+    """`command` as a real process in the repository with the tests' environment (CPU, offline,
+    the package importable); returns the CompletedProcess (text stdout / stderr)."""
+    import subprocess
+
+    from tests.paths import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        list(command), env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )

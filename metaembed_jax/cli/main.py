@@ -82,7 +82,12 @@ def _add_build(actions) -> None:
         "--corpus", required=True, help="folder of png/jpg/webp/pdf files, or a .jsonl"
     )
     build.add_argument("--out", required=True, help="index directory to write")
-    build.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "int8"))
+    build.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("float32", "bfloat16", "int8"),
+        help="storage dtype of the vectors",
+    )
     build.add_argument(
         "--batch-size", type=int, default=None, help="items per encoder call (default: the run's)"
     )

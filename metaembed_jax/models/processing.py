@@ -35,12 +35,13 @@ def open_image(data: Any, what: str) -> Image.Image:
 
     Raises:
       FileNotFoundError: a path that does not exist.
-      BadRowError: bytes that do not decode as an image, or an unsupported type (naming `what`).
+      BadRowError: bytes that do not decode as an image, an array that is not a uint8 [H, W(, C)]
+        image, or an unsupported type (naming `what`).
     """
     if isinstance(data, Image.Image):
         return data
     if isinstance(data, np.ndarray):
-        return Image.fromarray(data)
+        return _array_image(data, what)
     if isinstance(data, (str, os.PathLike)):
         if not os.path.exists(data):
             raise FileNotFoundError(f"{what}: image file {os.fspath(data)!r} does not exist")
@@ -53,6 +54,18 @@ def open_image(data: Any, what: str) -> Image.Image:
     except Exception as error:  # PIL raises several types for corrupt data
         raise BadRowError(f"cannot decode {what} ({len(data)} bytes): {error}") from error
     return image
+
+
+def _array_image(array: np.ndarray, what: str) -> Image.Image:
+    """A PIL image of a uint8 [H, W] or [H, W, C] (C = 1, 3, 4) array; BadRowError otherwise
+    (PIL takes other arrays too, as 1-row or float images that are not what was meant)."""
+    channels_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))
+    if array.dtype != np.uint8 or not channels_ok or 0 in array.shape:
+        raise BadRowError(
+            f"{what}: a numpy image must be a uint8 array of shape [H, W] or [H, W, C] with C = "
+            f"1, 3 or 4, got {array.dtype} {array.shape}"
+        )
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
 def decode_image(data: Any, what: str = "image") -> Image.Image:

@@ -5,7 +5,8 @@
     hits = retriever.search(["which page shows a red cube?"], index, budget=(16, 64), k=10)
 
 Items: a str is a text, never a file name (a str naming an existing image or PDF file is
-refused, saying how to pass the file); bytes, a `Path`, a PIL image or a numpy HWC array is an
+refused, saying how to pass the file; one word ending in an image / PDF suffix that names no
+file is embedded with a warning); bytes, a `Path`, a PIL image or a numpy HWC array is an
 image; a dict `{"text", "image"}` is both (its "image" may be a path string). PDFs are indexed
 page by page with `metaembed_jax.retrieval.build.build_index`. An index this retriever builds
 records the model (`provenance`); `search` refuses an index another model built.
@@ -13,6 +14,7 @@ records the model (`provenance`); `search` refuses an index another model built.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +39,21 @@ from metaembed_jax.retrieval.qdrant import QdrantIndex
 from metaembed_jax.scoring import resolve_budgets
 from metaembed_jax.training.run_identity import read_saved_config
 
+logger = logging.getLogger(__name__)
+
 
 def _refuse_file_name(text: str) -> None:
-    if Path(text).suffix.lower() not in (*IMAGE_SUFFIXES, ".pdf") or not os.path.isfile(text):
+    if Path(text).suffix.lower() not in (*IMAGE_SUFFIXES, ".pdf"):
+        return
+    if not os.path.isfile(text):
+        if text.strip() and not any(c.isspace() for c in text.strip()):
+            # One word ending in .png is more likely a mistyped path than a text to embed.
+            logger.warning(
+                "%r looks like a file name, but no such file exists: it is embedded as text "
+                "(pass {'text': %r} to say so, or fix the path and pass Path(...) for the image)",
+                text,
+                text,
+            )
         return
     if text.lower().endswith(".pdf"):
         how = "index a PDF's pages with build_index / `metaembed index build` (one item per page)"
@@ -154,11 +168,14 @@ class Retriever:
         """Refuse an index another model built (`provenance.check_same_model`): raises
         OtherModelError naming both, unless `allow_other_model`."""
         metadata = getattr(index, "metadata", None)
-        if metadata is None or self.provenance is None:  # nothing recorded to compare
+        if metadata is None or not hasattr(self.encoder, "graphdef"):  # nothing to compare
             return
+        recorded = metadata.get("model")
+        # An index without a record is only warned about: naming this model needs no hashing.
+        current = self.provenance if recorded else {"run": self.run_dir, "step": self.step}
         check_same_model(
-            metadata.get("model"),
-            self.provenance,
+            recorded,
+            current,
             what=f"index {getattr(index, 'path', None) or 'given'}",
             action=action,
             allow_other_model=allow_other_model,

@@ -143,3 +143,26 @@ def test_every_inference_path_turns_lora_dropout_off(tmp_path_factory, tmp_path)
     np.testing.assert_array_equal(vectors[0], vectors[1])
     model.train()
     assert np.abs(np.asarray(model.embed("query", **features)) - first).max() > 1e-4
+
+
+def test_load_trained_says_in_one_line_that_a_run_has_not_finished(
+    tmp_path_factory, tmp_path, caplog
+):
+    """A run stopped at step 1 of train.steps=2 loaded without a word (issue 36, case 4): one
+    warning line says so; an older step of a finished run loads without one."""
+    import logging
+
+    trained = trained_lora_run(tmp_path_factory)
+    run = copy_run(trained, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING):
+        load_trained(run)
+    notes = [r.getMessage() for r in caplog.records if "has not finished" in r.getMessage()]
+    assert notes == [
+        f"{run} has not finished training: its newest checkpoint is step 1 of train.steps=2 "
+        f"(loading step 1; rerun train.py --workdir {run} to finish it)"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_trained(trained, step=1)
+    assert "has not finished" not in caplog.text

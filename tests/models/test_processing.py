@@ -382,3 +382,42 @@ def test_published_preprocessor_config(tokenizer_dir, tmp_path, override):
     ref = reference(images=images, return_tensors="np")
     np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"])
     np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
+
+
+@pytest.mark.parametrize(
+    "low, high", [(28 * 28, 56 * 56), (56 * 56, 56 * 56), (4 * 784, 16 * 784), (3136, 12845056)]
+)
+def test_fitted_size_keeps_the_budget_and_agrees_with_transformers(low, high):
+    """Whatever the image's size, what the HF processor makes of the fitted image (its
+    smart_resize of the fitted size) fits max_pixels and an aspect ratio of 200; where
+    transformers' own size fits both, it is that size (issue 36, cases 2 and 13)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from metaembed_jax.models.qwen2_vl.processing import fitted_size
+
+    sides = (1, 3, 27, 28, 57, 150, 230, 300, 400, 1000, 4000, 9020)
+    for height in sides:
+        for width in sides:
+            fitted = fitted_size(height, width, 28, low, high)
+            final = smart_resize(*fitted, 28, low, high)
+            assert final[0] * final[1] <= high and max(final) / min(final) <= 200, (height, width)
+            try:
+                direct = smart_resize(height, width, 28, low, high)
+            except ValueError:  # an aspect ratio over 200: transformers refuses the image
+                continue
+            if direct[0] * direct[1] <= high and max(direct) / min(direct) <= 200:
+                assert final == direct, (height, width)
+
+
+def test_a_panorama_and_a_strip_fit_the_largest_patch_bucket(tokenizer):
+    """A 300 x 9020 panorama (40 patches at transformers' size) and a 1 x 400 strip (refused by
+    transformers) are squeezed into the budget: at most 16 patches, within patch_buckets (16,),
+    the long side kept the long side."""
+    proc = QwenVLProcessor(
+        tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_buckets=(16,)
+    )
+    for height, width in ((300, 9020), (400, 1)):
+        out = proc(["a"], [[_image(height, width)]])
+        (grid,) = out["image_grid_thw"]
+        assert int(np.prod(grid)) <= 16 and out["pixel_values"].shape[0] <= 16
+        assert (grid[1] < grid[2]) == (height < width)

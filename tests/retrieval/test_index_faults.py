@@ -1,5 +1,6 @@
-"""Index faults: concurrent writers, non-finite vectors, duplicate ids, manifests that name files
-outside the index directory or lack fields, shapes that disagree with their files."""
+"""Index faults: concurrent writers, non-finite vectors, duplicate ids, ids beyond int64,
+manifests that name files outside the index directory or lack fields, shapes that disagree with
+their files."""
 
 import json
 import os
@@ -133,6 +134,28 @@ def test_duplicate_ids_are_rejected_in_build_and_add():
     assert index.ids == [2, "x"]
     index.add(candidates[2:], ids=["y", 3])
     assert index.ids == [2, "x", "y", 3]
+
+
+def test_int_ids_beyond_int64_are_refused_where_they_enter(tmp_path):
+    """An id >= 2**63 was accepted and every search then crashed with OverflowError (issue 36,
+    case 12): `build` and `add` refuse it naming the id and row, a manifest holding one is
+    refused on load; the int64 limits themselves work end to end."""
+    candidates = unit(np.random.default_rng(3), (4, 2, 8))
+    with pytest.raises(ValueError, match=r"id 9223372036854775808 \(row 1\) does not fit in int64"):
+        MultiVectorIndex.build(candidates[:3], ids=[1, 2**63, 3])
+    with pytest.raises(ValueError, match=r"id 9223372036854775808 \(row 0\) does not fit"):
+        MultiVectorIndex.build(candidates[:1], ids=np.array([2**63], dtype=np.uint64))
+    index = MultiVectorIndex.build(candidates[:2], ids=[2**63 - 1, -(2**63)])
+    with pytest.raises(ValueError, match=r"id -9223372036854775809 \(row 1\) does not fit"):
+        index.add(candidates[2:], ids=[5, -(2**63) - 1])
+    assert index.ids == [2**63 - 1, -(2**63)]
+    _, ids = index.search(candidates[:1], (1, 1), k=2)
+    assert ids[0][0] == 2**63 - 1 and sorted(int(i) for i in ids[0]) == [-(2**63), 2**63 - 1]
+
+    index.save(tmp_path / "index")
+    _edit_manifest(tmp_path / "index", lambda m: m["ids"].__setitem__(0, 2**64))
+    with pytest.raises(ValueError, match=r"id 18446744073709551616 does not fit in int64"):
+        MultiVectorIndex.load(tmp_path / "index")
 
 
 # ----------------------------------------------------------------------------- manifests

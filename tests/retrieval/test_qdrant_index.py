@@ -18,10 +18,12 @@ import zlib
 import numpy as np
 import pytest
 
+from metaembed_jax.cli import index_commands
 from metaembed_jax.cli import main as commands
 from metaembed_jax.retrieval.index import MultiVectorIndex
 from metaembed_jax.retrieval.qdrant import QdrantIndex
 from metaembed_jax.retrieval.retriever import Retriever
+from tests.helpers import tiny_run_config
 from tests.paths import REPO
 
 ROOT = REPO
@@ -341,18 +343,14 @@ class HashEncoder:
 
 @pytest.fixture
 def stub_run(monkeypatch):
-    """`--run anything` is a run of step 0 trained at (16, 64) whose retriever is a
-    `HashEncoder`'s: the CLI's checks before loading see a run, and no model loads."""
-    from metaembed_jax.cli import index_commands
-    from metaembed_jax.training.config import base_config
-
-    config = base_config()
-    config.model.num_query_tokens, config.model.num_candidate_tokens = 16, 64
-    monkeypatch.setattr(index_commands, "read_saved_config", lambda run: config)
-    monkeypatch.setattr(index_commands, "find_step", lambda run, step: 0)
+    """`Retriever.load(anything)` returns a retriever of `HashEncoder`; `index search` reads a
+    run config of its sizes (R_q = 16, R_c = 64) and finds its step 0."""
     monkeypatch.setattr(
         Retriever, "load", classmethod(lambda cls, *a, **k: cls(HashEncoder(), None))
     )
+    config = tiny_run_config(r_q=HashEncoder.num_vectors["query"], r_c=64)
+    monkeypatch.setattr(index_commands, "read_saved_config", lambda run: config)
+    monkeypatch.setattr(index_commands, "find_step", lambda run, step: 0)
 
 
 @pytest.fixture
@@ -428,13 +426,30 @@ def test_cli_push_then_search_equals_index_search(data, tmp_path, capsys, stub_r
             np.testing.assert_allclose(
                 [r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-4
             )
-    with pytest.raises(SystemExit) as exit:  # --index and --qdrant exclude each other
+    with pytest.raises(SystemExit):  # --index and --qdrant exclude each other
         commands.main(["index", "search", "--index", "i", "--qdrant", "q", *query])
-    assert exit.value.code == 2 and "not allowed with" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit:
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="^2$"):  # a command-line mistake: one line, exit 2
         commands.main(["index", "search", "--qdrant", str(tmp_path / "q"), *query])
-    assert exit.value.code == 2  # a usage error, in one line naming the missing option
-    assert capsys.readouterr().err.strip().endswith("--qdrant needs --collection NAME")
+    assert "error: --qdrant needs --collection NAME" in capsys.readouterr().err
+
+
+def test_a_pushed_collection_keeps_the_model_that_built_its_index(data, tmp_path):
+    """The collection carries the index's model record, so that `index search --qdrant`
+    refuses another model as `--index` does (issue 36, case 4)."""
+    from metaembed_jax.retrieval.provenance import OtherModelError, check_same_model
+
+    _, candidates = data
+    index = MultiVectorIndex.build(candidates[:20], ids=IDS[:20], dtype="float32")
+    record = {"run": "/runs/a", "step": 2, "params_sha256": "1" * 64, "processor_sha256": "2"}
+    index.metadata["model"] = {**record, "trained_sizes": [16, 64]}
+    QdrantIndex.from_index(index, tmp_path, collection="c", progress=False).close()
+    pushed = QdrantIndex(tmp_path, collection="c")
+    assert pushed.metadata["model"] == index.metadata["model"]
+    other = {**index.metadata["model"], "step": 1, "params_sha256": "3" * 64}
+    with pytest.raises(OtherModelError, match=r"built by run /runs/a step 2, not by run"):
+        check_same_model(pushed.metadata.get("model"), other, what=pushed.path)
+    pushed.close()
 
 
 def _fenced_blocks(text: str, language: str) -> list[str]:

@@ -6,6 +6,7 @@ ids of a numpy MaxSim ranking, also as --json."""
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ class StopAfter:
     def __init__(self, encoder, calls=None):
         self.encoder, self.calls, self.items = encoder, calls, 0
 
-    def __getattr__(self, name):  # the processor (pixel budget) and the rest: the encoder's
+    def __getattr__(self, name):  # the processor the build fits images with, ...
         return getattr(self.encoder, name)
 
     def __call__(self, items, side):
@@ -207,3 +208,35 @@ def test_a_build_killed_with_sigkill_resumes_to_the_uninterrupted_index(retrieve
     full = build_index(retriever, folder, tmp_path / "full", dtype="float32", progress=False)
     assert resumed.ids == full.ids
     np.testing.assert_allclose(resumed.embeddings(), full.embeddings(), atol=2e-5)
+
+
+def test_items_a_user_may_pass_are_embedded_or_refused_clearly(
+    retriever, corpus, monkeypatch, caplog
+):
+    """A str naming an existing image was embedded as its text (case 8): refused, saying how to
+    pass the file; a one-word image name that names no file is embedded as text with a
+    warning; a numpy HWC uint8 array is the image (it raised "The truth value of an array ...
+    is ambiguous"), any other array is refused naming its shape."""
+    import logging
+
+    from metaembed_jax.models.processing import BadRowError
+
+    folder, _ = corpus
+    monkeypatch.chdir(folder)  # the names below are relative, as a user types them
+    with pytest.raises(ValueError, match=r"'a\.png' is the name of an existing file, and a str"):
+        retriever.encode_documents(["a.png"])
+    with pytest.raises(ValueError, match=r"'doc\.pdf' is the name .* index a PDF's pages"):
+        retriever.encode_documents(["doc.pdf"])
+    with caplog.at_level(logging.WARNING):
+        as_text = retriever.encode_documents(["page.png"])
+    assert "'page.png' looks like a file name, but no such file exists" in caplog.text
+    np.testing.assert_array_equal(as_text, retriever.encode_documents([{"text": "page.png"}]))
+
+    pixels = np.asarray(Image.open(folder / "a.png").convert("RGB"))
+    from_array = retriever.encode_documents([pixels, pixels[..., :1]])
+    np.testing.assert_allclose(
+        from_array[0], retriever.encode_documents([Path("a.png")])[0], atol=1e-6
+    )
+    for bad in (np.zeros(5), pixels.astype(np.float32), pixels[..., :2]):
+        with pytest.raises(BadRowError, match=r"a numpy image must be a uint8 array of shape"):
+            retriever.encode_documents([bad])

@@ -303,19 +303,19 @@ class QwenVLProcessor:
 
     def fit_image(self, image: Image.Image) -> Image.Image:
         """`image` resized to the size the HF image processor gives it (`smart_resize`), so the
-        processor then leaves it as it is; an image HF would resize beyond `max_pixels` (a side
-        clamped to one merged patch) or refuse (aspect ratio over 200) gets the largest size
-        within the budget instead, its aspect ratio capped (`fitted_size`). An image the processor
-        would resize twice is left as it is."""
+        processor then leaves it as it is (or, where that size is below `min_pixels`, as it is:
+        see `fitted_size`); an image HF would resize beyond `max_pixels` (a side clamped to one
+        merged patch) or refuse (aspect ratio over 200) gets the closest tile grid within the
+        budget instead, its aspect ratio capped (`fitted_size`)."""
         size = self.image_processor.size
-        factor = int(self.image_processor.patch_size) * self.merge_size
-        budget = (factor, int(size.shortest_edge), int(size.longest_edge))
-        height, width = fitted_size(image.height, image.width, *budget)
+        height, width = fitted_size(
+            image.height,
+            image.width,
+            int(self.image_processor.patch_size) * self.merge_size,
+            int(size.shortest_edge),
+            int(size.longest_edge),
+        )
         if (height, width) == (image.height, image.width):
-            return image
-        if fitted_size(height, width, *budget) != (height, width):
-            # The processor would resize its own output again (below min_pixels with close
-            # bounds); it gives the original this size in one resize.
             return image
         return image.resize((width, height), resample=self.image_processor.resample)
 
@@ -442,13 +442,19 @@ class QwenVLProcessor:
 def fitted_size(
     height: int, width: int, factor: int, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
-    """(height, width) an image is resized to: transformers' `smart_resize` (sides multiples of
-    `factor`, area in [min_pixels, max_pixels], aspect ratio kept as closely as it can) where
-    its result fits `max_pixels`. Where it does not (a side clamped to one `factor`, or
-    rounded up past `max_pixels` when the bounds are close, or an aspect ratio over 200, which
-    it refuses, before or after its rounding): the grid of `factor`-sized tiles within the
-    bounds whose aspect ratio is closest to the image's (at most `MAX_ASPECT_RATIO`). The image
-    is squeezed, never refused.
+    """(height, width) to resize an image to before the HF image processor sees it, so that
+    what the processor makes of it fits `max_pixels` and is never refused.
+
+    Where transformers' `smart_resize` (sides multiples of `factor`, area in [min_pixels,
+    max_pixels], aspect ratio kept as closely as it can) gives a size within those bounds, that
+    size (the processor then leaves the image as it is). Where its size fits `max_pixels` but
+    falls below `min_pixels` (its downscaling floors both sides when the bounds are close), the
+    image's own size: the processor, given the image as it is, makes what it would make
+    anyway, while an image resized to that size first would be scaled up again, past
+    `max_pixels`. Where its size exceeds `max_pixels` (a side clamped to one `factor`) or it
+    refuses the image (an aspect ratio over 200): the grid of `factor`-sized tiles within the
+    bounds whose aspect ratio is closest to the image's (at most `MAX_ASPECT_RATIO`), the image
+    squeezed.
 
     Raises ValueError when `max_pixels` is below one `factor` x `factor` tile.
     """
@@ -458,10 +464,9 @@ def fitted_size(
     height, width = max(1, int(height)), max(1, int(width))
     if max(height, width) / min(height, width) <= MAX_ASPECT_RATIO:
         fitted = smart_resize(height, width, factor, min_pixels, max_pixels)
-        # Below min_pixels is kept: transformers' own floor rounding gives it, and we match it.
-        within = fitted[0] * fitted[1] <= max_pixels
-        if within and max(fitted) / min(fitted) <= MAX_ASPECT_RATIO:
-            return fitted
+        area = fitted[0] * fitted[1]
+        if area <= max_pixels and max(fitted) / min(fitted) <= MAX_ASPECT_RATIO:
+            return fitted if area >= min_pixels else (height, width)
     fewest = min(most, max(1, -(-min_pixels // factor**2)))
     aspect = math.log(width / height)
     best = None
