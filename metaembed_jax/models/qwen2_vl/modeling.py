@@ -264,14 +264,16 @@ class Qwen2VLBackbone(nnx.Module):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         pixel_values = jnp.asarray(pixel_values)
         grid = jnp.asarray(image_grid_thw, jnp.int32)
-        bound = None  # packed: the tower bounds frames itself when the grid is concrete
+        bound = per_example = None  # packed: the tower bounds frames itself when concrete
         if grid.ndim == 3:
             # An example's patch budget bounds each of its frames: the tower attends per image.
-            bound = pixel_values.shape[1]
+            bound, per_example = pixel_values.shape[1], grid.shape[1]
             pixel_values, grid = pack_example_images(
                 pixel_values, grid, multiple=self.spatial_merge_size**2
             )
-        features = self.visual(pixel_values, grid, max_image_patches=bound).astype(self.dtype)
+        features = self.visual(
+            pixel_values, grid, max_image_patches=bound, images_per_example=per_example
+        ).astype(self.dtype)
         if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
             return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
