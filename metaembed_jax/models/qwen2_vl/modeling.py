@@ -12,6 +12,7 @@ a leading `layers` axis and scanned), `norm`, `visual.*`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,6 +153,31 @@ def pack_example_images(
     gathered = flat[jnp.clip(jnp.where(is_real, source, 0), 0, batch * per_example - 1)]
     packed = jnp.where(is_real[:, None], gathered, jnp.zeros((), flat.dtype))
     return packed, grid.reshape(-1, 3)
+
+
+@contextlib.contextmanager
+def _split_streams(node: nnx.Module, splits: int):
+    """`nnx.split_rngs(node, splits=splits)` for streams whose keys may be stacked (a scanned
+    layer stack holds one key per layer: `nnx.split_rngs` draws from a stream as one key). Every
+    stream draws once (its count advances, as `split_rngs` does), each of its keys splits into
+    `splits` along a new leading axis with zero counts; both are restored on exit."""
+    backups = []
+    for _, stream in nnx.graph.iter_graph(node):
+        if not isinstance(stream, nnx.RngStream):
+            continue
+        key, count = stream.key[...], stream.count[...]
+        flat_key, flat_count = key.reshape(-1), count.reshape(-1)
+        drawn = jax.vmap(jax.random.fold_in)(flat_key, flat_count)
+        split = jax.vmap(lambda k: jax.random.split(k, splits))(drawn)  # [n, splits]
+        backups.append((stream, key, count + 1))
+        stream.key.set_value(jnp.moveaxis(split, 1, 0).reshape(splits, *key.shape))
+        stream.count.set_value(jnp.zeros((splits, *count.shape), jnp.uint32))
+    try:
+        yield
+    finally:
+        for stream, key, count in backups:
+            stream.key.set_value(key)
+            stream.count.set_value(count)
 
 
 class Qwen2VLBackbone(nnx.Module):
@@ -295,8 +321,9 @@ class Qwen2VLBackbone(nnx.Module):
             )
 
         state_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
-        run = nnx.split_rngs(splits=batch)(nnx.vmap(tower, in_axes=(state_axes, 0, 0), out_axes=0))
-        features = run(self.visual, pixel_values, grid).astype(self.dtype)  # [B, U_ex, H]
+        run = nnx.vmap(tower, in_axes=(state_axes, 0, 0), out_axes=0)
+        with _split_streams(self.visual, batch):
+            features = run(self.visual, pixel_values, grid).astype(self.dtype)  # [B, U_ex, H]
         is_image = input_ids == self.image_token_id
         ordinal = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1  # within the example
         picks = jnp.clip(ordinal, 0, features.shape[1] - 1)
