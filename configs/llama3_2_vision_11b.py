@@ -6,7 +6,8 @@ model, cross-attention projections included; meta tokens 16 + 64 trained fully; 
 500 warm-up steps, 4000 steps, global batch 384; bfloat16 compute, float32 master weights,
 gradient checkpointing). Images are 560 px tiles, up to 4 per image, read from the checkpoint's
 `preprocessor_config.json`; they do not enter the sequence (cross-attention), so the length
-buckets are short. The batch goes in 48 gradient-cached micro-batches of 8 (see below). `config.init_from` must be a local copy of the checkpoint, e.g.
+buckets are short. The batch goes in 48 gradient-cached micro-batches of 8 (see below).
+`config.init_from` must be a local copy of the checkpoint, e.g.
     huggingface-cli download meta-llama/Llama-3.2-11B-Vision-Instruct \
         --local-dir checkpoints/Llama-3.2-11B-Vision-Instruct
 

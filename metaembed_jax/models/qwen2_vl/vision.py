@@ -23,7 +23,10 @@ segment's key blocks (`segment_attention.py`): cost linear in the number of
 images, as HF's per-image loop. Without a bound (the packed layout under jit), and for inputs
 that break it, the packed path runs: window blocks attend within a static band around each
 block of queries (linear in P), full-attention blocks compute every query against all P keys
-with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory).
+with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory). With
+`images_per_example` (the per-example layout: the model runs the tower on one example at a
+time) full-attention blocks attend within the example's blocks masked to frames, which every
+example fits: no fallback is compiled.
 """
 
 from __future__ import annotations
