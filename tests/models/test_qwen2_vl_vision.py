@@ -24,7 +24,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionR
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 
 from metaembed_jax.models import hf_loading, layers, rules
-from metaembed_jax.models.qwen2_vl import segment_attention
+from metaembed_jax.models.qwen2_vl import segment_attention, vision
 from metaembed_jax.models.qwen2_vl.config import tiny_config
 from metaembed_jax.models.qwen2_vl.params import vision_rules
 from metaembed_jax.models.qwen2_vl.segment_attention import (
@@ -202,6 +202,42 @@ def test_per_image_attention_matches_transformers(checkpoint, bound):
         forward = nnx.jit(lambda tower, p, g: tower(p, g, max_image_patches=limit))
         got = forward(tower, padded_pixels, padded_grid)
     got = np.asarray(got)
+    np.testing.assert_allclose(got[: len(expected)], expected, atol=FLOAT32_TOLERANCE, rtol=0)
+    np.testing.assert_array_equal(got[len(expected) :], 0.0)
+
+
+def test_per_example_layout_attends_per_frame_without_fallback(checkpoint, monkeypatch):
+    """The per-example layout (`images_per_example`, traced grid): full-attention blocks run
+    over whole examples masked to frames, with no dense fallback in the program; equal to HF on
+    examples holding 2 images, a 2-frame entry and nothing, with padding rows and zero grid
+    rows."""
+    from metaembed_jax.models.qwen2_vl.modeling import pack_example_images
+
+    model_type, visual, path = checkpoint
+    tower = hf_loading.load_hf(path).visual
+    pixel_values, grid_thw = with_video(*images_to_patches([(84, 112), (28, 56), (56, 56)]))
+    expected = hf_features(visual, pixel_values, grid_thw)
+    # Examples: [image 0, video], [], [image 1, image 2]; 120 patch rows, 2 grid rows each.
+    counts = np.prod(grid_thw, axis=-1)
+    groups = [[0, 1], [], [2, 3]]
+    per_pixels = np.zeros((3, 120, pixel_values.shape[1]), np.float32)
+    per_grid = np.zeros((3, 2, 3), np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for b, rows in enumerate(groups):
+        if rows:
+            block = pixel_values[starts[rows[0]] : starts[rows[-1] + 1]]
+            per_pixels[b, : len(block)] = block
+            per_grid[b, : len(rows)] = grid_thw[rows]
+
+    def forward(tower, p, g):
+        packed, grid = pack_example_images(p, g, multiple=4)
+        return tower(packed, grid, max_image_patches=p.shape[1], images_per_example=g.shape[1])
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense fallback was traced")
+
+    monkeypatch.setattr(vision, "dense_attention", no_dense)  # not even traced
+    got = np.asarray(nnx.jit(forward)(tower, per_pixels, per_grid))
     np.testing.assert_allclose(got[: len(expected)], expected, atol=FLOAT32_TOLERANCE, rtol=0)
     np.testing.assert_array_equal(got[len(expected) :], 0.0)
 

@@ -12,6 +12,7 @@ a leading `layers` axis and scanned), `norm`, `visual.*`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,6 +155,31 @@ def pack_example_images(
     return packed, grid.reshape(-1, 3)
 
 
+@contextlib.contextmanager
+def _split_streams(node: nnx.Module, splits: int):
+    """`nnx.split_rngs(node, splits=splits)` for streams whose keys may be stacked (a scanned
+    layer stack holds one key per layer: `nnx.split_rngs` draws from a stream as one key). Every
+    stream draws once (its count advances, as `split_rngs` does), each of its keys splits into
+    `splits` along a new leading axis with zero counts; both are restored on exit."""
+    backups = []
+    for _, stream in nnx.graph.iter_graph(node):
+        if not isinstance(stream, nnx.RngStream):
+            continue
+        key, count = stream.key[...], stream.count[...]
+        flat_key, flat_count = key.reshape(-1), count.reshape(-1)
+        drawn = jax.vmap(jax.random.fold_in)(flat_key, flat_count)
+        split = jax.vmap(lambda k: jax.random.split(k, splits))(drawn)  # [n, splits]
+        backups.append((stream, key, count + 1))
+        stream.key.set_value(jnp.moveaxis(split, 1, 0).reshape(splits, *key.shape))
+        stream.count.set_value(jnp.zeros((splits, *count.shape), jnp.uint32))
+    try:
+        yield
+    finally:
+        for stream, key, count in backups:
+            stream.key.set_value(key)
+            stream.count.set_value(count)
+
+
 class Qwen2VLBackbone(nnx.Module):
     """Qwen2-VL / Qwen2.5-VL without the LM head: inputs -> last-layer hidden states.
 
@@ -264,19 +290,45 @@ class Qwen2VLBackbone(nnx.Module):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         pixel_values = jnp.asarray(pixel_values)
         grid = jnp.asarray(image_grid_thw, jnp.int32)
-        bound = None  # packed: the tower bounds frames itself when the grid is concrete
         if grid.ndim == 3:
-            # An example's patch budget bounds each of its frames: the tower attends per image.
-            bound = pixel_values.shape[1]
-            pixel_values, grid = pack_example_images(
-                pixel_values, grid, multiple=self.spatial_merge_size**2
-            )
-        features = self.visual(pixel_values, grid, max_image_patches=bound).astype(self.dtype)
+            return self._embed_per_example(input_ids, embeds, pixel_values, grid)
+        features = self.visual(pixel_values, grid).astype(self.dtype)
         if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
             return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
         rows = jnp.clip(layout["ordinal"], 0, features.shape[0] - 1)
         return jnp.where(layout["is_image"][..., None], features[rows], embeds)
+
+    def _embed_per_example(self, input_ids, embeds, pixel_values, grid) -> jax.Array:
+        """The per-example layout: the tower runs on each example's own images (`nnx.vmap` over
+        the batch axis, so the tower's work splits over the batch shards with the rest of the
+        step, and an example's patch budget bounds each of its frames: attention per image
+        with no fallback), and example b's k-th `<|image_pad|>` token takes its k-th merged
+        feature. Equal to packing the batch first (`pack_example_images`): the tower never
+        mixes images. LoRA dropout keys are split over the examples."""
+        batch, per_example = pixel_values.shape[:2]
+        unit = self.spatial_merge_size**2
+        rows = -(-per_example // unit) * unit
+        if rows != per_example:
+            pixel_values = jnp.pad(pixel_values, ((0, 0), (0, rows - per_example), (0, 0)))
+        if batch * rows == 0:
+            return embeds
+        images = grid.shape[1]
+
+        def tower(visual, example_pixels, example_grid):
+            return visual(
+                example_pixels, example_grid, max_image_patches=rows, images_per_example=images
+            )
+
+        state_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
+        run = nnx.vmap(tower, in_axes=(state_axes, 0, 0), out_axes=0)
+        with _split_streams(self.visual, batch):
+            features = run(self.visual, pixel_values, grid).astype(self.dtype)  # [B, U_ex, H]
+        is_image = input_ids == self.image_token_id
+        ordinal = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1  # within the example
+        picks = jnp.clip(ordinal, 0, features.shape[1] - 1)
+        gathered = jnp.take_along_axis(features, picks[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered, embeds)
 
     def position_ids(self, input_ids, attention_mask, image_grid_thw=None) -> jax.Array:
         """M-RoPE position ids `[3, B, L]` int32, as transformers' `get_rope_index`

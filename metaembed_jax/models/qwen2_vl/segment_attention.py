@@ -111,14 +111,25 @@ def segment_blocks(
     return SegmentBlocks(dest, blocked_segments, first_block, fits, block, keys_per_block)
 
 
-def blocked_attention(query, key, value, blocks: SegmentBlocks) -> jax.Array:
+def blocked_attention(
+    query, key, value, blocks: SegmentBlocks, mask_segments: jax.Array | None = None
+) -> jax.Array:
     """Attention within segments through the blocked layout of `segment_blocks` (which must
     fit): each block of queries against the key blocks of its own segment only, a few blocks
     per step of a `lax.map` (memory O(DENSE_QUERY_CHUNK * max_len) per step).
-    query/key/value [P, H, Dh] -> [P, H, Dh]; padding rows give zeros."""
+    query/key/value [P, H, Dh] -> [P, H, Dh]; padding rows give zeros.
+
+    `mask_segments` [P] (ids >= 0, runs inside the layout's segments): attend within these
+    finer segments instead (e.g. frames inside the blocks of whole examples); None = the
+    layout's own segments."""
     num, heads, head_dim = query.shape
     block, width = blocks.block, blocks.keys_per_block
     num_blocks = blocks.first_block.shape[0]
+    blocked_ids = blocks.segments
+    if mask_segments is not None:  # empty blocked rows keep -1, as in the layout's own ids
+        dump = num_blocks * block
+        blocked_ids = jnp.full((dump + 1,), -1, jnp.int32).at[blocks.dest].set(mask_segments)
+        blocked_ids = blocked_ids[:dump]
 
     def to_blocks(array, extra_blocks):
         rows = (num_blocks + extra_blocks) * block
@@ -128,9 +139,9 @@ def blocked_attention(query, key, value, blocks: SegmentBlocks) -> jax.Array:
 
     query_blocks = to_blocks(query, 0)
     key_blocks, value_blocks = to_blocks(key, width), to_blocks(value, width)
-    key_segments = jnp.concatenate([blocks.segments, jnp.full((width * block,), -2, jnp.int32)])
+    key_segments = jnp.concatenate([blocked_ids, jnp.full((width * block,), -2, jnp.int32)])
     key_segments = key_segments.reshape(num_blocks + width, block)
-    query_segments = blocks.segments.reshape(num_blocks, block)
+    query_segments = blocked_ids.reshape(num_blocks, block)
 
     def one_block(args):
         block_query, block_segments, first = args

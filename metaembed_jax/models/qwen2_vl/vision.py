@@ -23,7 +23,10 @@ segment's key blocks (`segment_attention.py`): cost linear in the number of
 images, as HF's per-image loop. Without a bound (the packed layout under jit), and for inputs
 that break it, the packed path runs: window blocks attend within a static band around each
 block of queries (linear in P), full-attention blocks compute every query against all P keys
-with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory).
+with a segment mask, in query chunks (O(P**2) compute, O(chunk * P) memory). With
+`images_per_example` (the per-example layout: the model runs the tower on one example at a
+time) full-attention blocks attend within the example's blocks masked to frames, which every
+example fits: no fallback is compiled.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from metaembed_jax.models.qwen2_vl.config import MODEL_TYPES
 from metaembed_jax.models.qwen2_vl.rope import locate_in_runs
 from metaembed_jax.models.qwen2_vl.segment_attention import (
     SegmentBlocks,
+    blocked_attention,
     dense_attention,
     local_attention,
     segment_blocks,
@@ -257,6 +261,9 @@ class Segments(NamedTuple):
     full: jax.Array | None  # bool scalar: this block uses full attention
     frame_blocks: SegmentBlocks | None = None  # per-frame blocked layout, None = no bound known
     window_blocks: SegmentBlocks | None = None  # per-window blocked layout
+    # Blocks of whole examples (the per-example layout), which always hold their frames: full
+    # attention runs blocked, masked to frames, with no fallback. None = not that layout.
+    example_blocks: SegmentBlocks | None = None
 
 
 class VisionAttention(nnx.Module):
@@ -281,6 +288,10 @@ class VisionAttention(nnx.Module):
         key = layers.apply_rotary(key, cos, sin)
 
         def full():
+            if segments.example_blocks is not None:
+                return blocked_attention(
+                    query, key, value, segments.example_blocks, mask_segments=segments.frames
+                )
             return within_segments(
                 query, key, value, segments.frames, segments.frame_blocks,
                 lambda: dense_attention(query, key, value, segments.frames),
@@ -387,7 +398,13 @@ class VisionTower(nnx.Module):
     def out_features(self) -> int:
         return self.config.out_dim
 
-    def __call__(self, pixel_values, image_grid_thw, max_image_patches: int | None = None):
+    def __call__(
+        self,
+        pixel_values,
+        image_grid_thw,
+        max_image_patches: int | None = None,
+        images_per_example: int | None = None,
+    ):
         """pixel_values [P, C*T*ps*ps] (HF's flattened patches, maybe zero-padded rows),
         image_grid_thw [N, 3] (maybe all-zero rows) -> [P // merge**2, out_features] in `dtype`:
         the merged features of every real image in HF's order, then zero rows for padding.
@@ -396,6 +413,15 @@ class VisionTower(nnx.Module):
         patch budget. With it, or with a concrete grid, attention runs per frame / per window
         through a blocked layout (cost linear in the number of images); an input that breaks
         the bound falls back, inside the same program, to the packed path (always correct).
+
+        `images_per_example` (with `max_image_patches` = each example's patch rows): the inputs
+        are the per-example layout packed by `modeling.pack_example_images` (grid rows in groups
+        of `images_per_example` per example, each example's patches at most
+        `max_image_patches`, consecutive). Then, under a traced grid, full-attention blocks run
+        blocked over whole examples, masked to frames: every example fits that layout whatever
+        its images (videos included), so there is no fallback to compile (the packed path over
+        the whole batch would attend over all P patches). Cost per example: its patches times
+        `max_image_patches`. Window blocks keep their per-window bound and fallback.
         Raises ValueError on shapes that cannot be patches of this tower."""
         config = self.config
         pixel_values = jnp.asarray(pixel_values)
@@ -417,29 +443,42 @@ class VisionTower(nnx.Module):
         layout = patch_layout(image_grid_thw, num_patches, config.merge_size, config.window_units)
         x = self.patch_embed(pixel_values)
         cos, sin = rotary_cos_sin(layout.positions, config.head_dim, config.rope_theta)
-        per_patch = (x, cos, sin, layout.frame_segments, layout.window_segments)
+        examples = _example_ids(image_grid_thw, num_patches, max_image_patches, images_per_example)
+        per_patch = (x, cos, sin, layout.frame_segments, layout.window_segments, examples)
         if config.window_units is not None:  # windows contiguous, as HF orders them
-            per_patch = tuple(_permute_units(a, layout.window_order, unit) for a in per_patch)
-        x, cos, sin, frame_segments, window_segments = per_patch
+            per_patch = tuple(
+                None if a is None else _permute_units(a, layout.window_order, unit)
+                for a in per_patch
+            )
+        x, cos, sin, frame_segments, window_segments, examples = per_patch
         full_blocks = jnp.asarray(config.fullatt_block_indexes, jnp.int32).reshape(-1)
 
         bounds = _block_bounds(config, image_grid_thw, num_patches, max_image_patches)
-        frame_blocks = window_blocks = None
+        frame_blocks = window_blocks = example_blocks = None
+        is_real = layout.is_real  # padding rows stay last in the working order
         if bounds is not None:
-            is_real = layout.is_real  # padding rows stay last in the working order
-            frame_blocks = segment_blocks(frame_segments, is_real, *bounds.frames)
+            if examples is None:
+                frame_blocks = segment_blocks(frame_segments, is_real, *bounds.frames)
             if config.window_units is not None:
                 window_blocks = segment_blocks(window_segments, is_real, *bounds.windows)
+        if examples is not None:
+            max_len = max(int(max_image_patches), 1)
+            block = min(FRAME_BLOCK, max_len)
+            num_examples = int(np.shape(image_grid_thw)[0]) // int(images_per_example)
+            # Every example starts a fresh block: sum(ceil(n_e / block)) < P / block + B.
+            num_blocks = -(-num_patches // block) + num_examples
+            example_blocks = segment_blocks(examples, is_real, max_len, block, num_blocks)
 
         def apply_block(block, carry):
             x, index = carry  # the layer index rides in the carry: one scan for all blocks
             if config.window_units is None:
-                segments = Segments(frame_segments, None, None, frame_blocks)
+                segments = Segments(frame_segments, None, None, frame_blocks, None, example_blocks)
             else:
                 full = jnp.any(index == full_blocks)
                 segments = Segments(
-                    frame_segments, window_segments, full, frame_blocks, window_blocks
-                )
+                    frame_segments, window_segments, full, frame_blocks, window_blocks,
+                    example_blocks,
+                )  # fmt: skip
             return block(x, cos, sin, segments), index + 1
 
         x, _ = layers.scan_layers(self.blocks, (x, jnp.int32(0)), apply_block, self.remat)
@@ -492,6 +531,33 @@ def _block_bounds(
         extra = num_images * (2 * int(np.ceil(np.sqrt(max_len / span))) + 1)
         windows = (span, span, -(-num_patches // span) + extra)
     return BlockBounds(frames, windows)
+
+
+def _example_ids(
+    image_grid_thw, num_patches: int, max_image_patches: int | None, images_per_example
+) -> jax.Array | None:
+    """[P] int32 example of each packed patch row (rows past the real patches: B),
+    for the per-example layout under a traced grid; None otherwise (no layout given, or a
+    concrete grid, whose exact per-frame bounds are cheaper)."""
+    if images_per_example is None or max_image_patches is None:
+        return None
+    try:
+        np.asarray(image_grid_thw)
+        return None  # concrete: exact per-frame blocks
+    except jax.errors.TracerArrayConversionError:
+        pass
+    per_example = int(images_per_example)
+    num_images = int(np.shape(image_grid_thw)[0])
+    if per_example < 1 or num_images % per_example:
+        raise ValueError(
+            f"{num_images} grid rows do not split into examples of {per_example} images"
+        )
+    grid = jnp.asarray(image_grid_thw, jnp.int32)
+    counts = jnp.prod(grid, axis=-1).reshape(-1, per_example).sum(axis=-1)
+    patch = jnp.arange(num_patches, dtype=jnp.int32)
+    example, _ = locate_in_runs(counts, patch)
+    # Padding rows: an id of their own (their run's length must not count against an example).
+    return jnp.where(patch < jnp.sum(counts), example, counts.shape[0]).astype(jnp.int32)
 
 
 def _check_grid(image_grid_thw, num_patches: int, merge_size: int) -> None:
