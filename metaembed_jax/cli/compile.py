@@ -152,7 +152,11 @@ def abstract_model_state(config, hf: dict, mesh: Mesh):
     the logical-axis rules, as `build_model` places the real arrays."""
     layers.set_attention_impl(config.model.get("attention_impl", "reference"))
     kwargs = model_lib.model_kwargs(config)
-    abstract = nnx.eval_shape(lambda: MetaEmbed.from_config(hf, rngs=nnx.Rngs(0), **kwargs))
+    abstract = nnx.eval_shape(
+        lambda: model_lib.configure_model(
+            MetaEmbed.from_config(hf, rngs=nnx.Rngs(0), **kwargs), config
+        )
+    )
     lora = bool(config.lora.enabled)
     graphdef, params, frozen, other = nnx.split(abstract, trainable_filter(lora), nnx.Param, ...)
     params = _with_shardings(params, sharding.state_shardings(params, mesh))

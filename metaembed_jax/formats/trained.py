@@ -27,6 +27,7 @@ from metaembed_jax.training.model import (
     base_hf_config,
     base_source,
     build_model,
+    configure_model,
     model_kwargs,
 )
 from metaembed_jax.training.run_identity import (
@@ -46,7 +47,8 @@ def _abstract_full_model(config, mesh: Mesh | None, vocab_size: int | None):
     kwargs = model_kwargs(config)
 
     def create() -> MetaEmbed:
-        return MetaEmbed.from_config(hf, rngs=nnx.Rngs(int(config.seed)), **kwargs)
+        model = MetaEmbed.from_config(hf, rngs=nnx.Rngs(int(config.seed)), **kwargs)
+        return configure_model(model, config)
 
     graphdef, params, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     # Only the small RNG state is computed: XLA drops the unused parameter initialisers.

@@ -44,6 +44,11 @@ def base_config() -> ConfigDict:
     # (einsum, exact), "xla" (jax.nn.dot_product_attention: XLA or cuDNN choose) or "pallas"
     # (flash kernel with segment ids on TPU / GPU). Applied process-wide by build_model.
     config.model.attention_impl = "reference"
+    # Qwen2-VL / 2.5-VL in the per-example image layout: False runs the vision tower once over
+    # the batch's images packed together; True runs it per example (`nnx.vmap`), so its work
+    # splits over the batch shards: the large recipes need it on a pod (docs/tpu.md). The two
+    # are equal up to rounding, which training amplifies: the demo keeps the packed tower.
+    config.model.vision_per_example = False
 
     config.lora = ConfigDict()
     # LoRA adapters on dense layers (frozen base); False = full fine-tuning of every weight.

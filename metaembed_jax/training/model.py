@@ -84,6 +84,14 @@ def model_kwargs(config) -> dict[str, Any]:
     )
 
 
+def configure_model(model: MetaEmbed, config) -> MetaEmbed:
+    """Apply the model options that are not weights' shapes (`config.model.vision_per_example`,
+    for a backbone that has the choice) to a built model; returns it."""
+    if hasattr(model.backbone, "vision_per_example"):
+        model.backbone.vision_per_example = bool(config.model.get("vision_per_example", False))
+    return model
+
+
 def check_init_from(config) -> None:
     """Raise FileNotFoundError unless `config.init_from` is empty or a checkpoint directory."""
     path = resolve_checkpoint(config.init_from)
@@ -134,11 +142,11 @@ def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = No
         if mesh is not None:
             own = nnx.state(model, nnx.Not(nnx.PathContains("backbone")))
             nnx.update(model, sharding.shard_state(own, mesh))
-        return model
+        return configure_model(model, config)
     hf = hf_config_dict(config, vocab_size)
 
     def create() -> MetaEmbed:
-        return MetaEmbed.from_config(hf, rngs=nnx.Rngs(rngs_seed), **kwargs)
+        return configure_model(MetaEmbed.from_config(hf, rngs=nnx.Rngs(rngs_seed), **kwargs), config)
 
     if mesh is None:
         return create()

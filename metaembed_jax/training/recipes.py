@@ -97,6 +97,9 @@ def reference_recipe(init_from: str, variant: str | None = None):
     config.model.dtype = "bfloat16"  # compute
     config.model.param_dtype = "float32"  # master weights
     config.model.remat = "full"  # gradient checkpointing of every decoder layer
+    # Qwen's vision tower per example: split over the batch shards (packed, the 3B step needs
+    # 253 GB of temporaries a v5p chip; docs/tpu.md). Other families have no such choice.
+    config.model.vision_per_example = True
     config.lora.enabled = True
     config.lora.rank = 32
     config.lora.alpha = 32.0

@@ -205,6 +205,10 @@ class Qwen2VLBackbone(nnx.Module):
         self.remat = remat
         self.image_token_id = int(config.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID))
         self.spatial_merge_size = int(vision_config.get("spatial_merge_size", 2))
+        # The per-example layout's tower: False packs the batch's images into one tower call,
+        # True runs it per example (`_embed_per_example`); `configure_model` sets it from
+        # `config.model.vision_per_example`.
+        self.vision_per_example = False
         self.embed_tokens = layers.make_param(
             rngs,
             nnx.initializers.normal(0.02),
@@ -290,9 +294,16 @@ class Qwen2VLBackbone(nnx.Module):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         pixel_values = jnp.asarray(pixel_values)
         grid = jnp.asarray(image_grid_thw, jnp.int32)
-        if grid.ndim == 3:
+        if grid.ndim == 3 and self.vision_per_example:
             return self._embed_per_example(input_ids, embeds, pixel_values, grid)
-        features = self.visual(pixel_values, grid).astype(self.dtype)
+        bound = None  # packed: the tower bounds frames itself when the grid is concrete
+        if grid.ndim == 3:
+            # An example's patch budget bounds each of its frames: the tower attends per image.
+            bound = pixel_values.shape[1]
+            pixel_values, grid = pack_example_images(
+                pixel_values, grid, multiple=self.spatial_merge_size**2
+            )
+        features = self.visual(pixel_values, grid, max_image_patches=bound).astype(self.dtype)
         if features.shape[0] == 0:  # no patch rows at all: nothing to scatter
             return embeds
         layout = image_token_layout(input_ids, grid, self.image_token_id, self.spatial_merge_size)
