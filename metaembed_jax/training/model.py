@@ -146,7 +146,8 @@ def build_model(config, *, mesh: Mesh | None = None, vocab_size: int | None = No
     hf = hf_config_dict(config, vocab_size)
 
     def create() -> MetaEmbed:
-        return configure_model(MetaEmbed.from_config(hf, rngs=nnx.Rngs(rngs_seed), **kwargs), config)
+        model = MetaEmbed.from_config(hf, rngs=nnx.Rngs(rngs_seed), **kwargs)
+        return configure_model(model, config)
 
     if mesh is None:
         return create()

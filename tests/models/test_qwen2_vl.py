@@ -393,14 +393,20 @@ def test_pack_example_images_equals_stable_argsort():
         np.testing.assert_array_equal(np.asarray(flat_grid), grid.reshape(-1, 3))
 
 
-def test_per_example_layout_equals_packed_and_transformers(checkpoint):
+@pytest.mark.parametrize("tower_per_example", [False, True])
+def test_per_example_layout_equals_packed_and_transformers(checkpoint, tower_per_example):
     """Examples with 1, 0 and 2 images, patch rows and grid rows zero-padded per example (zero
-    grid rows then sit between real ones once flattened): hidden states equal the packed
-    layout's and HF's (<= 1e-4), and position ids equal get_rope_index, jitted."""
+    grid rows then sit between real ones once flattened), the tower run on the images packed
+    or per example (`vision_per_example`): hidden states equal the packed layout's and HF's
+    (<= 1e-4), and position ids equal get_rope_index, jitted."""
     _, hf_model, _, model = checkpoint
     packed = make_batch(MIXED_ROWS, MIXED_SIZES)
     per_example = to_per_example(packed, MIXED_ROWS, 40, 3)
-    ours = np.asarray(jax_forward(model, per_example))
+    model.vision_per_example = tower_per_example
+    try:
+        ours = np.asarray(jax_forward(model, per_example))
+    finally:
+        model.vision_per_example = False
     reference = hf_last_hidden(hf_model, packed)
     mask = packed["attention_mask"]
     assert max_diff_on_real_tokens(ours, reference, mask) <= TOLERANCE_F32

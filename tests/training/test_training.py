@@ -153,3 +153,15 @@ def test_invalid_configs_fail_at_start_with_a_clear_message(tmp_path):
     config = small_config()
     with pytest.raises(ValueError, match="tokenizer has 100000 tokens"):
         build_model(config, vocab_size=100_000)
+
+
+def test_vision_per_example_reaches_the_built_backbone():
+    """`config.model.vision_per_example` is applied wherever a model is built (default: the
+    packed tower, as the demo trains); the reference recipes set it."""
+    from metaembed_jax.training.recipes import reference_recipe
+
+    config = small_config()
+    assert build_model(config).backbone.vision_per_example is False
+    config.model.vision_per_example = True
+    assert build_model(config).backbone.vision_per_example is True
+    assert reference_recipe("checkpoints/x").model.vision_per_example is True
