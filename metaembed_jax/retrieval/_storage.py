@@ -41,6 +41,9 @@ import uuid
 import numpy as np
 
 FORMAT = "metaembed-jax/multi-vector-index"
+# Int ids are returned as one int64 array: an int outside its range is refused where it enters
+# (`MultiVectorIndex` checks new ids, `read_manifest` a manifest's).
+INT_ID_RANGE = (-(2**63), 2**63 - 1)
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
@@ -255,7 +258,8 @@ def read_manifest(directory: str) -> dict:
         )
     if not all(isinstance(i, int | str) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"index manifest {path!r}: ids must be ints or strs")
-    too_large = next((i for i in ids if isinstance(i, int) and not -(2**63) <= i < 2**63), None)
+    low, high = INT_ID_RANGE
+    too_large = next((i for i in ids if isinstance(i, int) and not low <= i <= high), None)
     if too_large is not None:
         raise ValueError(f"index manifest {path!r}: id {too_large} does not fit in int64")
     if not isinstance(manifest.get("metadata", {}), dict):

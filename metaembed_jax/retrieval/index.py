@@ -118,13 +118,9 @@ def _default_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()[:1]), ("index",))
 
 
-# Int ids are returned as one int64 array: an int outside its range is refused where it enters.
-INT_ID_RANGE = (-(2**63), 2**63 - 1)
-
-
 def check_ids(ids, count: int, existing: list) -> list:
     """The ids of ``count`` new candidates (default: their positions), checked to be ints
-    (within int64, `INT_ID_RANGE`) or strs, unique, and not already in ``existing``.
+    (within int64, `_storage.INT_ID_RANGE`) or strs, unique, and not already in ``existing``.
 
     Raises ValueError naming the first bad id and its row."""
     if ids is None:
@@ -138,9 +134,8 @@ def check_ids(ids, count: int, existing: list) -> list:
                 f"id {candidate_id!r} (row {row}) is a {type(candidate_id).__name__}: ids must be "
                 "ints or strs (they are stored in the JSON manifest)"
             )
-        if isinstance(candidate_id, int) and not (
-            INT_ID_RANGE[0] <= candidate_id <= INT_ID_RANGE[1]
-        ):
+        low, high = _index_io.INT_ID_RANGE
+        if isinstance(candidate_id, int) and not low <= candidate_id <= high:
             raise ValueError(
                 f"id {candidate_id} (row {row}) does not fit in int64 (searches return int ids "
                 f"as an int64 array): use ids in [-2**63, 2**63 - 1], or str(id)"

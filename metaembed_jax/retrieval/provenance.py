@@ -26,14 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from metaembed_jax.training.run_identity import FINGERPRINT_FILE
+from metaembed_jax.training.run_identity import FINGERPRINT_FILE, sample_values
 from metaembed_jax.training.state import trainable_filter
 
 logger = logging.getLogger(__name__)
@@ -56,34 +52,13 @@ class OtherModelError(ValueError):
     """An index searched (or extended) with a model other than the one that built it."""
 
 
-def _sample_positions(size: int) -> np.ndarray:
-    return np.unique(np.linspace(0, max(size - 1, 0), min(size, SAMPLES_PER_TENSOR))).astype(
-        np.int64
-    )
-
-
 def params_sha256(params: nnx.State) -> str:
     """sha256 over the names, shapes, dtypes and `SAMPLES_PER_TENSOR` evenly spaced values of
     every parameter in `params` (gathered in one compiled call; exact values, no reduction)."""
     flat = sorted(nnx.to_flat_state(params), key=lambda kv: kv[0])
     names = [".".join(map(str, path)) for path, _ in flat]
     arrays = [variable[...] for _, variable in flat]
-    positions = [_sample_positions(int(np.prod(a.shape))) for a in arrays]
-
-    def take(values):
-        return [jnp.ravel(v)[p] for v, p in zip(values, positions, strict=True)]
-
-    mesh = next(
-        (
-            a.sharding.mesh
-            for a in arrays
-            if isinstance(getattr(a, "sharding", None), NamedSharding)
-        ),
-        None,
-    )
-    if mesh is not None:
-        take = jax.jit(take, out_shardings=NamedSharding(mesh, P()))
-    samples = jax.device_get(take(arrays))
+    samples = sample_values(arrays, SAMPLES_PER_TENSOR)
     digest = hashlib.sha256()
     for name, array, sample in zip(names, arrays, samples, strict=True):
         digest.update(f"{name}{tuple(array.shape)}{array.dtype}".encode())

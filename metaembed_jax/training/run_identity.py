@@ -127,16 +127,23 @@ def check_run_identity(workdir: str | os.PathLike, config, *, action: str) -> No
 # ----------------------------------------------------------------------------- base fingerprint
 
 
-def _sample(array: jax.Array) -> np.ndarray:
-    """`SAMPLES_PER_TENSOR` evenly spaced elements (exact values: no reduction, whose summation
-    order would depend on the mesh), gathered to every process."""
-    size = int(np.prod(array.shape))
-    positions = np.unique(np.linspace(0, max(size - 1, 0), min(size, SAMPLES_PER_TENSOR)))
-    take = lambda x: jnp.ravel(x)[positions.astype(np.int64)]  # noqa: E731
-    sharding = getattr(array, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        take = jax.jit(take, out_shardings=NamedSharding(sharding.mesh, P()))
-    return np.asarray(jax.device_get(take(array)))
+def sample_values(arrays: list[jax.Array], per_tensor: int) -> list[np.ndarray]:
+    """`per_tensor` evenly spaced elements of each array (exact values: no reduction, whose
+    summation order would depend on the mesh), gathered to every process in one call."""
+    positions = []
+    for array in arrays:
+        size = int(np.prod(array.shape))
+        spaced = np.linspace(0, max(size - 1, 0), min(size, per_tensor))
+        positions.append(np.unique(spaced).astype(np.int64))
+
+    def take(values):
+        return [jnp.ravel(v)[p] for v, p in zip(values, positions, strict=True)]
+
+    shardings = (getattr(a, "sharding", None) for a in arrays)
+    mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+    if mesh is not None:
+        take = jax.jit(take, out_shardings=NamedSharding(mesh, P()))
+    return [np.asarray(sample) for sample in jax.device_get(take(arrays))]
 
 
 def base_fingerprint(frozen: nnx.State, hf_config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -145,11 +152,13 @@ def base_fingerprint(frozen: nnx.State, hf_config: dict[str, Any], source: str) 
     `STORED_SAMPLES` of them per tensor."""
     digest = hashlib.sha256()
     shapes, samples = {}, {}
-    for path, variable in sorted(nnx.to_flat_state(frozen), key=lambda kv: kv[0]):
+    flat = sorted(nnx.to_flat_state(frozen), key=lambda kv: kv[0])
+    values = [variable[...] for _, variable in flat]
+    sampled = sample_values(values, SAMPLES_PER_TENSOR)
+    for (path, _), value, sample in zip(flat, values, sampled, strict=True):
         name = ".".join(map(str, path))
-        value = variable[...]
         shapes[name] = [list(value.shape), str(value.dtype)]
-        sample = _sample(value).astype(np.float32)
+        sample = sample.astype(np.float32)
         digest.update(name.encode())
         digest.update(sample.tobytes())
         stride = max(1, sample.size // STORED_SAMPLES)
