@@ -24,7 +24,7 @@ from metaembed_jax import sharding
 from metaembed_jax.data import builders, sources
 from metaembed_jax.data.pipeline import dataset_dir, make_processor, model_family
 from metaembed_jax.evaluation import builtin, mmeb, report, vidore
-from metaembed_jax.formats.trained import find_step, restore_trained_model, warn_if_unfinished
+from metaembed_jax.formats.trained import find_step, restore_trained_model
 from metaembed_jax.losses import MMR_GROUPS
 from metaembed_jax.retrieval.encode import EmbeddingCache, Encode, ModelEncoder, budget_key
 from metaembed_jax.scoring import resolve_budgets
@@ -250,8 +250,7 @@ def run(config, workdir: str | os.PathLike, checkpoint: str | int | None = None)
     """
     run_dir, step = checkpoint_location(workdir, checkpoint)
     config = run_config(config, run_dir)
-    step = find_step(run_dir, step)
-    warn_if_unfinished(config, run_dir, step)
+    step = find_step(run_dir, step, config)
     r_q, r_c = trained_sizes(config)
     info = {
         "name": f"{run_dir.name} step {step}",

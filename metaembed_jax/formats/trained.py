@@ -130,8 +130,10 @@ def committed_steps(run_dir: Path) -> list[int]:
         checkpointer.close()
 
 
-def find_step(run_dir: Path, step: int | None) -> int:
+def find_step(run_dir: Path, step: int | None, config=None) -> int:
     """The checkpoint step of a run to use (latest when None), found without building anything.
+    With the run's `config`, also logs one warning line when the run has not reached
+    `config.train.steps` (a stopped or still running training).
 
     Raises FileNotFoundError when the run has no (such) checkpoint.
     """
@@ -142,17 +144,18 @@ def find_step(run_dir: Path, step: int | None) -> int:
         raise FileNotFoundError(
             f"no checkpoint {where}in {run_dir / 'checkpoints'} (steps there: {sorted(steps)})"
         )
+    if config is not None:
+        _warn_if_unfinished(config, run_dir, int(found), max(steps))
     return int(found)
 
 
-def warn_if_unfinished(config, run_dir: Path, step: int) -> bool:
-    """Log one warning line when the run's newest checkpoint is before `config.train.steps` (a
-    stopped or still running training); returns whether it did. Runs that train nothing
-    (`train.steps = 0`, e.g. `metaembed import-reference`) never warn."""
+def _warn_if_unfinished(config, run_dir: Path, step: int, latest: int) -> None:
+    """The warning of `find_step` when the run's newest checkpoint `latest` is before
+    `config.train.steps`. Runs that train nothing (`train.steps = 0`, e.g. `metaembed
+    import-reference`) never warn."""
     planned = int(config.train.get("steps", 0) or 0)
-    latest = max(committed_steps(run_dir), default=step)
     if planned <= 0 or latest >= planned:
-        return False
+        return
     logger.warning(
         "%s has not finished training: its newest checkpoint is step %d of train.steps=%d "
         "(loading step %d; rerun train.py --workdir %s to finish it)",
@@ -162,7 +165,6 @@ def warn_if_unfinished(config, run_dir: Path, step: int) -> bool:
         step,
         run_dir,
     )
-    return True
 
 
 def dtype_name(dtype: Any) -> str:
@@ -188,7 +190,7 @@ def load_trained(
     given must agree with it on the model / loss / LoRA / base checkpoint fields).
     Returns the model with the trained parameters and the processor (tokenizer and image
     preprocessing) the run trained with. Logs a one-line warning when the run has not reached
-    `train.steps` (`warn_if_unfinished`).
+    `train.steps` (`find_step`).
     Raises FileNotFoundError, CheckpointError, RunMismatchError with what to do.
     """
     workdir = Path(workdir)
@@ -199,8 +201,7 @@ def load_trained(
         config = config.copy_and_resolve_references()
     if dtype is not None:
         config.model.dtype = dtype_name(dtype)
-    step = find_step(workdir, step)
-    warn_if_unfinished(config, workdir, step)
+    step = find_step(workdir, step, config)
     processor = make_processor(
         config, workdir=workdir
     )  # the run's tokenizer and image preprocessing

@@ -25,12 +25,7 @@ from flax import nnx
 
 from metaembed_jax import sharding
 from metaembed_jax.data.pipeline import make_processor, model_family
-from metaembed_jax.formats.trained import (
-    dtype_name,
-    find_step,
-    restore_trained_model,
-    warn_if_unfinished,
-)
+from metaembed_jax.formats.trained import dtype_name, find_step, restore_trained_model
 from metaembed_jax.retrieval.corpus import IMAGE_SUFFIXES
 from metaembed_jax.retrieval.encode import ModelEncoder
 from metaembed_jax.retrieval.index import MultiVectorIndex
@@ -113,8 +108,7 @@ class Retriever:
         config = read_saved_config(run_dir)
         if dtype is not None:
             config.model.dtype = dtype_name(dtype)
-        step = find_step(run_dir, step)
-        warn_if_unfinished(config, run_dir, step)
+        step = find_step(run_dir, step, config)
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
         family = model_family(config)
         processor = make_processor(config, family, run_dir)
