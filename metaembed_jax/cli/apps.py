@@ -187,7 +187,7 @@ def run_compile(argv: Sequence[str] | None = None) -> None:
     """`metaembed compile --config RECIPE --topology v5p:4x4x4 [--slices N] [--index_size N]
     [--json] [--config.x=...]`: the recipe's steps compiled for a TPU topology without a TPU
     (`metaembed_jax/cli/compile.py`). Exits 0 when it compiled and fits, 3 when it compiled
-    and does not fit, 1 on an error (printed)."""
+    and does not fit or the compiler refused it for HBM, 1 on any other error (printed)."""
     import os
 
     import jax

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from typing import Any
 
@@ -80,6 +81,13 @@ CHIPS = {
 
 INDEX_QUERIES = 16  # queries of the compiled index search (one request's batch)
 INDEX_TOP_K = 10
+# The TPU compiler refuses a program whose buffers exceed the chip's HBM instead of compiling
+# it; its message carries the size it needed (XLA's units: powers of 1024).
+_HBM_REFUSAL = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+    r"(?P<what>[^(]+?) \((?P<size>[\d.]+)(?P<unit>[KMGTP]?)\)"
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 # Vocabulary of a from-scratch recipe (`vocab_size: 0` = the built-in tokenizer's): its target
 # size (`data.tokenizer.train_tokenizer`).
 BUILTIN_VOCAB = 1024
@@ -222,9 +230,22 @@ def _train_batch(config, mesh: Mesh):
 
 
 def _measure(lowered_fn, hbm_bytes: int) -> dict[str, Any]:
-    """Compile (timed) and read the memory and cost analyses of one program."""
+    """Compile (timed) and read the memory and cost analyses of one program. A program the
+    compiler refuses for HBM gives `fits: False` with the compiler's message (`refused`) and
+    the size it needed (`required_bytes`); any other compile error propagates."""
     start = time.perf_counter()
-    compiled = lowered_fn().compile()
+    try:
+        compiled = lowered_fn().compile()
+    except Exception as error:  # the compiler's JaxRuntimeError: only its HBM refusal is kept
+        refusal = _HBM_REFUSAL.search(str(error))
+        if refusal is None:
+            raise
+        return {
+            "compile_s": round(time.perf_counter() - start, 2),
+            "refused": str(error),
+            "required_bytes": int(float(refusal["size"]) * _UNITS[refusal["unit"]]),
+            "fits": False,
+        }
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -252,6 +273,8 @@ def _measure(lowered_fn, hbm_bytes: int) -> dict[str, Any]:
 
 
 def _roofline(result: dict[str, Any], chip: Chip) -> None:
+    if "refused" in result:
+        return
     compute = result["flops_per_step"] / chip.peak_flops
     memory = result["bytes_per_step"] / chip.hbm_bandwidth
     result["roofline_s"] = max(compute, memory)
@@ -356,9 +379,9 @@ def compile_recipe(
         dim = int(config.model.projection_dim) or _hidden_size(hf)
         report["index"] = compile_index_search(devices, dim, index_size, hbm)
         _roofline(report["index"], chip)
-    report["compiled"] = True
     checked = [report] if "train" in parts else []
     checked += [report[name] for name in ("encode", "index") if name in report]
+    report["compiled"] = not any("refused" in part for part in checked)
     report["fits"] = all(part["fits"] for part in checked)
     return report
 
@@ -375,12 +398,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['mesh']}, attention {report['attention_impl']}, remat {report['remat']}, "
         f"HBM {report['hbm_bytes'] / GiB:.1f} GiB per chip (source {report['chip']['source']})"
     ]
-    parts = [("train step", report)] if "per_chip_bytes" in report else []
+    parts = [("train step", report)] if "compile_s" in report else []
     parts += [(f"{name} step", report[name]) for name in ("encode", "index") if name in report]
     for name, part in parts:
         extra = ""
         if "micro_batch" in part:
             extra = f", micro-batch {part['micro_batch']} x {part['grad_accum_steps']}"
+        if "refused" in part:
+            lines.append(
+                f"{name}{extra}: refused by the compiler after {part['compile_s']:.1f} s, does "
+                f"not fit: needs {part['required_bytes'] / GiB:.2f} GiB ({part['refused']})"
+            )
+            continue
         lines.append(
             f"{name}{extra}: compiled in {part['compile_s']:.1f} s; per chip "
             f"{part['per_chip_bytes'] / GiB:.2f} GiB (arguments {part['argument_bytes'] / GiB:.2f}"

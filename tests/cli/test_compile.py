@@ -241,9 +241,10 @@ def _compile_cli(*flags: str):
 
 
 def test_compile_command_exit_codes():
-    """`metaembed compile --json`: 0 when the program compiled and fits, 3 when it compiled but
-    does not fit (a 1 MiB HBM), 1 with the error printed when it cannot be built (a mesh the
-    topology's 4 chips cannot hold). The index search alone keeps the compiles short."""
+    """`metaembed compile --json`: 0 when the program compiled and fits, 3 when it does not fit
+    (compiled over a 1 MiB HBM, or refused by the TPU compiler for HBM), 1 with the error
+    printed when it cannot be built (a mesh the topology's 4 chips cannot hold). The index
+    search alone keeps the compiles short."""
     common = ("--config", "demo", "--topology", "v5e:2x2", "--json")
     index = ("--parts", "index", "--index-size", "4096")
     fits = _compile_cli(*common, *index)
@@ -257,6 +258,14 @@ def test_compile_command_exit_codes():
     too_small = _compile_cli(*common, *index, "--hbm_gib=0.001")
     assert too_small.returncode == 3, too_small.stderr[-3000:]
     assert json.loads(too_small.stdout.strip().splitlines()[-1])["fits"] is False
+
+    # 2e9 candidates: 7.6 TiB of search temporaries a chip, which the compiler refuses.
+    refused = _compile_cli(*common, "--parts", "index", "--index-size", "2000000000")
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    refusal = json.loads(refused.stdout.strip().splitlines()[-1])
+    assert refusal["compiled"] is False and refusal["fits"] is False
+    assert "RESOURCE_EXHAUSTED" in refusal["index"]["refused"]
+    assert refusal["index"]["required_bytes"] > 7 * 2**40
 
     broken = _compile_cli(*common, *index, "--config.mesh.data=3")
     assert broken.returncode == 1, broken.stderr[-3000:]
