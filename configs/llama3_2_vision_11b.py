@@ -22,10 +22,11 @@ def get_config(variant: str | None = None):
     config = reference_recipe("checkpoints/Llama-3.2-11B-Vision-Instruct", variant)
     # Prompts hold one <|image|> token per image, not the image's patches.
     config.data.length_buckets = (64, 128, 256, 512)
-    # 11B on one 8-GPU host / a v5p-8: 8-way FSDP (-1 = the rest for data).
+    # 11B on one 8-GPU host / 8 TPU chips (v5p:2x2x2, Cloud name v5p-16): 8-way FSDP (-1 =
+    # the rest for data).
     config.mesh.data = -1
     config.mesh.fsdp = 8
-    # The whole batch of 384 in one step does not fit: the TPU compiler refused it on v5p-64
+    # The whole batch of 384 in one step does not fit: the TPU compiler refused it on v5p:4x4x4
     # (6 examples a chip) for 224 GB of temporaries a chip (docs/tpu.md). 48 gradient-cached
     # micro-batches of 8 (one example a device at a time on 8 devices) keep the paper's
     # objective: every query is still contrasted with all 384 positives of the step.

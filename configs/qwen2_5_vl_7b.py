@@ -19,7 +19,8 @@ from metaembed_jax.training.recipes import reference_recipe
 
 def get_config(variant: str | None = None):
     config = reference_recipe("checkpoints/Qwen2.5-VL-7B-Instruct", variant)
-    # 7B on one 8-GPU host / a v5p-8: 4-way FSDP x 2-way data (-1 = the rest).
+    # 7B on one 8-GPU host / 8 TPU chips (v5p:2x2x2, Cloud name v5p-16): 4-way FSDP x 2-way
+    # data (-1 = the rest).
     config.mesh.data = -1
     config.mesh.fsdp = 4
     # Fits 80 GB per device at the longest inputs (2048 tokens + a 1024-token image per side;

@@ -211,10 +211,21 @@ def validate_config(config, num_batch_shards: int | None = None) -> None:
         )
     micro = train.batch_size // train.grad_accum_steps
     if num_batch_shards and micro % num_batch_shards:
+        fitting = [
+            steps
+            for steps in range(1, train.batch_size + 1)
+            if train.batch_size % steps == 0 and (train.batch_size // steps) % num_batch_shards == 0
+        ]
+        hint = (
+            f"; e.g. --config.train.grad_accum_steps={fitting[-1]} (micro-batch "
+            f"{train.batch_size // fitting[-1]}, the smallest that splits)"
+            if fitting
+            else ""
+        )
         raise ValueError(
             f"config.train.batch_size={train.batch_size} (micro-batch {micro}) is not divisible "
             f"by the {num_batch_shards} batch shards of the mesh (data x fsdp = "
-            f"{config.mesh.data} x {config.mesh.fsdp})"
+            f"{config.mesh.data} x {config.mesh.fsdp}){hint}"
         )
 
 

@@ -142,6 +142,10 @@ def test_invalid_configs_fail_at_start_with_a_clear_message(tmp_path):
     config.train.batch_size = 12
     with pytest.raises(ValueError, match="batch_size=12.*not divisible by the 8 batch shards"):
         loop.train(config, tmp_path / "run", train_iterator=helpers.RandomBatches(0, image_every=2))
+    # A pod's shards: the message names the accumulation that splits (384 / 6 = 64 a shard).
+    config.train.batch_size, config.train.grad_accum_steps = 384, 8
+    with pytest.raises(ValueError, match=r"micro-batch 48\).*grad_accum_steps=6 \(micro-batch 64"):
+        validate_config(config, 64)
     config = small_config()
     config.init_from = str(tmp_path / "missing_checkpoint")
     with pytest.raises(FileNotFoundError, match="missing_checkpoint"):
