@@ -128,13 +128,13 @@ def check_ids(ids, count: int, existing: list) -> list:
     ids = [i.item() if isinstance(i, np.generic) else i for i in ids]
     if len(ids) != count:
         raise ValueError(f"got {len(ids)} ids for {count} embeddings")
+    low, high = _index_io.INT_ID_RANGE
     for row, candidate_id in enumerate(ids):
         if not isinstance(candidate_id, int | str) or isinstance(candidate_id, bool):
             raise ValueError(
                 f"id {candidate_id!r} (row {row}) is a {type(candidate_id).__name__}: ids must be "
                 "ints or strs (they are stored in the JSON manifest)"
             )
-        low, high = _index_io.INT_ID_RANGE
         if isinstance(candidate_id, int) and not low <= candidate_id <= high:
             raise ValueError(
                 f"id {candidate_id} (row {row}) does not fit in int64 (searches return int ids "
